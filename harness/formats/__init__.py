@@ -1,0 +1,32 @@
+"""Block-scaled low-precision formats (OCP MX v1.0, NVFP4) as data, with exact fake and real
+quantization.  ``fake_quantize(x, "mxfp4")`` is the entry point; see ``list_formats()``."""
+
+from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, ElementFormat
+from harness.formats.quant import (
+    SUPPORTED_DTYPES,
+    QuantizedTensor,
+    dequantize,
+    fake_quantize,
+    nvfp4_per_tensor_scale,
+    quantize,
+)
+from harness.formats.registry import FORMATS, Format, get_format, list_formats
+
+__all__ = [
+    "E2M1",
+    "E2M3",
+    "E3M2",
+    "E4M3",
+    "E5M2",
+    "FORMATS",
+    "SUPPORTED_DTYPES",
+    "ElementFormat",
+    "Format",
+    "QuantizedTensor",
+    "dequantize",
+    "fake_quantize",
+    "get_format",
+    "list_formats",
+    "nvfp4_per_tensor_scale",
+    "quantize",
+]

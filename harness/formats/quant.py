@@ -1,0 +1,169 @@
+"""Fake quantization (quantize-dequantize in one step) and real quantization to packed codes.
+
+Semantics: OCP Microscaling Formats v1.0 and torchao's ``MXTensor.to_mx(..., FLOOR)`` /
+``NVFP4Tensor``, except where torchao departs from the spec (a 2**-127 scale is applied as
+2**-127, and NaN or Inf anywhere in a block makes exactly that block NaN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.formats.blocks import BlockLayout
+from harness.formats.elements import decode, encode, round_to_grid
+from harness.formats.registry import FORMATS, Format, get_format
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor in a block format: element ``codes`` and block ``scales``, both uint8.
+
+    ``codes`` has shape ``layout.blocks_shape`` (FP4 packed two per byte, element ``2i`` in the
+    low nibble as torchao packs; FP6 and FP8 one per byte).  ``scales`` has one entry per block:
+    the biased E8M0 exponent (255 = NaN) or the E4M3 bits (0x7F = NaN).
+    """
+
+    format: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+    layout: BlockLayout
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    per_tensor_scale: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel()
+
+
+def _check_input(
+    x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: float | torch.Tensor | None
+) -> tuple[BlockLayout, torch.Tensor | None]:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        valid = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{fmt.name}: dtype {x.dtype} is not supported; valid dtypes: {valid}")
+    ndim = x.dim()
+    if len(fmt.block_shape) == 2:
+        if ndim < 2:
+            raise ValueError(
+                f"{fmt.name} quantizes 32x32 tiles of the last two dims and needs a tensor of at "
+                f"least 2 dims; got a {ndim}-D tensor of shape {tuple(x.shape)}"
+            )
+        if axis != -1:
+            raise ValueError(f"{fmt.name} always tiles the last two dims; axis={axis} is not valid (use -1)")
+    elif not -max(ndim, 1) <= axis < max(ndim, 1):
+        raise ValueError(
+            f"axis {axis} is out of range for a {ndim}-D tensor; valid axes: {-max(ndim, 1)}..{max(ndim, 1) - 1}"
+        )
+    scale = None
+    if per_tensor_scale is not None:
+        if not fmt.scale.supports_per_tensor_scale:
+            with_pts = [f.name for f in FORMATS.values() if f.scale.supports_per_tensor_scale]
+            raise ValueError(
+                f"per_tensor_scale is not used by {fmt.name} (scale {fmt.scale.name}); "
+                f"formats with a per-tensor scale: {', '.join(with_pts)}"
+            )
+        scale = torch.as_tensor(per_tensor_scale, dtype=torch.float32, device=x.device)
+        if scale.numel() != 1 or not bool(torch.isfinite(scale).all() & (scale > 0).all()):
+            raise ValueError(f"per_tensor_scale must be one finite positive number, got {per_tensor_scale!r}")
+        scale = scale.reshape(())
+    shape = tuple(x.shape) if ndim else (1,)
+    return BlockLayout(shape, fmt.block_shape, axis % len(shape)), scale
+
+
+def _quantize_blocks(
+    blocks: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid values (fp32) and stored block scales (fp32, NaN for blocks holding NaN or Inf)."""
+    amax = blocks.abs().amax(-1, keepdim=True)
+    stored, multiplier = fmt.scale.block_scale(amax, fmt.element, per_tensor_scale)
+    noise = None
+    if fmt.stochastic:
+        noise = torch.rand(blocks.shape, generator=generator, device=blocks.device, dtype=torch.float32)
+    q = round_to_grid(blocks * multiplier, fmt.element, noise)
+    stored = torch.where(torch.isfinite(amax), stored, torch.nan)
+    return q, stored
+
+
+def _dequant_scale(stored: torch.Tensor, per_tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    return stored if per_tensor_scale is None else per_tensor_scale * stored
+
+
+def _prepare(
+    x: torch.Tensor, name: str, axis: int, per_tensor_scale: float | torch.Tensor | None
+) -> tuple[Format, BlockLayout, torch.Tensor | None, torch.Tensor]:
+    fmt = get_format(name)
+    layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
+    blocks = layout.split(x.reshape(layout.shape).to(torch.float32))
+    return fmt, layout, pts, blocks
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    name: str,
+    *,
+    axis: int = -1,
+    generator: torch.Generator | None = None,
+    per_tensor_scale: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` quantized to format ``name`` and dequantized: same shape and dtype, computed in fp32.
+
+    Blocks run along ``axis`` (``mxfp4_2d``: 32x32 tiles of the last two dims).  ``generator``
+    drives ``mxfp4_sr`` (same seed, same output; None uses torch's default generator) and is
+    ignored by deterministic formats.  ``per_tensor_scale`` is NVFP4's optional second level
+    (see :func:`nvfp4_per_tensor_scale`).  ``x`` is never modified.
+    """
+    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale)
+    if blocks.numel() == 0:
+        return x.clone()
+    q, stored = _quantize_blocks(blocks, fmt, pts, generator)
+    out = layout.merge(q * _dequant_scale(stored, pts))
+    return out.reshape(x.shape).to(x.dtype).contiguous()
+
+
+def quantize(
+    x: torch.Tensor,
+    name: str,
+    *,
+    axis: int = -1,
+    generator: torch.Generator | None = None,
+    per_tensor_scale: float | torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Real quantization: packed uint8 element codes plus E8M0 or E4M3 block scales.
+
+    ``dequantize(quantize(x, ...))`` equals ``fake_quantize(x, ...)`` bit for bit.
+    """
+    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale)
+    q, stored = _quantize_blocks(blocks, fmt, pts, generator)
+    finite = ~torch.isnan(stored)
+    codes = encode(torch.where(finite, q, 0.0), fmt.element)
+    if fmt.element.bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scale_codes = torch.where(
+        finite, fmt.scale.encode(torch.where(finite, stored, 1.0)), fmt.scale.nan_code
+    ).squeeze(-1).to(torch.uint8)
+    return QuantizedTensor(fmt.name, codes, scale_codes, layout, tuple(x.shape), x.dtype, pts)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """The values a :class:`QuantizedTensor` stands for, in its original shape and dtype."""
+    fmt = get_format(q.format)
+    codes = q.codes
+    if fmt.element.bits == 4:
+        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
+    scales = q.scales.unsqueeze(-1)
+    stored = torch.where(scales == fmt.scale.nan_code, torch.nan, fmt.scale.decode(scales))
+    out = q.layout.merge(decode(codes, fmt.element) * _dequant_scale(stored, q.per_tensor_scale))
+    return out.reshape(q.shape).to(q.dtype).contiguous()
+
+
+def nvfp4_per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4's second-level fp32 scale ``amax(|x|) / (448 * 6)`` (torchao's recipe), so that
+    the largest block scale lands on E4M3's maximum."""
+    return x.detach().abs().amax().to(torch.float32) / (448.0 * 6.0)
