@@ -85,11 +85,12 @@ def round_to_grid(
     elem: ElementFormat,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Round fp32 ``v`` onto ``elem``'s grid, then saturate to ``±max_value`` (never Inf).
+    """Round finite fp32 ``v`` onto ``elem``'s grid, then saturate to ``±max_value``.
 
-    Deterministic: to nearest, ties to even.  Inf and NaN give NaN (callers mask whole blocks).  With ``noise`` (uniform [0, 1) draws of ``v``'s
+    Deterministic: to nearest, ties to even.  With ``noise`` (uniform [0, 1) draws of ``v``'s
     shape) it rounds stochastically: up to the next grid point with probability equal to the
-    distance from the one below, in units of the grid step, which is unbiased.
+    distance from the one below, in units of the grid step, which is unbiased.  Inf and NaN
+    give NaN (the callers turn such a whole block into NaN anyway).
     """
     a = v.abs()
     # 2**floor(log2|v|) by masking the exponent field (0 for subnormals, Inf for Inf/NaN);

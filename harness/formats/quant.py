@@ -145,9 +145,11 @@ def quantize(
     codes = encode(torch.where(finite, q, 0.0), fmt.element)
     if fmt.element.bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    scale_codes = torch.where(
-        finite, fmt.scale.encode(torch.where(finite, stored, 1.0)), fmt.scale.nan_code
-    ).squeeze(-1).to(torch.uint8)
+    scale_codes = (
+        torch.where(finite, fmt.scale.encode(torch.where(finite, stored, 1.0)), fmt.scale.nan_code)
+        .squeeze(-1)
+        .to(torch.uint8)
+    )
     return QuantizedTensor(fmt.name, codes, scale_codes, layout, tuple(x.shape), x.dtype, pts)
 
 

@@ -1,0 +1,57 @@
+"""Bad input gets a ValueError that names the bad value and the valid choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.formats import fake_quantize, get_format, list_formats, quantize
+
+
+@pytest.mark.parametrize("fn", [fake_quantize, quantize], ids=["fake_quantize", "quantize"])
+def test_unknown_format_lists_the_valid_ones(fn) -> None:
+    with pytest.raises(ValueError, match=r"unknown format 'mxfp5'.*mxfp4, mxfp4_sr.*nvfp4"):
+        fn(torch.ones(32), "mxfp5")
+    with pytest.raises(ValueError, match="unknown format"):
+        get_format(None)
+
+
+@pytest.mark.mxfp4
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float64])
+def test_unsupported_dtypes(dtype: torch.dtype) -> None:
+    with pytest.raises(ValueError, match=rf"dtype {dtype} is not supported; valid dtypes: torch.float32"):
+        fake_quantize(torch.ones(32).to(dtype), "mxfp4")
+
+
+@pytest.mark.mxfp4
+@pytest.mark.parametrize("axis", [2, -3, 7])
+def test_axis_out_of_range(axis: int) -> None:
+    with pytest.raises(ValueError, match=rf"axis {axis} is out of range for a 2-D tensor; valid axes: -2..1"):
+        fake_quantize(torch.ones(4, 32), "mxfp4", axis=axis)
+
+
+@pytest.mark.mxfp4_2d
+def test_mxfp4_2d_needs_two_dims_and_no_axis() -> None:
+    with pytest.raises(ValueError, match=r"mxfp4_2d .* at least 2 dims; got a 1-D tensor of shape \(64,\)"):
+        fake_quantize(torch.ones(64), "mxfp4_2d")
+    with pytest.raises(ValueError, match=r"axis=0 is not valid"):
+        fake_quantize(torch.ones(64, 64), "mxfp4_2d", axis=0)
+
+
+@pytest.mark.parametrize("name", [n for n in list_formats() if n != "nvfp4"])
+def test_per_tensor_scale_only_where_the_format_has_one(name: str) -> None:
+    expected = rf"per_tensor_scale is not used by {name}.*formats with a per-tensor scale: nvfp4"
+    with pytest.raises(ValueError, match=expected):
+        fake_quantize(torch.ones(4, 64), name, per_tensor_scale=1.0)
+
+
+@pytest.mark.nvfp4
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), [1.0, 2.0]], ids=str)
+def test_per_tensor_scale_must_be_one_positive_finite_number(bad) -> None:
+    with pytest.raises(ValueError, match="per_tensor_scale must be one finite positive number"):
+        fake_quantize(torch.ones(4, 64), "nvfp4", per_tensor_scale=bad)
+
+
+def test_not_a_tensor() -> None:
+    with pytest.raises(ValueError, match=r"expected a torch\.Tensor, got list"):
+        fake_quantize([1.0, 2.0], "mxfp4")

@@ -1,0 +1,85 @@
+"""Threshold criteria: SQNR of each format on N(0,1) data above a floor derived from the format.
+
+Derivation.  A floating-point grid with m mantissa bits rounds a value in the binade
+[2**e, 2**(e+1)) with step 2**(e-m); uniform error in that step has power step**2/12 while
+the signal in the binade has mean square (7/3)*4**e, so an ideal float quantizer has
+SQNR = 10*log10(28 * 4**m) = 14.47 + 6.02*m dB (20.49, 26.51, 32.53 dB for m = 1, 2, 3).
+Block scaling costs some of that: the power-of-two E8M0 scale leaves the block max anywhere in
+the top binade, values above max_value clip and values below 2**emin fall onto the coarser
+subnormal step.  We allow 2 dB for that.  Stochastic rounding doubles the noise power
+(E[f(1-f)] = 1/6 of a step squared instead of 1/12): another 3.01 dB.
+
+Measured here (torch 2.13 CPU, seed 0, 1024x1024 N(0,1)): mxfp4 18.79, mxfp4_sr 16.00,
+mxfp4_2d 18.75, mxfp6_e2m3 30.93, mxfp6_e3m2 25.37, mxfp8_e4m3 30.65, mxfp8_e5m2 25.37,
+nvfp4 20.43 dB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.formats import fake_quantize, get_format
+from harness.testing import format_marks, format_params
+from suites.formats import data
+
+BLOCK_SCALING_ALLOWANCE_DB = 2.0
+STOCHASTIC_ROUNDING_COST_DB = 10 * math.log10(2)
+
+
+def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
+    x, q = x.double(), q.double()
+    return 10 * math.log10(x.pow(2).sum().item() / (x - q).pow(2).sum().item())
+
+
+def sqnr_floor_db(name: str) -> float:
+    fmt = get_format(name)
+    ideal = 10 * math.log10(28 * 4**fmt.element.mbits)
+    return ideal - BLOCK_SCALING_ALLOWANCE_DB - (STOCHASTIC_ROUNDING_COST_DB if fmt.stochastic else 0.0)
+
+
+@pytest.fixture(scope="module")
+def gaussian() -> torch.Tensor:
+    return data.normal((1024, 1024), seed=0)
+
+
+@pytest.mark.parametrize("name", format_params())
+def test_sqnr_above_the_format_floor(name: str, gaussian: torch.Tensor, device: torch.device, metrics) -> None:
+    x = gaussian.to(device)
+    q = fake_quantize(x, name, generator=torch.Generator(device).manual_seed(1))
+    measured, floor = sqnr_db(x, q), sqnr_floor_db(name)
+    metrics.record(sqnr_db=measured, floor_db=floor)
+    assert measured > floor, f"{name}: SQNR {measured:.2f} dB below its floor {floor:.2f} dB"
+
+
+ORDER = ("mxfp8_e4m3", "mxfp6_e2m3", "mxfp4")
+
+
+@pytest.mark.parametrize("names", [pytest.param(ORDER, id="-".join(ORDER), marks=format_marks(*ORDER))])
+def test_more_bits_more_sqnr_on_heavy_tailed_data(names: tuple[str, ...], device: torch.device) -> None:
+    """mxfp8_e4m3 > mxfp6_e2m3 > mxfp4 > 0 dB on heavy-tailed data (Student-t, df=2, like LLM
+    activations), where E4M3's wider exponent range pays off.  Measured: 32.46 > 32.09 > 18.02 dB."""
+    x = data.student_t((1024, 1024), seed=0).to(device)
+    values = [sqnr_db(x, fake_quantize(x, n)) for n in names]
+    assert values == sorted(values, reverse=True) and values[-1] > 0, dict(zip(names, values))
+
+
+@pytest.mark.parametrize("names", [pytest.param(ORDER, id="-".join(ORDER), marks=format_marks(*ORDER))])
+def test_on_gaussian_data_e4m3_and_e2m3_tie_because_floor_scaling_clips_e4m3_more(
+    names: tuple[str, ...], gaussian: torch.Tensor, device: torch.device
+) -> None:
+    """On N(0,1) the strict ordering does not hold, and that is the formats, not a bug (the
+    results are bit-identical to torchao): with the FLOOR scale, a block's amax lands in the top
+    binade [2**emax, 2**(emax+1)) of the element and clips above max_value, which is 1.75 *
+    2**emax for E4M3 but 1.875 * 2**emax for E2M3.  On Gaussian blocks of 32, 17 % of blocks
+    clip their max under E4M3 and 9 % under E2M3; both have 3 mantissa bits, so E2M3 ends up
+    0.28 dB ahead (30.93 vs 30.65 dB).  Both stay >10 dB above MXFP4."""
+    x = gaussian.to(device)
+    e4m3, e2m3, fp4 = (sqnr_db(x, fake_quantize(x, n)) for n in names)
+    assert abs(e4m3 - e2m3) < 0.5
+    assert min(e4m3, e2m3) > fp4 + 10 > 10
+    blocks = x.reshape(-1, 32).abs()
+    top = blocks.amax(-1) / torch.exp2(torch.frexp(blocks.amax(-1)).exponent.float() - 1)  # in [1, 2)
+    assert (top > 1.75).float().mean() > (top > 1.875).float().mean() + 0.05

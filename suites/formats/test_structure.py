@@ -1,0 +1,189 @@
+"""Structural properties every format must have, checked on seeded data: grid membership,
+scale structure, true 32x32 tiles, idempotence, odd symmetry, saturation, zero blocks, the
+NaN/Inf rule, partial blocks, axes and dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.formats import fake_quantize, get_format
+from harness.formats.elements import E4M3
+from harness.testing import format_params
+from suites.formats import data
+from suites.formats.conftest import assert_same_bits
+
+ALL = format_params()
+DETERMINISTIC = format_params(where=lambda f: not f.stochastic)
+ONE_D = format_params(where=lambda f: len(f.block_shape) == 1)
+
+
+def fq(x: torch.Tensor, name: str, **kw) -> torch.Tensor:
+    """fake_quantize with a fixed generator, so stochastic formats are reproducible here."""
+    return fake_quantize(x, name, generator=torch.Generator().manual_seed(123), **kw)
+
+
+def block_view(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(nblocks, block_numel) view of a (rows, cols) tensor whose dims are whole blocks."""
+    shape = get_format(name).block_shape
+    if len(shape) == 1:
+        return x.reshape(-1, shape[0])
+    r, c = x.shape
+    return x.reshape(r // 32, 32, c // 32, 32).transpose(1, 2).reshape(-1, 1024)
+
+
+def expected_scale(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """Each block's scale straight from the spec formulas (design §3)."""
+    fmt = get_format(name)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    if fmt.scale.name == "e8m0":
+        exponent = torch.frexp(amax).exponent - 1 - fmt.element.emax
+        return torch.exp2(exponent.clamp(-127, 127).double()).float()
+    return (amax / 6.0).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_output_is_a_grid_point_times_its_block_scale(name: str) -> None:
+    x = data.student_t((64, 256), seed=20)
+    blocks, out = block_view(x, name), block_view(fq(x, name), name)
+    scale = expected_scale(blocks, name)
+    grid = torch.tensor(get_format(name).element.grid())
+    ratio = (out / scale).abs()
+    assert torch.isin(ratio, grid).all(), ratio[~torch.isin(ratio, grid)][:5]
+
+
+@pytest.mark.parametrize("name", format_params(where=lambda f: f.scale.name == "e8m0"))
+def test_mx_scales_are_powers_of_two(name: str) -> None:
+    x = data.normal((32, 128), seed=21) * 10.0 ** torch.linspace(-20, 20, 32).unsqueeze(1)
+    scale = expected_scale(block_view(x, name), name)
+    mantissa, _ = torch.frexp(scale)
+    assert (mantissa == 0.5).all()
+
+
+@pytest.mark.nvfp4
+def test_nvfp4_scales_are_e4m3_values() -> None:
+    x = data.normal((32, 128), seed=22) * 10.0 ** torch.linspace(-3, 3, 32).unsqueeze(1)
+    scale = expected_scale(block_view(x, "nvfp4"), "nvfp4")
+    assert torch.isin(scale, torch.tensor(E4M3.grid())).all()
+    out = block_view(fake_quantize(x, "nvfp4"), "nvfp4")
+    assert torch.isin((out / scale).abs(), torch.tensor(get_format("nvfp4").element.grid())).all()
+
+
+@pytest.mark.mxfp4_2d
+def test_mxfp4_2d_has_one_scale_per_true_32x32_tile() -> None:
+    """A huge value at (0, 0) changes the scale of its 32x32 tile only: row 31 of that tile is
+    affected, while row 0 of the next tile (columns 32..63) is not.  The experiment's "2D"
+    mode (1024 consecutive flattened elements) gets both of these wrong."""
+    x = data.normal((64, 64), seed=23)
+    big = x.clone()
+    big[0, 0] = 1e4
+    before, after = fake_quantize(x, "mxfp4_2d"), fake_quantize(big, "mxfp4_2d")
+    changed = before != after
+    assert changed[1:32, :32].any() and changed[31, :32].any()
+    assert not changed[:, 32:].any() and not changed[32:, :].any()
+    scales = expected_scale(block_view(x, "mxfp4_2d"), "mxfp4_2d")
+    assert scales.numel() == 4
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_idempotent(name: str) -> None:
+    once = fake_quantize(data.student_t((32, 256), seed=24), name)
+    assert_same_bits(fake_quantize(once, name), once, name)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_odd_symmetry(name: str) -> None:
+    x = data.exact_ties(get_format(name), (64, 64), seed=25)
+    assert_same_bits(fake_quantize(-x, name), -fake_quantize(x, name), name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_saturates_to_the_element_max_never_inf(name: str) -> None:
+    """Values above the block's largest representable value clip to it: for MX an amax of
+    2**(emax+1) - ulp maps to max_value * 2**0; near fp32 max the output stays finite."""
+    fmt = get_format(name)
+    top = torch.nextafter(torch.tensor(2.0 ** (fmt.element.emax + 1)), torch.tensor(0.0))  # fp32 ulp below
+    just_below = torch.full((2, 64), 0.5)
+    just_below[:, 0] = top
+    huge = torch.full((2, 64), 3.3e38)
+    out_below, out_huge = fq(just_below, name), fq(huge, name)
+    assert torch.isfinite(out_huge).all()
+    if fmt.scale.name == "e8m0":
+        assert out_below[0, 0].item() == fmt.element.max_value
+        assert out_huge.max().item() == fmt.element.max_value * 2.0 ** (127 - fmt.element.emax)
+    else:  # nvfp4 without a per-tensor scale: the E4M3 scale saturates at 448
+        assert out_huge.max().item() == fmt.element.max_value * 448.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_blocks_stay_zero_beside_nonzero_blocks(name: str) -> None:
+    x = data.normal((64, 64), seed=26)
+    x[:32, :32] = 0.0
+    out = fq(x, name)
+    assert_same_bits(out[:32, :32], torch.zeros(32, 32))
+    assert (out[32:] != 0).any()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_poisons_exactly_its_block(name: str, bad: float) -> None:
+    x = data.normal((64, 64), seed=27)
+    poisoned = x.clone()
+    poisoned[40, 37] = bad
+    clean, out = fq(x, name), fq(poisoned, name)
+    in_block = torch.zeros_like(x, dtype=torch.bool)
+    rows, cols = get_format(name).block_shape if name == "mxfp4_2d" else (1, get_format(name).block_size)
+    r0, c0 = 40 // rows * rows, 37 // cols * cols
+    in_block[r0 : r0 + rows, c0 : c0 + cols] = True
+    assert torch.isnan(out[in_block]).all()
+    assert_same_bits(out[~in_block], clean[~in_block], "blocks without the non-finite value")
+
+
+@pytest.mark.parametrize("shape", [(3, 45), (5, 1), (2, 7, 33), (70, 45)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", ALL)
+def test_partial_blocks_are_zero_padded(name: str, shape: tuple[int, ...]) -> None:
+    if name == "mxfp4_2d" and len(shape) < 2:
+        pytest.skip("2-D tiles need 2 dims")
+    x = data.normal(shape, seed=28)
+    pad_r = (-shape[-2]) % 32 if name == "mxfp4_2d" else 0
+    padded = torch.nn.functional.pad(x, (0, (-shape[-1]) % 32, 0, pad_r))
+    expected = fq(padded, name)[..., : shape[-2], : shape[-1]]
+    if get_format(name).stochastic:  # the draws depend on the padded layout: compare the pattern only
+        assert fq(x, name).shape == x.shape
+        return
+    assert_same_bits(fq(x, name), expected.contiguous(), name)
+
+
+@pytest.mark.parametrize("name", ONE_D)
+def test_blocks_along_another_axis(name: str) -> None:
+    x = data.normal((96, 40, 3), seed=29)
+    assert_same_bits(fq(x, name, axis=0), fq(x.movedim(0, -1).contiguous(), name).movedim(-1, 0).contiguous())
+    assert_same_bits(fq(x, name, axis=1), fq(x, name, axis=-2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ALL)
+def test_every_dtype_is_computed_in_fp32_and_returned_in_kind(name: str, dtype: torch.dtype) -> None:
+    x = data.normal((16, 64), seed=30).to(dtype)
+    out = fq(x, name)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_same_bits(out, fq(x.float(), name).to(dtype))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_input_is_never_modified_and_strides_do_not_matter(name: str) -> None:
+    base = data.normal((64, 64), seed=31)
+    x = base.t()  # non-contiguous
+    snapshot = x.clone()
+    out = fq(x, name)
+    assert_same_bits(x, snapshot)
+    assert_same_bits(out, fq(x.contiguous(), name))
+
+
+@pytest.mark.parametrize("name", ONE_D)
+def test_scalars_and_empty_tensors(name: str) -> None:
+    assert fake_quantize(torch.empty(0, 32), name).shape == (0, 32)
+    assert fake_quantize(torch.tensor(3.3), name).shape == ()
+    assert fake_quantize(torch.tensor(3.3), name).item() == fake_quantize(torch.tensor([3.3]), name).item()
