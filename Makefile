@@ -1,0 +1,28 @@
+# The two quick-start commands are `make scan` and `make test`; both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.harness-installed
+
+.PHONY: setup scan test lint bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml ci/constraints.txt ci/setup.sh
+	HARNESS_VENV=$(VENV) bash ci/setup.sh
+	touch $@
+
+# The main job: every MXFP4 case of every suite (the formats suite until a model suite exists).
+scan: $(STAMP)
+	$(PY) -m pytest suites/ -m mxfp4
+
+# What CI runs (.ci/run): lint, then the harness's own tests and every suite's CPU cases.
+test: $(STAMP) lint
+	$(PY) -m pytest --benchmark-disable
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Speed: pytest-benchmark cases (see README, "Benchmarks").
+bench: $(STAMP)
+	$(PY) -m pytest suites/ -m bench --benchmark-only

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create the virtual environment (default .venv, or $HARNESS_VENV) and install the harness with
+# everything its suites need. Safe to re-run.
+#
+# torch: on a machine without one, the CPU build torch==2.13.0 is installed first (it lies on
+# this project's CPU machines' disk, so no multi-GB CUDA wheel is downloaded). A GPU user points
+# HARNESS_VENV at an environment that already has their CUDA torch, or sets HARNESS_TORCH to the
+# torch requirement they want: an importable torch is never replaced.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${HARNESS_VENV:-.venv}"
+python="${PYTHON:-python3}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    "${pip[@]}" "${HARNESS_TORCH:-torch==2.13.0}"
+fi
+"${pip[@]}" -c ci/constraints.txt -e ".[test,dev]"
+"$venv/bin/python" -c "import harness.formats, torch; print('harness ready: torch', torch.__version__)"
