@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.harness-installed
+# GSM8K is read from local JSONL, never downloaded; point this elsewhere if your copy lives elsewhere.
+export HARNESS_GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 
 .PHONY: setup scan test lint bench
 
@@ -15,9 +17,9 @@ $(STAMP): pyproject.toml ci/constraints.txt ci/setup.sh
 scan: $(STAMP)
 	$(PY) -m pytest suites/ -m mxfp4
 
-# What CI runs (.ci/run): lint, then the harness's own tests and every suite's CPU cases.
+# What CI runs (.ci/run): lint, then the harness's own tests and every suite's CPU cases (slow ones: make scan, nightly).
 test: $(STAMP) lint
-	$(PY) -m pytest --benchmark-disable
+	$(PY) -m pytest -m "not slow" --benchmark-disable
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

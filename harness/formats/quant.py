@@ -100,7 +100,7 @@ def _prepare(
 ) -> tuple[Format, BlockLayout, torch.Tensor | None, torch.Tensor]:
     fmt = get_format(name)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    blocks = layout.split(x.reshape(layout.shape).to(torch.float32))
+    blocks = layout.split(x.detach().reshape(layout.shape).to(torch.float32))  # no autograd through rounding
     return fmt, layout, pts, blocks
 
 

@@ -1,0 +1,68 @@
+"""GSM8K calibration and evaluation data, read from local JSONL (never downloaded at run time)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+GSM8K_ENV = "HARNESS_GSM8K_DIR"
+SPLITS = ("test", "train")
+
+
+@dataclass(frozen=True)
+class Gsm8kItem:
+    question: str
+    answer: str
+
+    @property
+    def prompt(self) -> str:
+        """The conditioning text of the loss (design §7): ``Question: …\\nAnswer:``."""
+        return f"Question: {self.question}\nAnswer:"
+
+    @property
+    def text(self) -> str:
+        """Prompt plus answer, tokenized once for the loss: ``Question: …\\nAnswer: …``."""
+        return f"Question: {self.question}\nAnswer: {self.answer}"
+
+
+def gsm8k_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The GSM8K directory: ``explicit`` (``--gsm8k-dir``), else ``$HARNESS_GSM8K_DIR``."""
+    value = explicit or os.environ.get(GSM8K_ENV)
+    if not value:
+        raise ValueError(
+            f"no GSM8K directory: pass --gsm8k-dir DIR or set {GSM8K_ENV}=DIR "
+            "(a folder with test.jsonl and train.jsonl)"
+        )
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"GSM8K directory {str(path)!r} does not exist")
+    return path
+
+
+def load_gsm8k(
+    split: str = "test", limit: int | None = None, data_dir: str | os.PathLike | None = None
+) -> list[Gsm8kItem]:
+    """The first ``limit`` items of a split, in file order; a malformed line is an error naming
+    the file and the line number."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown GSM8K split {split!r}; valid splits: {', '.join(SPLITS)}")
+    path = gsm8k_dir(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"GSM8K split file {path} does not exist")
+    items: list[Gsm8kItem] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                items.append(Gsm8kItem(str(record["question"]), str(record["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{path}:{lineno}: malformed GSM8K line ({err!r}); expected {{question, answer}}"
+                ) from err
+    return items

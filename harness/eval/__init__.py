@@ -1,0 +1,1 @@
+"""End-to-end evaluation: answer-token loss, KL and top-1 agreement, paired statistics."""

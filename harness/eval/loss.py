@@ -1,0 +1,141 @@
+"""Answer-token loss, KL(ref || quant) and top-1 agreement on GSM8K items (design §7).
+
+``loss``: the text ``Question: {q}\\nAnswer: {a}`` is tokenized once with the tokenizer's
+defaults; the answer tokens are those past the length of ``Question: {q}\\nAnswer:`` tokenized the
+same way; ``loss`` is the token-weighted mean NLL over all answer tokens of all items (per-item
+means feed the paired statistics).  ``kl`` and ``top1_agree`` compare the next-token
+distributions of the reference (injector paused) and the quantized model at the same positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from harness.data import Gsm8kItem
+from harness.eval.stats import PairedComparison, compare_paired
+
+
+@dataclass
+class LossResult:
+    """Per-item sums over answer tokens, for the reference and (optionally) the quantized model."""
+
+    n_tokens: list[int] = field(default_factory=list)
+    reference_nll: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    top1_agree: list[int] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.n_tokens)
+
+    def _mean(self, sums: list[float]) -> float:
+        return sum(sums) / sum(self.n_tokens)
+
+    def summary(self) -> dict[str, float]:
+        """Token-weighted means, plus the paired comparison of per-item mean losses."""
+        out = {"n": self.n, "tokens": sum(self.n_tokens), "reference_loss": self._mean(self.reference_nll)}
+        if self.nll:
+            out |= {"loss": self._mean(self.nll), "kl": self._mean(self.kl), "top1_agree": self._mean(self.top1_agree)}
+            out["p_value"] = self.comparison().p_value
+        return out
+
+    def item_losses(self, sums: list[float]) -> list[float]:
+        return [s / t for s, t in zip(sums, self.n_tokens)]
+
+    def comparison(self) -> PairedComparison:
+        return compare_paired(self.item_losses(self.reference_nll), self.item_losses(self.nll))
+
+
+def answer_spans(tokenizer, items: Sequence[Gsm8kItem]) -> list[tuple[list[int], int]]:
+    """Per item: the token ids of the full text and the index of its first answer token."""
+    spans = []
+    for item in items:
+        ids = tokenizer(item.text)["input_ids"]
+        start = len(tokenizer(item.prompt)["input_ids"])
+        if start >= len(ids):
+            raise ValueError(f"item has no answer tokens after its prompt: {item.question[:60]!r}")
+        spans.append((ids, start))
+    return spans
+
+
+def _batches(tokenizer, items: Sequence[Gsm8kItem], batch_size: int, device: torch.device, progress: bool):
+    """Right-padded batches: (input_ids, attention_mask, [(length, first answer index)])."""
+    spans = answer_spans(tokenizer, items)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for b0 in tqdm(range(0, len(spans), batch_size), desc="loss", unit="batch", disable=not progress):
+        chunk = spans[b0 : b0 + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(chunk):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        yield input_ids.to(device), mask.to(device), [(len(ids), start) for ids, start in chunk]
+
+
+def _answer_logprobs(model, input_ids, mask, lengths) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per item: next-token log-probs at the positions predicting answer tokens, and the targets."""
+    logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    out = []
+    for i, (length, start) in enumerate(lengths):
+        pos = torch.arange(start - 1, length - 1, device=logits.device)  # logits at pos predict pos + 1
+        out.append((F.log_softmax(logits[i, pos], dim=-1), input_ids[i, pos + 1]))
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model: torch.nn.Module, tokenizer, items: Sequence[Gsm8kItem], *, batch_size: int = 8, progress: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The reference model's answer-token log-probs, computed once and reused by every
+    comparison (fp32, about 200 KB per answer token for a 49k vocabulary)."""
+    device = next(model.parameters()).device
+    return [
+        lp
+        for input_ids, mask, lengths in _batches(tokenizer, items, batch_size, device, progress)
+        for lp in _answer_logprobs(model, input_ids, mask, lengths)
+    ]
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[Gsm8kItem],
+    injector=None,
+    *,
+    reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> LossResult:
+    """Reference loss of ``model`` and, when ``injector`` (an entered QuantInjector on the same
+    model) is given, the quantized loss, KL and top-1 agreement.  The reference pass runs with
+    the injector paused, batch by batch, unless ``reference`` (from :func:`reference_logprobs`)
+    is given."""
+    device = next(model.parameters()).device
+    result = LossResult()
+    k = 0
+    for input_ids, mask, lengths in _batches(tokenizer, items, batch_size, device, progress):
+        if reference is not None:
+            refs = reference[k : k + len(lengths)]
+        else:
+            with injector.paused() if injector is not None else contextlib.nullcontext():
+                refs = _answer_logprobs(model, input_ids, mask, lengths)
+        k += len(lengths)
+        quants = _answer_logprobs(model, input_ids, mask, lengths) if injector is not None else [None] * len(refs)
+        for (ref_lp, target), q in zip(refs, quants):
+            result.n_tokens.append(len(target))
+            result.reference_nll.append(-ref_lp.gather(-1, target[:, None]).sum().item())
+            if q is not None:
+                q_lp = q[0]
+                result.nll.append(-q_lp.gather(-1, target[:, None]).sum().item())
+                result.kl.append(F.kl_div(q_lp, ref_lp, log_target=True, reduction="sum").item())
+                result.top1_agree.append(int((ref_lp.argmax(-1) == q_lp.argmax(-1)).sum().item()))
+    return result

@@ -1,0 +1,102 @@
+"""Paired statistics for comparing two runs on the same items (scipy).  Every comparison carries
+its n, effect size and p-value; below ``MIN_N`` items it is labelled underpowered and is never
+called significant."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+MIN_N = 30
+
+
+def cohens_d_paired(a: Sequence[float], b: Sequence[float]) -> float:
+    """Cohen's d of paired samples: mean(b - a) / sd(b - a) (0 when every difference is 0)."""
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    sd = diff.std(ddof=1) if len(diff) > 1 else 0.0
+    return 0.0 if sd == 0 else float(diff.mean() / sd)
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean (seeded, so reports reproduce)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()), float(x.mean())) if len(x) else (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
+def paired_t_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided paired t-test p-value (1.0 when the differences are all equal)."""
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if len(diff) < 2 or np.all(diff == diff[0]):
+        return 1.0 if len(diff) < 2 or diff[0] == 0 else 0.0
+    return float(stats.ttest_rel(b, a).pvalue)
+
+
+def wilcoxon_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value (1.0 when every difference is 0)."""
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if len(diff) == 0 or np.all(diff == 0):
+        return 1.0
+    return float(stats.wilcoxon(diff).pvalue)
+
+
+def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
+    """Exact McNemar test on paired correctness: binomial test of the discordant pairs."""
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(stats.binomtest(only_b, only_a + only_b, 0.5).pvalue)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """``b`` against ``a`` on the same n items (e.g. quantized vs reference per-item loss)."""
+
+    n: int
+    mean_a: float
+    mean_b: float
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # paired t-test
+    p_wilcoxon: float
+    cohens_d: float
+    underpowered: bool
+    significant: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_paired(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05) -> PairedComparison:
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same items on both sides: {len(a)} vs {len(b)}")
+    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = len(a_)
+    lo, hi = bootstrap_ci(b_ - a_)
+    p = paired_t_p(a_, b_)
+    underpowered = n < MIN_N
+    return PairedComparison(
+        n=n,
+        mean_a=float(a_.mean()),
+        mean_b=float(b_.mean()),
+        mean_diff=float((b_ - a_).mean()),
+        ci_low=lo,
+        ci_high=hi,
+        p_value=p,
+        p_wilcoxon=wilcoxon_p(a_, b_),
+        cohens_d=cohens_d_paired(a_, b_),
+        underpowered=underpowered,
+        significant=(p < alpha) and not underpowered,
+    )

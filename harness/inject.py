@@ -1,0 +1,205 @@
+"""Applying a format to a model's Linear layers inside a context that always undoes itself
+(design §4): weights (W4A16), inputs (W16A4) or both, per module, with mixed-precision overrides."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from harness.formats import fake_quantize, get_format
+
+POINTS = ("weight", "input", "both")
+
+
+@dataclass(frozen=True)
+class InjectedModule:
+    """One Linear the injector touched: its name, weight shape, format and point."""
+
+    name: str
+    shape: tuple[int, ...]
+    format: str
+    point: str
+
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: the quantized value; backward: the gradient passes to the unquantized input
+    unchanged (the straight-through estimator of Bengio et al., 2013)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Quantizer:
+    """Fake-quantizes one module's tensors; returns them untouched while the injector is paused."""
+
+    def __init__(self, injector: QuantInjector, fmt: str) -> None:
+        self.injector = injector
+        self.fmt = fmt
+
+    def __call__(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        q = fake_quantize(x.detach(), self.fmt, axis=axis, generator=self.injector.generator)
+        if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
+            return StraightThrough.apply(x, q)
+        return q
+
+
+class _WeightParametrization(nn.Module):
+    """``weight -> fake_quantize(weight)`` along the input dim.  The quantized copy is computed
+    once per version of the weight (an optimizer step bumps it) and reused on every forward."""
+
+    def __init__(self, quantizer: _Quantizer) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self._key: tuple[int, int] | None = None
+        self._cached: torch.Tensor | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        injector = self.quantizer.injector
+        if injector.paused_now:
+            return weight
+        if injector.straight_through and torch.is_grad_enabled() and weight.requires_grad:
+            return self.quantizer(weight, -1)
+        key = (weight.data_ptr(), weight._version)
+        if key != self._key:
+            self._cached, self._key = self.quantizer(weight, -1), key
+        return self._cached
+
+
+class QuantInjector:
+    """Context manager applying format ``fmt`` to a model's Linear layers.
+
+    ``point``: ``weight`` quantizes each target's weight along its input dim (W4A16, QeRL style);
+    ``input`` quantizes each target's input activation along the hidden dim, per token, in a
+    forward pre-hook (W16A4); ``both``.  ``targets``: module-name globs or classes (default: every
+    ``nn.Linear`` except the output embedding ``lm_head``, which is quantized only when named);
+    ``exclude``: globs to leave alone; ``overrides``: ``{glob: format or None}`` for mixed precision
+    (first matching glob wins; None keeps the module in its original precision).
+    ``straight_through=True`` lets gradients reach the unquantized weights and inputs (training).
+
+    Weights are never edited: the Linear's weight Parameter is wrapped by a parametrization and
+    the very same Parameter object is put back on exit, also when the body raises, and every hook
+    is removed.  A tied ``lm_head`` (sharing its weight with the input embedding) is quantized
+    where it is used as ``lm_head`` only; the embedding lookup keeps the original values, and
+    ``notes`` says so.  ``modules`` lists what was touched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fmt: str,
+        point: str = "weight",
+        *,
+        targets: Sequence[str | type] | None = None,
+        exclude: Sequence[str] = (),
+        overrides: dict[str, str | None] | None = None,
+        straight_through: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        get_format(fmt)
+        for f in (overrides or {}).values():
+            if f is not None:
+                get_format(f)
+        if point not in POINTS:
+            raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
+        self.model, self.fmt, self.point = model, fmt, point
+        self.targets, self.exclude, self.overrides = targets, tuple(exclude), dict(overrides or {})
+        self.straight_through, self.generator = straight_through, generator
+        self.modules: list[InjectedModule] = []
+        self.notes: list[str] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._parametrized: list[nn.Module] = []
+        self._paused = 0
+
+    @property
+    def paused_now(self) -> bool:
+        return self._paused > 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run the original model inside the context (e.g. the reference pass of a comparison)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def _selected(self) -> list[tuple[str, nn.Linear, str]]:
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        if self.targets is None:
+            chosen = [(n, m) for n, m in linears if m is not output]
+        else:
+            globs = [t for t in self.targets if isinstance(t, str)]
+            classes = tuple(t for t in self.targets if isinstance(t, type))
+            chosen = [
+                (n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, g) for g in globs) or isinstance(m, classes)
+            ]
+            for g in globs:
+                if not any(fnmatch.fnmatchcase(n, g) for n, _ in linears):
+                    examples = ", ".join(n for n, _ in linears[:3])
+                    raise ValueError(
+                        f"target {g!r} matches no nn.Linear in the model (names look like: {examples}, ...)"
+                    )
+        selected = []
+        for name, module in chosen:
+            if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
+                continue
+            fmt = next((f for g, f in self.overrides.items() if fnmatch.fnmatchcase(name, g)), self.fmt)
+            if fmt is not None:
+                selected.append((name, module, fmt))
+        return selected
+
+    def __enter__(self) -> QuantInjector:
+        if self._hooks or self._parametrized:
+            raise RuntimeError("this QuantInjector is already active; it is not re-entrant")
+        try:
+            embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            for name, module, fmt in self._selected():
+                quantizer = _Quantizer(self, fmt)
+                if self.point in ("weight", "both"):
+                    if embedding is not None and module.weight is getattr(embedding, "weight", None):
+                        self.notes.append(
+                            f"{name}.weight is tied to the input embedding: {name} uses {fmt} weights, "
+                            "the embedding lookup keeps the original weights"
+                        )
+                    parametrize.register_parametrization(
+                        module, "weight", _WeightParametrization(quantizer), unsafe=True
+                    )
+                    self._parametrized.append(module)
+                if self.point in ("input", "both"):
+                    self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
+                self.modules.append(InjectedModule(name, tuple(module.weight.shape), fmt, self.point))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        for module in self._parametrized:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        self._hooks, self._parametrized = [], []
+
+
+def _input_hook(quantizer: _Quantizer):
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if quantizer.injector.paused_now:
+            return None
+        return (quantizer(args[0], -1), *args[1:])
+
+    return hook

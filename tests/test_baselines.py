@@ -1,0 +1,85 @@
+"""Baseline files: tolerances, atomic merge-writes, corrupted files, and the pytest fixture's
+failure messages (run in a scratch pytest session)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.baselines import BaselineError, Tolerance, comparison_table, read_baselines, write_baselines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tolerances() -> None:
+    assert Tolerance("rel", 0.01).allows(2.0, 2.019) and not Tolerance("rel", 0.01).allows(2.0, 2.03)
+    assert Tolerance("abs", 0.1).allows(17.0, 16.91) and not Tolerance("abs", 0.1).allows(17.0, 16.8)
+    assert not Tolerance("rel", 0.5).allows(1.0, float("nan"))
+
+
+def test_write_merges_cases_and_read_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "m" / "cpu" / "suite.json"
+    write_baselines(path, {"a": {"loss": 1.0}})
+    write_baselines(path, {"b": {"loss": 2.0}})
+    assert read_baselines(path) == {"a": {"loss": 1.0}, "b": {"loss": 2.0}}
+    doc = json.loads(path.read_text())
+    assert doc["schema_version"] == 1 and "torch_version" in doc and "created" in doc
+    assert [p.name for p in path.parent.iterdir()] == ["suite.json"]  # no temp file left
+
+
+def test_corrupted_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "suite.json"
+    path.write_text("{not json")
+    with pytest.raises(BaselineError, match=f"{path}: corrupted baseline file"):
+        read_baselines(path)
+    with pytest.raises(BaselineError):
+        write_baselines(path, {"a": {"loss": 1.0}})
+    assert path.read_text() == "{not json"
+
+
+def test_comparison_table_flags_regressions() -> None:
+    ok, table = comparison_table({"loss": 2.0, "kl": 0.4}, {"loss": 2.5, "kl": 0.4})
+    assert not ok and "REGRESSION" in table and "+25.00%" in table
+    assert comparison_table({"loss": 2.0}, {"loss": 2.001})[0]
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(
+        (ROOT / "conftest.py").read_text().replace('Path(__file__).parent / "baselines"', "Path.cwd() / 'baselines'")
+    )
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    pytester.mkdir("suite")
+    pytester.path.joinpath("suite", "test_b.py").write_text(
+        "import os\n"
+        "def test_case(baseline):\n"
+        "    baseline.check('mxfp4-w4a16-fp32', {'loss': float(os.environ.get('LOSS', '2.30'))})\n"
+    )
+    return pytester
+
+
+def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = project.runpytest_subprocess("suite")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no baseline for case 'mxfp4-w4a16-fp32'*", "*--update-baselines*"])
+
+    result = project.runpytest_subprocess("suite", "--update-baselines")
+    result.assert_outcomes(passed=1)
+    stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
+    assert read_baselines(stored) == {"mxfp4-w4a16-fp32": {"loss": 2.30}}
+
+    project.runpytest_subprocess("suite").assert_outcomes(passed=1)
+
+    monkeypatch.setenv("LOSS", "2.60")  # a worse format under the same name
+    result = project.runpytest_subprocess("suite")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*moved beyond tolerance*", "*loss*2.3*2.6*REGRESSION*"])
+    assert read_baselines(stored) == {"mxfp4-w4a16-fp32": {"loss": 2.30}}  # not rewritten
+
+    stored.write_text("[]")
+    result = project.runpytest_subprocess("suite", "--update-baselines")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*suite.json: corrupted baseline file*"])
+    assert stored.read_text() == "[]"

@@ -1,0 +1,57 @@
+"""The loss definition of design §7 on a tiny model, against a direct per-item computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.data import Gsm8kItem
+from harness.eval.loss import evaluate_loss, reference_logprobs
+from harness.inject import QuantInjector
+from harness.models import load_model
+
+ITEMS = [
+    Gsm8kItem("What is 2 + 3?", "2 + 3 = 5\n#### 5"),
+    Gsm8kItem("Tom has 4 apples and eats one. How many are left?", "4 - 1 = <<4-1=3>>3\n#### 3"),
+    Gsm8kItem("Double 21.", "#### 42"),
+]
+
+
+@torch.no_grad()
+def direct_nll(model, tok, item: Gsm8kItem) -> tuple[float, int]:
+    """Sum of -log p(answer token) for one item, unbatched, straight from the definition."""
+    ids = tok(item.text)["input_ids"]
+    start = len(tok(item.prompt)["input_ids"])
+    logp = F.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return -sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))), len(ids) - start
+
+
+def test_loss_is_the_token_weighted_answer_nll() -> None:
+    model, tok = load_model("tiny-llama")
+    result = evaluate_loss(model, tok, ITEMS, batch_size=2)  # padding in the first batch
+    direct = [direct_nll(model, tok, it) for it in ITEMS]
+    assert result.n_tokens == [n for _, n in direct]
+    assert result.reference_nll == pytest.approx([s for s, _ in direct], rel=1e-5)
+    total = sum(s for s, _ in direct) / sum(n for _, n in direct)
+    assert result.summary()["reference_loss"] == pytest.approx(total, rel=1e-5)
+
+
+def test_untouched_model_has_zero_kl_and_full_agreement() -> None:
+    model, tok = load_model("tiny-llama")
+    with QuantInjector(model, "mxfp4", overrides={"*": None}) as injector:
+        assert injector.modules == []
+        s = evaluate_loss(model, tok, ITEMS, injector).summary()
+    assert s["kl"] == pytest.approx(0.0, abs=1e-6) and s["top1_agree"] == 1.0 and s["loss"] == s["reference_loss"]
+
+
+def test_cached_reference_gives_the_same_numbers_as_lockstep() -> None:
+    model, tok = load_model("tiny-qwen2")
+    ref = reference_logprobs(model, tok, ITEMS, batch_size=3)
+    with QuantInjector(model, "mxfp4") as injector:
+        lockstep = evaluate_loss(model, tok, ITEMS, injector, batch_size=3).summary()
+        cached = evaluate_loss(model, tok, ITEMS, injector, reference=ref, batch_size=3).summary()
+    assert lockstep == cached
+    assert lockstep["kl"] > 0 and math.isfinite(lockstep["p_value"])
