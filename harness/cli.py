@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -83,6 +84,68 @@ def _eval_loss(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan(args: argparse.Namespace) -> int:
+    from harness.data import load_gsm8k
+    from harness.formats import get_format
+    from harness.models import load_model, model_key
+    from harness.report import markdown_summary, write_report
+    from harness.srdd.criteria import Thresholds
+    from harness.srdd.run import scan_model
+
+    thresholds = Thresholds(
+        args.sqnr_threshold,
+        args.deadzone_threshold,
+        args.saturation_threshold,
+        args.relative_error_threshold,
+        args.kurtosis_ratio_threshold,
+        args.gain_ratio_threshold,
+    )
+    calibration = load_gsm8k("train", args.prompts, args.gsm8k_dir)
+    evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir) if args.eval_items else []
+    model, tok = load_model(
+        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    runs = (
+        args.instability_runs if args.instability_runs is not None else (5 if get_format(args.format).stochastic else 2)
+    )
+    doc = scan_model(
+        model,
+        tok,
+        calibration,
+        args.format,
+        args.point,
+        model_name=model_key(args.model),
+        thresholds=thresholds,
+        evaluation=evaluation,
+        attribution=args.attribution,
+        gain=not args.no_gain,
+        instability_runs=runs,
+        batch_size=args.batch_size,
+        do_verify=bool(evaluation),
+        progress=True,
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
+    if args.report_dir:
+        print(f"report: {write_report(doc, args.report_dir)}")
+    print(markdown_summary(doc))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.report import compare_scans
+
+    docs = []
+    for path in (args.a, args.b):
+        try:
+            docs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable scan JSON ({err})") from err
+    print(compare_scans(*docs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +165,45 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--trust-remote-code", action="store_true")
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
     loss.set_defaults(run=_eval_loss)
+
+    sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
+    sc.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    sc.add_argument("--format", required=True, choices=list_formats())
+    sc.add_argument("--point", default="weight", choices=POINTS)
+    sc.add_argument("--prompts", type=int, default=32, help="calibration texts from GSM8K train (default 32)")
+    sc.add_argument("--sqnr-threshold", type=float, default=20.0)
+    sc.add_argument("--deadzone-threshold", type=float, default=0.05)
+    sc.add_argument("--saturation-threshold", type=float, default=0.01)
+    sc.add_argument("--relative-error-threshold", type=float, default=0.10)
+    sc.add_argument("--kurtosis-ratio-threshold", type=float, default=0.9)
+    sc.add_argument("--gain-ratio-threshold", type=float, default=0.9)
+    sc.add_argument(
+        "--eval-items",
+        type=int,
+        default=16,
+        help="GSM8K test items for attribution and verification (0: skip both; default 16)",
+    )
+    sc.add_argument("--attribution", action="store_true", help="per-layer loss attribution (2 loss passes a layer)")
+    sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
+    sc.add_argument(
+        "--instability-runs",
+        type=int,
+        default=None,
+        help="runs of the instability scan (default: 5 for stochastic formats, else 2)",
+    )
+    sc.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR)")
+    sc.add_argument("--trust-remote-code", action="store_true")
+    sc.add_argument("--output", help="write the scan JSON here")
+    sc.add_argument("--report-dir", help="write summary.md, results.json and PNG plots here")
+    sc.set_defaults(run=_scan)
+
+    cmp = commands.add_parser("compare", help="compare two scan JSONs layer by layer (A vs B)")
+    cmp.add_argument("a")
+    cmp.add_argument("b")
+    cmp.set_defaults(run=_compare)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +47,10 @@ class _Quantizer:
         self.injector = injector
         self.fmt = fmt
 
-    def __call__(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, axis: int, name: str, kind: str) -> torch.Tensor:
         q = fake_quantize(x.detach(), self.fmt, axis=axis, generator=self.injector.generator)
+        if self.injector.observer is not None:
+            self.injector.observer(name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
             return StraightThrough.apply(x, q)
         return q
@@ -58,9 +60,10 @@ class _WeightParametrization(nn.Module):
     """``weight -> fake_quantize(weight)`` along the input dim.  The quantized copy is computed
     once per version of the weight (an optimizer step bumps it) and reused on every forward."""
 
-    def __init__(self, quantizer: _Quantizer) -> None:
+    def __init__(self, quantizer: _Quantizer, name: str) -> None:
         super().__init__()
         self.quantizer = quantizer
+        self.name = name
         self._key: tuple[int, int] | None = None
         self._cached: torch.Tensor | None = None
 
@@ -69,10 +72,10 @@ class _WeightParametrization(nn.Module):
         if injector.paused_now:
             return weight
         if injector.straight_through and torch.is_grad_enabled() and weight.requires_grad:
-            return self.quantizer(weight, -1)
+            return self.quantizer(weight, -1, self.name, "weight")
         key = (weight.data_ptr(), weight._version)
         if key != self._key:
-            self._cached, self._key = self.quantizer(weight, -1), key
+            self._cached, self._key = self.quantizer(weight, -1, self.name, "weight"), key
         return self._cached
 
 
@@ -86,6 +89,8 @@ class QuantInjector:
     ``exclude``: globs to leave alone; ``overrides``: ``{glob: format or None}`` for mixed precision
     (first matching glob wins; None keeps the module in its original precision).
     ``straight_through=True`` lets gradients reach the unquantized weights and inputs (training).
+    ``observer(name, kind, x, q, fmt)``, if given, sees every tensor quantized (``kind`` is
+    ``"weight"`` or ``"input"``): the SRDD scanner measures exactly what the model quantizes.
 
     Weights are never edited: the Linear's weight Parameter is wrapped by a parametrization and
     the very same Parameter object is put back on exit, also when the body raises, and every hook
@@ -105,6 +110,7 @@ class QuantInjector:
         overrides: dict[str, str | None] | None = None,
         straight_through: bool = False,
         generator: torch.Generator | None = None,
+        observer: Callable[[str, str, torch.Tensor, torch.Tensor, str], None] | None = None,
     ) -> None:
         get_format(fmt)
         for f in (overrides or {}).values():
@@ -114,7 +120,7 @@ class QuantInjector:
             raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
         self.model, self.fmt, self.point = model, fmt, point
         self.targets, self.exclude, self.overrides = targets, tuple(exclude), dict(overrides or {})
-        self.straight_through, self.generator = straight_through, generator
+        self.straight_through, self.generator, self.observer = straight_through, generator, observer
         self.modules: list[InjectedModule] = []
         self.notes: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -134,7 +140,8 @@ class QuantInjector:
         finally:
             self._paused -= 1
 
-    def _selected(self) -> list[tuple[str, nn.Linear, str]]:
+    def select(self) -> list[tuple[str, nn.Linear, str]]:
+        """``(name, module, format)`` of every Linear this injector quantizes (nothing applied)."""
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
         if self.targets is None:
@@ -165,7 +172,7 @@ class QuantInjector:
             raise RuntimeError("this QuantInjector is already active; it is not re-entrant")
         try:
             embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-            for name, module, fmt in self._selected():
+            for name, module, fmt in self.select():
                 quantizer = _Quantizer(self, fmt)
                 if self.point in ("weight", "both"):
                     if embedding is not None and module.weight is getattr(embedding, "weight", None):
@@ -174,11 +181,11 @@ class QuantInjector:
                             "the embedding lookup keeps the original weights"
                         )
                     parametrize.register_parametrization(
-                        module, "weight", _WeightParametrization(quantizer), unsafe=True
+                        module, "weight", _WeightParametrization(quantizer, name), unsafe=True
                     )
                     self._parametrized.append(module)
                 if self.point in ("input", "both"):
-                    self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
+                    self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer, name)))
                 self.modules.append(InjectedModule(name, tuple(module.weight.shape), fmt, self.point))
         except BaseException:
             self._restore()
@@ -196,10 +203,10 @@ class QuantInjector:
         self._hooks, self._parametrized = [], []
 
 
-def _input_hook(quantizer: _Quantizer):
+def _input_hook(quantizer: _Quantizer, name: str):
     def hook(module: nn.Module, args: tuple) -> tuple | None:
         if quantizer.injector.paused_now:
             return None
-        return (quantizer(args[0], -1), *args[1:])
+        return (quantizer(args[0], -1, name, "input"), *args[1:])
 
     return hook

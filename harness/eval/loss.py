@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from harness.batching import padded_batches
 from harness.data import Gsm8kItem
 from harness.eval.stats import PairedComparison, compare_paired
 
@@ -68,21 +68,14 @@ def answer_spans(tokenizer, items: Sequence[Gsm8kItem]) -> list[tuple[list[int],
 def _batches(tokenizer, items: Sequence[Gsm8kItem], batch_size: int, device: torch.device, progress: bool):
     """Right-padded batches: (input_ids, attention_mask, [(length, first answer index)])."""
     spans = answer_spans(tokenizer, items)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for b0 in tqdm(range(0, len(spans), batch_size), desc="loss", unit="batch", disable=not progress):
-        chunk = spans[b0 : b0 + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-        yield input_ids.to(device), mask.to(device), [(len(ids), start) for ids, start in chunk]
+    batches = padded_batches(tokenizer, [ids for ids, _ in spans], batch_size, device, desc="loss", progress=progress)
+    for b, (input_ids, mask) in enumerate(batches):
+        yield input_ids, mask, [(len(ids), start) for ids, start in spans[b * batch_size : (b + 1) * batch_size]]
 
 
 def _answer_logprobs(model, input_ids, mask, lengths) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per item: next-token log-probs at the positions predicting answer tokens, and the targets."""
-    logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     out = []
     for i, (length, start) in enumerate(lengths):
         pos = torch.arange(start - 1, length - 1, device=logits.device)  # logits at pos predict pos + 1

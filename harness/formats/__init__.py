@@ -9,6 +9,7 @@ from harness.formats.quant import (
     fake_quantize,
     nvfp4_per_tensor_scale,
     quantize,
+    representable_max,
 )
 from harness.formats.registry import FORMATS, Format, get_format, list_formats
 
@@ -29,4 +30,5 @@ __all__ = [
     "list_formats",
     "nvfp4_per_tensor_scale",
     "quantize",
+    "representable_max",
 ]

@@ -165,6 +165,20 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     return out.reshape(q.shape).to(q.dtype).contiguous()
 
 
+def representable_max(
+    x: torch.Tensor, name: str, *, axis: int = -1, per_tensor_scale: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per element of ``x`` (fp32, same shape): the largest magnitude its block can represent,
+    ``element max_value * block scale`` (NaN for blocks holding NaN/Inf).  A value above it is
+    clipped by the format: what SRDD's ``saturation_ratio`` counts."""
+    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    stored, _ = fmt.scale.block_scale(amax, fmt.element, pts)
+    stored = torch.where(torch.isfinite(amax), stored, torch.nan)
+    limit = (_dequant_scale(stored, pts) * fmt.element.max_value).expand(blocks.shape)
+    return layout.merge(limit).reshape(x.shape).contiguous()
+
+
 def nvfp4_per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """NVFP4's second-level fp32 scale ``amax(|x|) / (448 * 6)`` (torchao's recipe), so that
     the largest block scale lands on E4M3's maximum."""
