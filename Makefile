@@ -5,7 +5,7 @@ STAMP := $(VENV)/.harness-installed
 # GSM8K is read from local JSONL, never downloaded; point this elsewhere if your copy lives elsewhere.
 export HARNESS_GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 
-.PHONY: setup scan test lint bench
+.PHONY: setup scan suites-mxfp4 test lint bench
 
 setup: $(STAMP)
 
@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml ci/constraints.txt ci/setup.sh
 	HARNESS_VENV=$(VENV) bash ci/setup.sh
 	touch $@
 
-# The main job: every MXFP4 case of every suite (the formats suite until a model suite exists).
+# The main job: SRDD scan + report of the embedded SmolLM2-135M under MXFP4 (weights).
 scan: $(STAMP)
+	$(PY) -m harness scan --model smollm2-135m --format mxfp4 --point weight --prompts 32 \
+		--output reports/smollm2-135m-mxfp4-weight/results.json --report-dir reports/smollm2-135m-mxfp4-weight
+
+# Every MXFP4 case of every suite, slow ones included (what the nightly job runs with --gpu).
+suites-mxfp4: $(STAMP)
 	$(PY) -m pytest suites/ -m mxfp4
 
 # What CI runs (.ci/run): lint, then the harness's own tests and every suite's CPU cases (slow ones: make scan, nightly).

@@ -49,13 +49,21 @@ TOLERANCES: dict[str, Tolerance] = {
     "kl": Tolerance("rel", 0.03),
     "top1_agree": Tolerance("abs", 0.005),
     "sqnr_db": Tolerance("abs", 0.05),
+    "deadzone_ratio": Tolerance("abs", 0.002),
+    "saturation_ratio": Tolerance("abs", 0.001),
+    "relative_error": Tolerance("rel", 0.01),
     "bits_per_byte": Tolerance("rel", 0.005),
 }
 DEFAULT_TOLERANCE = Tolerance("rel", 0.01)
 
 
 def tolerance_for(metric: str) -> Tolerance:
-    return TOLERANCES.get(metric, DEFAULT_TOLERANCE)
+    """The metric's own tolerance, else that of its longest known suffix (``weight_sqnr_db`` ->
+    ``sqnr_db``), else 1 % relative."""
+    for i in range(len(metric)):
+        if (i == 0 or metric[i - 1] == "_") and metric[i:] in TOLERANCES:
+            return TOLERANCES[metric[i:]]
+    return DEFAULT_TOLERANCE
 
 
 def baseline_path(root: Path, model: str, device: str, suite: str) -> Path:

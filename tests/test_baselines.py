@@ -83,3 +83,11 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*suite.json: corrupted baseline file*"])
     assert stored.read_text() == "[]"
+
+
+def test_tolerance_by_metric_suffix() -> None:
+    from harness.baselines import DEFAULT_TOLERANCE, tolerance_for
+
+    assert tolerance_for("weight_sqnr_db") == tolerance_for("sqnr_db") == Tolerance("abs", 0.05)
+    assert tolerance_for("input_deadzone_ratio") == Tolerance("abs", 0.002)
+    assert tolerance_for("something_else") == DEFAULT_TOLERANCE

@@ -89,6 +89,11 @@ def _texts(tokenizer, items: Sequence[Gsm8kItem]) -> list[list[int]]:
     return [tokenizer(item.text)["input_ids"] for item in items]
 
 
+def _one_batch(model: nn.Module, tokenizer, items: Sequence[Gsm8kItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    return next(padded_batches(tokenizer, _texts(tokenizer, items), len(items), device))
+
+
 @torch.no_grad()
 def activation_scan(
     model: nn.Module,
@@ -158,7 +163,6 @@ def gain_scan(
 ) -> None:
     """Each decoder layer's gain for a seeded probe at its real input, reference vs quantized."""
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
     captured: dict[str, tuple[tuple, dict]] = {}
 
     def grab(name: str):
@@ -169,7 +173,7 @@ def gain_scan(
 
     handles = [m.register_forward_pre_hook(grab(n), with_kwargs=True) for n, m in layers]
     try:
-        input_ids, mask = next(padded_batches(tokenizer, _texts(tokenizer, items), len(items), device))
+        input_ids, mask = _one_batch(model, tokenizer, items)
         model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
@@ -211,8 +215,7 @@ def instability_scan(
     if runs < 2:
         raise ValueError(f"instability needs at least 2 runs, got {runs}")
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    input_ids, mask = next(padded_batches(tokenizer, _texts(tokenizer, items), len(items), device))
+    input_ids, mask = _one_batch(model, tokenizer, items)
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}

@@ -1,5 +1,5 @@
-"""Session fixtures of the model suite: the model under test, its GSM8K items, the reference
-log-probs (computed once) and a memo of quantized evaluations shared by cases and orderings."""
+"""Session fixtures of the model suite: the reference log-probs (computed once) and a memo of
+quantized evaluations shared by cases and orderings (the model and data: suites/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from harness.data import load_gsm8k
 from harness.eval.loss import LossResult, evaluate_loss, reference_logprobs
 from harness.inject import QuantInjector
-from harness.models import load_model
-
-LOSS_ITEMS = 32
-
-
-@pytest.fixture(scope="session")
-def lm(pytestconfig: pytest.Config, device: torch.device):
-    """(model, tokenizer) of ``--model`` (default: the embedded SmolLM2-135M), fp32."""
-    return load_model(pytestconfig.getoption("--model"), device=device)
-
-
-@pytest.fixture(scope="session")
-def loss_items(pytestconfig: pytest.Config):
-    return load_gsm8k("test", LOSS_ITEMS, pytestconfig.getoption("--gsm8k-dir"))
 
 
 @pytest.fixture(scope="session")

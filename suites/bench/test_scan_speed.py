@@ -1,0 +1,56 @@
+"""End-to-end speed of the default model's SRDD scan and loss evaluation (pytest-benchmark,
+marker ``bench``), and the scan's memory staying flat in the number of prompts."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+from harness.eval.loss import evaluate_loss
+from harness.inject import QuantInjector
+from harness.srdd import scan
+
+pytestmark = pytest.mark.bench
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def full_scan(model, tok, items) -> scan.ScanResult:
+    """The CLI's weight + activation scan (``--point both``)."""
+    result = scan.ScanResult()
+    scan.weight_scan(model, "mxfp4", result)
+    scan.activation_scan(model, tok, items, "mxfp4", "both", result)
+    return result
+
+
+@pytest.mark.mxfp4
+def test_weight_and_activation_scan_32_prompts(benchmark, lm, calibration_items, metrics) -> None:
+    """Memory: a scan of 8 prompts first sets the peak (model + one batch of 8); a scan of all 32
+    prompts, 4 batches, must not raise it by more than 5 % because only sums are kept."""
+    model, tok = lm
+    full_scan(model, tok, calibration_items[:8])
+    peak_8 = peak_rss_mib()
+    result = benchmark.pedantic(full_scan, args=(model, tok, calibration_items), rounds=1, iterations=1)
+    peak_32 = peak_rss_mib()
+    benchmark.extra_info.update(
+        prompts=result.prompts, tokens=result.tokens, peak_rss_mib_8=peak_8, peak_rss_mib_32=peak_32
+    )
+    metrics.record(peak_rss_mib_8_prompts=peak_8, peak_rss_mib_32_prompts=peak_32)
+    assert result.prompts == 32
+    assert peak_32 <= peak_8 * 1.05, f"peak RSS grew from {peak_8:.0f} MiB (8 prompts) to {peak_32:.0f} MiB (32)"
+
+
+@pytest.mark.mxfp4
+def test_loss_evaluation_32_items(benchmark, lm, loss_items) -> None:
+    model, tok = lm
+
+    def run():
+        with QuantInjector(model, "mxfp4") as injector:
+            return evaluate_loss(model, tok, loss_items, injector)
+
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(items=result.n, tokens=sum(result.n_tokens))
+    assert result.n == 32

@@ -1,0 +1,47 @@
+"""Memoized SRDD scans of the model under test, shared by the cases of the srdd suite."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from harness.srdd import scan
+from harness.srdd.criteria import LayerFinding, Thresholds, layer_findings
+
+
+@pytest.fixture(scope="session")
+def weight_scan_of(lm) -> Callable[[str], scan.ScanResult]:
+    """``weight_scan_of(fmt)``: every target weight of the model against ``fmt`` (memoized)."""
+    model, _ = lm
+    memo: dict[str, scan.ScanResult] = {}
+
+    def run(fmt: str) -> scan.ScanResult:
+        if fmt not in memo:
+            memo[fmt] = scan.ScanResult()
+            scan.weight_scan(model, fmt, memo[fmt])
+        return memo[fmt]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def input_scan_of(lm, calibration_items) -> Callable[[str], scan.ScanResult]:
+    """``input_scan_of(fmt)``: W16A4 activation scan on the 32 calibration texts (memoized)."""
+    model, tok = lm
+    memo: dict[str, scan.ScanResult] = {}
+
+    def run(fmt: str) -> scan.ScanResult:
+        if fmt not in memo:
+            memo[fmt] = scan.ScanResult()
+            scan.activation_scan(model, tok, calibration_items, fmt, "input", memo[fmt])
+        return memo[fmt]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def findings_of(lm) -> Callable[[scan.ScanResult], list[LayerFinding]]:
+    model, _ = lm
+    layers = [name for name, _ in scan.decoder_layers(model)]
+    return lambda result: layer_findings(result, layers, Thresholds())
