@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -146,6 +147,92 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aqn_config(args: argparse.Namespace):
+    from harness.aqn.configs import AQNConfig, get_config
+
+    if args.config.endswith(".json"):
+        try:
+            raw = json.loads(Path(args.config).read_text())
+            return AQNConfig(
+                name=raw.get("name", Path(args.config).stem),
+                sigma_start=float(raw["sigma_start"]),
+                sigma_end=float(raw["sigma_end"]),
+                num_stages=int(raw["num_stages"]),
+                layer_types=tuple(raw.get("layer_types", ["rmsnorm"])),
+                source=args.config,
+                scale=raw.get("scale", "absolute"),
+            )
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"{args.config}: not a valid AQN config JSON ({err!r}); needs sigma_start, "
+                "sigma_end, num_stages and optionally layer_types, scale"
+            ) from err
+    return get_config(args.config)
+
+
+def _aqn_preflight(args: argparse.Namespace) -> int:
+    from harness.aqn.preflight import preflight
+    from harness.data import load_gsm8k
+    from harness.models import load_model
+
+    config = _aqn_config(args)
+    config.schedule(total_steps=config.num_stages)  # fail before loading anything
+    items = load_gsm8k("test", args.items, args.gsm8k_dir)
+    model, tok = load_model(args.model, device=args.device)
+    result = preflight(model, tok, items, config, fmt=args.format, point=args.point, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(tabulate([[k, v] for k, v in result.as_dict().items()], floatfmt=".4f"))
+    return 0
+
+
+def _aqn_compare(args: argparse.Namespace) -> int:
+    from harness.aqn.train import compare_strategies
+    from harness.data import load_gsm8k
+    from harness.models import load_model, model_key
+    from harness.report import aqn_markdown
+    from harness.srdd import scan
+    from harness.srdd.criteria import Thresholds, layer_findings
+
+    config = _aqn_config(args)
+    config.schedule(args.steps)
+    strategies = args.strategies.split(",")
+    model, tok = load_model(args.model, device=args.device)
+    layers = [name for name, _ in scan.decoder_layers(model)]
+    result = scan.ScanResult()
+    scan.weight_scan(model, args.format, result)
+    findings = layer_findings(result, layers, Thresholds())
+    problematic = [f.name for f in findings if f.problematic]
+    how = "SRDD-problematic at the default thresholds"
+    if len(problematic) == len(layers):  # no healthy complement: target the worst share by weight SQNR
+        ranked = sorted(findings, key=lambda f: f.metrics["weight_sqnr_db"])
+        problematic = [f.name for f in ranked[: math.ceil(args.targeted_share * len(layers))]]
+        how = f"every layer is SRDD-problematic, so the worst {args.targeted_share:.0%} by weight SQNR"
+    comparison = compare_strategies(
+        model,
+        tok,
+        load_gsm8k("train", args.train_items, args.gsm8k_dir),
+        load_gsm8k("test", args.eval_items, args.gsm8k_dir),
+        fmt=args.format,
+        config=config,
+        strategies=strategies,
+        seeds=list(range(args.seeds)),
+        steps=args.steps,
+        layers=layers,
+        problematic=problematic,
+        progress=True,
+    )
+    text = aqn_markdown(comparison, model_key(args.model), problematic, how)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"rows": comparison.rows(), **comparison.__dict__}, indent=2))
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +286,38 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", help="write the scan JSON here")
     sc.add_argument("--report-dir", help="write summary.md, results.json and PNG plots here")
     sc.set_defaults(run=_scan)
+
+    aqn = commands.add_parser("aqn", help="AQN noise: pre-flight collapse check, strategy comparison")
+    aqn_cmds = aqn.add_subparsers(dest="what", required=True)
+    for name, helptext, run in (
+        ("preflight", "ok / risky / collapse before any training", _aqn_preflight),
+        ("compare", "train each strategy for the same steps and seeds, compare", _aqn_compare),
+    ):
+        p = aqn_cmds.add_parser(name, help=helptext)
+        p.add_argument("--model", default=DEFAULT_MODEL)
+        p.add_argument("--format", default="mxfp4", choices=list_formats())
+        p.add_argument("--config", default="qerl-default", help="a named configuration or a JSON file")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--gsm8k-dir", default=None)
+        p.set_defaults(run=run)
+        if name == "preflight":
+            p.add_argument("--point", default="weight", choices=POINTS)
+            p.add_argument("--items", type=int, default=16, help="GSM8K test items (default 16)")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--strategies", default="none,global,targeted,healthy")
+            p.add_argument("--seeds", type=int, default=3)
+            p.add_argument("--steps", type=int, default=20)
+            p.add_argument("--train-items", type=int, default=256)
+            p.add_argument("--eval-items", type=int, default=32)
+            p.add_argument(
+                "--targeted-share",
+                type=float,
+                default=0.3,
+                help="when every layer is problematic, target this share of the worst (default 0.3)",
+            )
+            p.add_argument("--output", help="write the markdown table here (and the JSON beside it)")
 
     cmp = commands.add_parser("compare", help="compare two scan JSONs layer by layer (A vs B)")
     cmp.add_argument("a")

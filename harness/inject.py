@@ -43,14 +43,19 @@ class StraightThrough(torch.autograd.Function):
 class _Quantizer:
     """Fake-quantizes one module's tensors; returns them untouched while the injector is paused."""
 
-    def __init__(self, injector: QuantInjector, fmt: str) -> None:
+    def __init__(self, injector: QuantInjector, fmt: str, name: str) -> None:
         self.injector = injector
         self.fmt = fmt
+        self.name = name
 
-    def __call__(self, x: torch.Tensor, axis: int, name: str, kind: str) -> torch.Tensor:
-        q = fake_quantize(x.detach(), self.fmt, axis=axis, generator=self.injector.generator)
+    @property
+    def active(self) -> bool:
+        return self.injector.active_for(self.name)
+
+    def __call__(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        q = fake_quantize(x.detach(), self.fmt, axis=-1, generator=self.injector.generator)
         if self.injector.observer is not None:
-            self.injector.observer(name, kind, x.detach(), q, self.fmt)
+            self.injector.observer(self.name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
             return StraightThrough.apply(x, q)
         return q
@@ -60,22 +65,21 @@ class _WeightParametrization(nn.Module):
     """``weight -> fake_quantize(weight)`` along the input dim.  The quantized copy is computed
     once per version of the weight (an optimizer step bumps it) and reused on every forward."""
 
-    def __init__(self, quantizer: _Quantizer, name: str) -> None:
+    def __init__(self, quantizer: _Quantizer) -> None:
         super().__init__()
         self.quantizer = quantizer
-        self.name = name
         self._key: tuple[int, int] | None = None
         self._cached: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         injector = self.quantizer.injector
-        if injector.paused_now:
+        if not self.quantizer.active:
             return weight
         if injector.straight_through and torch.is_grad_enabled() and weight.requires_grad:
-            return self.quantizer(weight, -1, self.name, "weight")
+            return self.quantizer(weight, "weight")
         key = (weight.data_ptr(), weight._version)
         if key != self._key:
-            self._cached, self._key = self.quantizer(weight, -1, self.name, "weight"), key
+            self._cached, self._key = self.quantizer(weight, "weight"), key
         return self._cached
 
 
@@ -125,20 +129,25 @@ class QuantInjector:
         self.notes: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._parametrized: list[nn.Module] = []
-        self._paused = 0
+        self._active: Callable[[str], bool] = lambda name: True
 
-    @property
-    def paused_now(self) -> bool:
-        return self._paused > 0
+    def active_for(self, name: str) -> bool:
+        """Whether the module ``name`` is quantized right now (see :meth:`restricted`)."""
+        return self._active(name)
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Run the original model inside the context (e.g. the reference pass of a comparison)."""
-        self._paused += 1
+    def restricted(self, active: Callable[[str], bool]) -> Iterator[None]:
+        """Quantize only the modules for which ``active(name)`` is true inside the context,
+        reusing the quantized weights (loss attribution toggles layers this way)."""
+        previous, self._active = self._active, active
         try:
             yield
         finally:
-            self._paused -= 1
+            self._active = previous
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """Run the original model inside the context (e.g. the reference pass of a comparison)."""
+        return self.restricted(lambda name: False)
 
     def select(self) -> list[tuple[str, nn.Linear, str]]:
         """``(name, module, format)`` of every Linear this injector quantizes (nothing applied)."""
@@ -173,7 +182,7 @@ class QuantInjector:
         try:
             embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             for name, module, fmt in self.select():
-                quantizer = _Quantizer(self, fmt)
+                quantizer = _Quantizer(self, fmt, name)
                 if self.point in ("weight", "both"):
                     if embedding is not None and module.weight is getattr(embedding, "weight", None):
                         self.notes.append(
@@ -181,11 +190,11 @@ class QuantInjector:
                             "the embedding lookup keeps the original weights"
                         )
                     parametrize.register_parametrization(
-                        module, "weight", _WeightParametrization(quantizer, name), unsafe=True
+                        module, "weight", _WeightParametrization(quantizer), unsafe=True
                     )
                     self._parametrized.append(module)
                 if self.point in ("input", "both"):
-                    self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer, name)))
+                    self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
                 self.modules.append(InjectedModule(name, tuple(module.weight.shape), fmt, self.point))
         except BaseException:
             self._restore()
@@ -203,10 +212,10 @@ class QuantInjector:
         self._hooks, self._parametrized = [], []
 
 
-def _input_hook(quantizer: _Quantizer, name: str):
+def _input_hook(quantizer: _Quantizer):
     def hook(module: nn.Module, args: tuple) -> tuple | None:
-        if quantizer.injector.paused_now:
+        if not quantizer.active:
             return None
-        return (quantizer(args[0], -1, name, "input"), *args[1:])
+        return (quantizer(args[0], "input"), *args[1:])
 
     return hook

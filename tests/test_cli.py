@@ -62,3 +62,64 @@ def test_eval_loss_bad_input_is_a_clear_error(tmp_path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["eval", "loss", "--format", "mxfp5"])
     assert "invalid choice: 'mxfp5'" in capsys.readouterr().err
+
+
+def test_aqn_preflight_and_compare_on_a_tiny_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _gsm8k(tmp_path)
+    (tmp_path / "train.jsonl").write_text((tmp_path / "test.jsonl").read_text())
+    assert (
+        main(
+            [
+                "aqn",
+                "preflight",
+                "--model",
+                "tiny-llama",
+                "--config",
+                "1D",
+                "--items",
+                "2",
+                "--gsm8k-dir",
+                data,
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] in ("ok", "risky", "collapse") and out["targets"] == 14 and out["config"] == "1D"
+    with pytest.raises(SystemExit):
+        main(["aqn", "preflight", "--model", "tiny-llama", "--config", "broken-sigma-end-0", "--gsm8k-dir", data])
+    assert "sigma_end must be > 0" in capsys.readouterr().err
+    config = tmp_path / "mine.json"
+    config.write_text(json.dumps({"sigma_start": 0.01, "sigma_end": 0.0001, "num_stages": 3}))
+    report = tmp_path / "aqn.md"
+    assert (
+        main(
+            [
+                "aqn",
+                "compare",
+                "--model",
+                "tiny-llama",
+                "--config",
+                str(config),
+                "--strategies",
+                "none,global",
+                "--seeds",
+                "2",
+                "--steps",
+                "3",
+                "--train-items",
+                "4",
+                "--eval-items",
+                "4",
+                "--gsm8k-dir",
+                data,
+                "--output",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    text = report.read_text()
+    assert "| none" in text and "| global" in text and "vs no AQN" in text
+    assert json.loads(report.with_suffix(".json").read_text())["seeds"] == [0, 1]

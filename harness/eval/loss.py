@@ -30,6 +30,8 @@ class LossResult:
     nll: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
     top1_agree: list[int] = field(default_factory=list)
+    reference_entropy: list[float] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -42,7 +44,13 @@ class LossResult:
         """Token-weighted means, plus the paired comparison of per-item mean losses."""
         out = {"n": self.n, "tokens": sum(self.n_tokens), "reference_loss": self._mean(self.reference_nll)}
         if self.nll:
-            out |= {"loss": self._mean(self.nll), "kl": self._mean(self.kl), "top1_agree": self._mean(self.top1_agree)}
+            out |= {
+                "loss": self._mean(self.nll),
+                "kl": self._mean(self.kl),
+                "top1_agree": self._mean(self.top1_agree),
+                "reference_entropy": self._mean(self.reference_entropy),
+                "entropy": self._mean(self.entropy),
+            }
             out["p_value"] = self.comparison().p_value
         return out
 
@@ -81,6 +89,22 @@ def _answer_logprobs(model, input_ids, mask, lengths) -> list[tuple[torch.Tensor
         pos = torch.arange(start - 1, length - 1, device=logits.device)  # logits at pos predict pos + 1
         out.append((F.log_softmax(logits[i, pos], dim=-1), input_ids[i, pos + 1]))
     return out
+
+
+def _entropy_sum(logprobs: torch.Tensor) -> float:
+    """Σ over positions of the predictive entropy −Σ p log p (nats)."""
+    return float(-(logprobs.exp() * logprobs).sum())
+
+
+def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, lengths) -> torch.Tensor:
+    """Differentiable token-weighted answer NLL of one batch (the training objective)."""
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+    total, count = logits.new_zeros(()), 0
+    for i, (length, start) in enumerate(lengths):
+        pos = torch.arange(start - 1, length - 1, device=logits.device)
+        total = total + F.cross_entropy(logits[i, pos], input_ids[i, pos + 1], reduction="sum")
+        count += len(pos)
+    return total / count
 
 
 @torch.no_grad()
@@ -128,6 +152,8 @@ def evaluate_loss(
             result.reference_nll.append(-ref_lp.gather(-1, target[:, None]).sum().item())
             if q is not None:
                 q_lp = q[0]
+                result.reference_entropy.append(_entropy_sum(ref_lp))
+                result.entropy.append(_entropy_sum(q_lp))
                 result.nll.append(-q_lp.gather(-1, target[:, None]).sum().item())
                 result.kl.append(F.kl_div(q_lp, ref_lp, log_target=True, reduction="sum").item())
                 result.top1_agree.append(int((ref_lp.argmax(-1) == q_lp.argmax(-1)).sum().item()))

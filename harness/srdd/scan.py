@@ -244,13 +244,16 @@ def loss_attribution(
     layers = [name for name, _ in decoder_layers(model)]
     reference = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
 
-    def run(**select) -> dict[str, float]:
-        with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed), **select) as inj:
-            s = evaluate_loss(model, tokenizer, items, inj, reference=reference, batch_size=batch_size).summary()
+    def run(injector: QuantInjector) -> dict[str, float]:
+        s = evaluate_loss(model, tokenizer, items, injector, reference=reference, batch_size=batch_size).summary()
         return {"delta_loss": s["loss"] - s["reference_loss"], "kl": s["kl"], "reference_loss": s["reference_loss"]}
 
-    everything = run()
-    result.attribution.append({"layer": "all", "only": everything, "all_but": None})
-    for layer in tqdm(layers, desc="attribution", unit="layer", disable=not progress):
-        only, but = run(targets=[f"{layer}.*"]), run(exclude=[f"{layer}.*"])
-        result.attribution.append({"layer": layer, "only": only, "all_but": but})
+    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
+        result.attribution.append({"layer": "all", "only": run(injector), "all_but": None})
+        for layer in tqdm(layers, desc="attribution", unit="layer", disable=not progress):
+            prefix = layer + "."
+            with injector.restricted(lambda name, p=prefix: name.startswith(p)):
+                only = run(injector)
+            with injector.restricted(lambda name, p=prefix: not name.startswith(p)):
+                all_but = run(injector)
+            result.attribution.append({"layer": layer, "only": only, "all_but": all_but})

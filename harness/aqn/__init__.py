@@ -1,0 +1,1 @@
+"""AQN (QeRL's adaptive quantization noise): schedules, noise on weights, strategies, training."""
