@@ -85,6 +85,11 @@ def _capture_layer_outputs(layers: Sequence[tuple[str, nn.Module]], sink: dict[s
             h.remove()
 
 
+def _body(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head: scans need layer outputs, not 49k-way logits."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
 def _texts(tokenizer, items: Sequence[Gsm8kItem]) -> list[list[int]]:
     return [tokenizer(item.text)["input_ids"] for item in items]
 
@@ -137,9 +142,9 @@ def activation_scan(
             keep = mask.bool()
             state["mask"] = keep
             with injector.paused(), _capture_layer_outputs(layers, ref_out):
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
             with _capture_layer_outputs(layers, quant_out):
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
             for name, _ in layers:
                 r, q = ref_out[name][keep], quant_out[name][keep]
                 result.layer_outputs.setdefault(name, QuantErrorStats()).update(r, q)
@@ -174,7 +179,7 @@ def gain_scan(
     handles = [m.register_forward_pre_hook(grab(n), with_kwargs=True) for n, m in layers]
     try:
         input_ids, mask = _one_batch(model, tokenizer, items)
-        model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -221,7 +226,7 @@ def instability_scan(
         sink: dict[str, torch.Tensor] = {}
         generator = torch.Generator().manual_seed(seed + 1000 * (r + 1))
         with QuantInjector(model, fmt, point, generator=generator, **select), _capture_layer_outputs(layers, sink):
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
         for name, _ in layers:
             outputs[name].append(sink[name][mask.bool()])
     for name, _ in layers:

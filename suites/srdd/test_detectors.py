@@ -16,7 +16,7 @@ from suites.formats.test_sqnr import sqnr_floor_db
 pytestmark = pytest.mark.srdd
 DETECTORS = ("sqnr_db", "deadzone_ratio", "saturation_ratio", "relative_error")
 POINT_IDS = {"weight": "w4a16", "input": "w16a4"}
-INPUT_IN_CI = ("mxfp4", "mxfp8_e4m3", "nvfp4")  # activation scans take ~30-60 s each here
+INPUT_IN_CI = ("mxfp4", "mxfp8_e4m3")  # an activation scan of 32 prompts takes ~60 s here
 
 
 def pooled(result, kind: str) -> QuantErrorStats:
