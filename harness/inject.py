@@ -41,7 +41,7 @@ class StraightThrough(torch.autograd.Function):
 
 
 class _Quantizer:
-    """Fake-quantizes one module's tensors; returns them untouched while the injector is paused."""
+    """Fake-quantizes one module's weight or input and shows it to the injector's observer."""
 
     def __init__(self, injector: QuantInjector, fmt: str, name: str) -> None:
         self.injector = injector

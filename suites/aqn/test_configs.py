@@ -26,6 +26,7 @@ EXPECTED = {
     "1A": "collapse",
     "1D": "ok",
     "1B": "collapse",
+    "1C": "ok",
     "1E": "collapse",
 }
 IN_CI = ("qerl-default", "qerl-nvfp4", "1A", "1D")
