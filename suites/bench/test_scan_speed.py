@@ -27,6 +27,7 @@ def full_scan(model, tok, items) -> scan.ScanResult:
 
 
 @pytest.mark.mxfp4
+@pytest.mark.slow  # ~2-3 min of scanning here; run with make bench / -m bench
 def test_weight_and_activation_scan_32_prompts(benchmark, lm, calibration_items, metrics) -> None:
     """Memory: a scan of 8 prompts first sets the peak (model + one batch of 8); a scan of all 32
     prompts, 4 batches, must not raise it by more than 5 % because only sums are kept."""
