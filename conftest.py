@@ -8,7 +8,15 @@ import pytest
 import torch
 from tabulate import tabulate
 
-from harness.baselines import BaselineError, baseline_path, comparison_table, read_baselines, write_baselines
+from harness.baselines import (
+    BaselineError,
+    baseline_path,
+    comparison_table,
+    paired_gate_table,
+    read_baselines,
+    read_item_baselines,
+    write_baselines,
+)
 from harness.models import DEFAULT_MODEL, model_key
 
 BASELINES = Path(__file__).parent / "baselines"
@@ -26,6 +34,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--gsm8k-dir",
         default=None,
         help="folder with GSM8K test.jsonl/train.jsonl (default: $HARNESS_GSM8K_DIR)",
+    )
+    group.addoption(
+        "--gsm8k-limit",
+        type=int,
+        default=None,
+        help="GSM8K test items of the lm-eval accuracy cases (default: 250 with --gpu; the CPU cases use fixed sizes)",
     )
     group.addoption(
         "--update-baselines",
@@ -87,14 +101,24 @@ class BaselineCheck:
         self.path = baseline_path(BASELINES, model_key(config.getoption("--model")), device.type, suite)
         self.update = config.getoption("--update-baselines")
 
-    def check(self, case_id: str, metrics: dict[str, float]) -> None:
+    def check(self, case_id: str, metrics: dict[str, float], items: dict[str, list[float]] | None = None) -> None:
+        """Metrics with per-item ``items`` (accuracy) are judged by a paired significance gate
+        against the stored items; the others by their tolerance."""
         metrics = {k: float(v) for k, v in metrics.items()}
+        items = {k: [float(x) for x in v] for k, v in (items or {}).items()}
         try:
             stored = read_baselines(self.path)
+            stored_items = read_item_baselines(self.path).get(case_id, {})
         except BaselineError as err:
             pytest.fail(str(err), pytrace=False)
         if self.update:
-            self._config.harness_baseline_updates[self._nodeid] = (self.path, case_id, metrics, stored.get(case_id))
+            self._config.harness_baseline_updates[self._nodeid] = (
+                self.path,
+                case_id,
+                metrics,
+                stored.get(case_id),
+                items or None,
+            )
             return
         if case_id not in stored:
             gpu = " --gpu" if "cuda" in str(self.path) else ""
@@ -103,7 +127,14 @@ class BaselineCheck:
                 f"    pytest '{self._nodeid}' --model {self._config.getoption('--model')}{gpu} --update-baselines",
                 pytrace=False,
             )
-        ok, table = comparison_table(stored[case_id], metrics)
+        gated = set(items)
+        ok, table = comparison_table(
+            {k: v for k, v in stored[case_id].items() if k not in gated},
+            {k: v for k, v in metrics.items() if k not in gated},
+        )
+        if items:
+            paired_ok, paired = paired_gate_table(stored_items, items)
+            ok, table = ok and paired_ok, f"{table}\n\nper-item, paired against the baseline's items:\n{paired}"
         if not ok:
             pytest.fail(f"{case_id} moved beyond tolerance against {self.path}:\n{table}", pytrace=False)
 
@@ -123,17 +154,20 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     updates: dict[Path, dict[str, dict[str, float]]] = {}
-    for path, case_id, metrics, _ in getattr(session.config, "harness_baseline_updates", {}).values():
+    item_updates: dict[Path, dict[str, dict[str, list[float]]]] = {}
+    for path, case_id, metrics, _, items in getattr(session.config, "harness_baseline_updates", {}).values():
         updates.setdefault(path, {})[case_id] = metrics
+        if items:
+            item_updates.setdefault(path, {})[case_id] = items
     for path, cases in updates.items():
-        write_baselines(path, cases)
+        write_baselines(path, cases, item_updates.get(path))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     updates = getattr(config, "harness_baseline_updates", {})
     if updates:
         terminalreporter.write_sep("=", "baselines updated (review the diff before committing)")
-        for path, case_id, metrics, old in updates.values():
+        for path, case_id, metrics, old, _ in updates.values():
             terminalreporter.write_line(f"{path} :: {case_id}")
             terminalreporter.write_line(comparison_table(old or {}, metrics)[1])
     recorded = getattr(config, "harness_metrics", {})

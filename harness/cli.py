@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from harness.eval.gsm8k import TASKS as GSM8K_TASKS
 from harness.formats import FORMATS, list_formats
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL
@@ -76,12 +77,76 @@ def _eval_loss(args: argparse.Namespace) -> int:
         [args.format, summary["loss"], summary["kl"], summary["top1_agree"]],
     ]
     print(tabulate(rows, headers=["model", "loss", "kl", "top1_agree"], floatfmt=".4f"))
-    verdict = "underpowered (n < 30)" if cmp.underpowered else ("significant" if cmp.significant else "not significant")
     print(
         f"paired difference (quantized - reference, per-item loss): {cmp.mean_diff:+.4f} "
         f"[95% CI {cmp.ci_low:+.4f}, {cmp.ci_high:+.4f}], t-test p={cmp.p_value:.3g}, "
-        f"Wilcoxon p={cmp.p_wilcoxon:.3g}, Cohen's d={cmp.cohens_d:.2f}, n={cmp.n}: {verdict}"
+        f"Wilcoxon p={cmp.p_wilcoxon:.3g}, Cohen's d={cmp.cohens_d:.2f}, n={cmp.n}: {cmp.verdict}"
     )
+    return 0
+
+
+def _eval_gsm8k(args: argparse.Namespace) -> int:
+    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table
+    from harness.inject import QuantInjector
+    from harness.models import load_model
+
+    model, tok = load_model(
+        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    options = dict(
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        data_dir=args.gsm8k_dir,
+        batch_size=args.batch_size,
+        max_gen_toks=args.max_gen_toks,
+        seed=args.seed,
+        tasks_dir=args.tasks_dir,
+    )
+    runs = {}
+    if args.format == "none" or not args.no_reference:
+        print("reference model (no quantization)", flush=True)
+        runs["reference"] = evaluate_gsm8k(model, tok, args.task, **options)
+    if args.format != "none":
+        print(f"{args.format} on {args.point}", flush=True)
+        generator = torch.Generator().manual_seed(args.seed)
+        with QuantInjector(model, args.format, args.point, generator=generator):
+            runs[args.format] = evaluate_gsm8k(model, tok, args.task, **options)
+    for name, result in runs.items():
+        print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")
+    under_test = runs[args.format if args.format != "none" else "reference"]
+    pairs = []
+    if args.format != "none" and "reference" in runs:
+        pairs.append(("reference", runs["reference"].per_item))
+    if args.compare_to:
+        previous = json.loads(Path(args.compare_to).read_text())
+        pairs.append((args.compare_to, previous["result"]["per_item"]))
+    comparisons = {}
+    for label, items in pairs:
+        cmps = compare_results(items, under_test.per_item)
+        comparisons[label] = {m: c.as_dict() for m, c in cmps.items()}
+        rows = [
+            [m, c.mean_a, c.mean_b, c.mean_diff, f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]", c.p_value, c.verdict]
+            for m, c in cmps.items()
+        ]
+        print(f"\n{args.format if args.format != 'none' else args.model} against {label} (paired, same items):")
+        print(tabulate(rows, headers=["metric", label, "now", "diff", "95% CI", "p", ""], floatfmt=".4f"))
+    if args.output:
+        doc = {
+            "model": args.model,
+            "format": args.format,
+            "point": args.point,
+            "dtype": args.dtype,
+            "task": args.task,
+            "settings": under_test.settings,
+            "result": {"metrics": under_test.metrics, "per_item": under_test.per_item},
+            "runs": {name: {"metrics": r.metrics, "per_item": r.per_item} for name, r in runs.items()},
+            "comparisons": comparisons,
+            "samples": under_test.samples,
+        }
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2))
+        print(f"\nwrote {out}")
     return 0
 
 
@@ -252,6 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--trust-remote-code", action="store_true")
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
     loss.set_defaults(run=_eval_loss)
+
+    gs = evaluate.add_parser("gsm8k", help="GSM8K through lm-eval on the quantized model, vs the reference")
+    gs.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    gs.add_argument("--format", default="none", choices=["none", *list_formats()], help="none: the model as it is")
+    gs.add_argument("--point", default="weight", choices=POINTS)
+    gs.add_argument("--task", default="gsm8k", choices=list(GSM8K_TASKS), help="gsm8k (exact match) or gsm8k_bpb")
+    gs.add_argument("--limit", type=int, default=None, help="first N test items (default: all 1319)")
+    gs.add_argument("--num-fewshot", type=int, default=None, help="default: the task's (5 for gsm8k, 0 for bpb)")
+    gs.add_argument("--max-gen-toks", type=int, default=None, help="generation cap (default: the task's, 256)")
+    gs.add_argument("--no-reference", action="store_true", help="skip the unquantized run and its comparison")
+    gs.add_argument("--compare-to", help="a previous --output JSON: paired comparison on the same items")
+    gs.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    gs.add_argument("--device", default="cpu")
+    gs.add_argument("--batch-size", type=int, default=8)
+    gs.add_argument("--seed", type=int, default=0, help="few-shot sampling and stochastic formats")
+    gs.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR; neither: hub)")
+    gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
+    gs.add_argument("--trust-remote-code", action="store_true")
+    gs.add_argument("--output", help="write metrics, per-item results and samples as JSON")
+    gs.set_defaults(run=_eval_gsm8k)
 
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
     sc.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")

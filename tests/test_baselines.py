@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.baselines import BaselineError, Tolerance, comparison_table, read_baselines, write_baselines
+from harness.baselines import (
+    BaselineError,
+    Tolerance,
+    comparison_table,
+    read_baselines,
+    read_item_baselines,
+    write_baselines,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +98,34 @@ def test_tolerance_by_metric_suffix() -> None:
     assert tolerance_for("weight_sqnr_db") == tolerance_for("sqnr_db") == Tolerance("abs", 0.05)
     assert tolerance_for("input_deadzone_ratio") == Tolerance("abs", 0.002)
     assert tolerance_for("something_else") == DEFAULT_TOLERANCE
+
+
+def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pytester, monkeypatch) -> None:
+    """Baseline: 60 of 100 items right. Losing 2 of them is within noise (McNemar p = 0.5) and
+    passes; losing 20 (p = 2 * 0.5**20) is a regression; another item count is not comparable."""
+    project.path.joinpath("suite", "test_acc.py").write_text(
+        "import os\n"
+        "def test_acc(baseline):\n"
+        "    right, n = int(os.environ.get('RIGHT', '60')), int(os.environ.get('N', '100'))\n"
+        "    items = [1.0] * right + [0.0] * (n - right)\n"
+        "    baseline.check('mxfp4-gsm8k', {'n': 100}, items={'flexible_exact_match': items})\n"
+    )
+    project.runpytest_subprocess("suite/test_acc.py", "--update-baselines").assert_outcomes(passed=1)
+    stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
+    assert read_item_baselines(stored)["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
+
+    monkeypatch.setenv("RIGHT", "58")
+    project.runpytest_subprocess("suite/test_acc.py").assert_outcomes(passed=1)
+
+    monkeypatch.setenv("RIGHT", "40")  # a worse format under the same name
+    result = project.runpytest_subprocess("suite/test_acc.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*per-item, paired against the baseline's items*", "*flexible_exact_match*-0.2000*REGRESSION*"]
+    )
+
+    monkeypatch.setenv("N", "50")
+    result = project.runpytest_subprocess("suite/test_acc.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*NOT COMPARABLE*"])
+    assert read_item_baselines(stored)["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40

@@ -69,7 +69,7 @@ class PairedComparison:
     mean_diff: float
     ci_low: float
     ci_high: float
-    p_value: float  # paired t-test
+    p_value: float  # paired t-test (McNemar for correctness)
     p_wilcoxon: float
     cohens_d: float
     underpowered: bool
@@ -78,14 +78,30 @@ class PairedComparison:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def verdict(self) -> str:
+        if self.underpowered:
+            return f"underpowered (n < {MIN_N})"
+        return "significant" if self.significant else "not significant"
 
-def compare_paired(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05) -> PairedComparison:
+    def regressed(self, tolerance: float, *, higher_is_better: bool) -> bool:
+        """A regression of ``b`` against ``a``: a change in the bad direction larger than
+        ``tolerance`` (in the metric's unit) *and* significant; noise alone never fails."""
+        worse = -self.mean_diff if higher_is_better else self.mean_diff
+        return worse > tolerance and self.significant
+
+
+def compare_paired(
+    a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05, binary: bool = False
+) -> PairedComparison:
+    """``b`` against ``a`` item by item; ``p_value`` is the paired t-test's, or McNemar's exact
+    test when ``binary`` (per-item correctness, 0/1)."""
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same items on both sides: {len(a)} vs {len(b)}")
     a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     n = len(a_)
     lo, hi = bootstrap_ci(b_ - a_)
-    p = paired_t_p(a_, b_)
+    p = mcnemar_p(a_ > 0.5, b_ > 0.5) if binary else paired_t_p(a_, b_)
     underpowered = n < MIN_N
     return PairedComparison(
         n=n,

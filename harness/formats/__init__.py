@@ -5,6 +5,7 @@ from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, ElementFormat
 from harness.formats.quant import (
     SUPPORTED_DTYPES,
     QuantizedTensor,
+    default_backend,
     dequantize,
     fake_quantize,
     nvfp4_per_tensor_scale,
@@ -24,6 +25,7 @@ __all__ = [
     "ElementFormat",
     "Format",
     "QuantizedTensor",
+    "default_backend",
     "dequantize",
     "fake_quantize",
     "get_format",

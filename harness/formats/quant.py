@@ -7,10 +7,13 @@ Semantics: OCP Microscaling Formats v1.0 and torchao's ``MXTensor.to_mx(..., FLO
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from harness.formats import fast
 from harness.formats.blocks import BlockLayout
 from harness.formats.elements import decode, encode, round_to_grid
 from harness.formats.registry import FORMATS, Format, get_format
@@ -104,6 +107,27 @@ def _prepare(
     return fmt, layout, pts, blocks
 
 
+BACKENDS = ("auto", "reference", "fast")
+_default_backend = ["auto"]
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    return backend
+
+
+@contextlib.contextmanager
+def default_backend(backend: str) -> Iterator[None]:
+    """Within the block, ``fake_quantize`` calls without ``backend=`` use ``backend`` (the
+    formats suite runs every case under ``"fast"`` and under ``"reference"``)."""
+    _default_backend.append(_check_backend(backend))
+    try:
+        yield
+    finally:
+        _default_backend.pop()
+
+
 def fake_quantize(
     x: torch.Tensor,
     name: str,
@@ -111,15 +135,28 @@ def fake_quantize(
     axis: int = -1,
     generator: torch.Generator | None = None,
     per_tensor_scale: float | torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``x`` quantized to format ``name`` and dequantized: same shape and dtype, computed in fp32.
 
     Blocks run along ``axis`` (``mxfp4_2d``: 32x32 tiles of the last two dims).  ``generator``
     drives ``mxfp4_sr`` (same seed, same output; None uses torch's default generator) and is
     ignored by deterministic formats.  ``per_tensor_scale`` is NVFP4's optional second level
-    (see :func:`nvfp4_per_tensor_scale`).  ``x`` is never modified.
+    (see :func:`nvfp4_per_tensor_scale`).  ``backend``: ``"auto"`` takes the bit-identical fast
+    path (:mod:`harness.formats.fast`) where it applies, ``"reference"`` the tensor-op path here,
+    ``"fast"`` insists on the fast path; None: ``"auto"`` unless :func:`default_backend` says
+    otherwise.  ``x`` is never modified.
     """
-    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale)
+    backend = _check_backend(backend) if backend is not None else _default_backend[-1]
+    fmt = get_format(name)
+    layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
+    if backend != "reference" and x.dim() > 0 and x.numel() > 0:
+        why_not = fast.supports(fmt, x)
+        if not why_not:
+            return fast.fake_quantize_fast(x, fmt, layout.axis, pts)
+        if backend == "fast":
+            raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
+    blocks = layout.split(x.detach().reshape(layout.shape).to(torch.float32))
     if blocks.numel() == 0:
         return x.clone()
     q, stored = _quantize_blocks(blocks, fmt, pts, generator)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from harness.formats import default_backend
+from harness.formats.fast import unavailable_reason
 
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -21,3 +25,13 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.numel()} values differ, e.g. (index, got, want) {shown}"
         )
+
+
+@pytest.fixture(autouse=True, params=["fast", "reference"])
+def backend(request: pytest.FixtureRequest):
+    """Every formats case runs on both paths of ``fake_quantize``: the C fast path (where a
+    format has one; others fall back) and the reference tensor ops; their bits must agree."""
+    if request.param == "fast" and unavailable_reason():
+        pytest.skip(f"fast path unavailable here: {unavailable_reason()}")
+    with default_backend("auto" if request.param == "fast" else "reference"):
+        yield request.param

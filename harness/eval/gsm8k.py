@@ -1,0 +1,226 @@
+"""GSM8K through lm-eval (design §7): the package's task YAMLs, built on lm-eval's stock
+``gsm8k.yaml`` by ``include`` and reading local JSONL, evaluated on the in-memory model (with
+whatever injector is active) as ``HFLM(pretrained=model, tokenizer=tok)``, per-item results kept
+for paired comparisons.
+
+- ``gsm8k``: 5-shot generation, ``exact_match`` under lm-eval's ``strict-match`` and
+  ``flexible-extract`` filters, stop list extended with a blank line, ``max_gen_toks`` capped;
+- ``gsm8k_bpb``: ``loglikelihood_rolling`` of ``Question: …\\nAnswer: …``; ``bits_per_byte``
+  (−Σ log p / Σ bytes / ln 2 over the items) and ``word_perplexity``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from harness.data import GSM8K_ENV, SPLITS, gsm8k_dir
+from harness.eval.stats import PairedComparison, compare_paired
+
+TASK_TEMPLATES = Path(__file__).parent / "tasks"
+# What users ask for -> the task name of the package's YAML.
+TASKS = {"gsm8k": "harness_gsm8k", "gsm8k_bpb": "harness_gsm8k_bpb"}
+# The per-item metrics each task keeps (lm-eval's "metric,filter" keys); the first is the headline.
+ITEM_METRICS = {
+    "gsm8k": ("exact_match,flexible-extract", "exact_match,strict-match"),
+    "gsm8k_bpb": ("bits_per_byte,none",),
+}
+STOCK_PREFIX = "lm_eval:"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown GSM8K task {task!r}; valid tasks: {', '.join(TASKS)}")
+    return task
+
+
+def local_gsm8k_dir(explicit: str | os.PathLike | None) -> Path | None:
+    """``--gsm8k-dir`` or ``$HARNESS_GSM8K_DIR`` when either is set (validated), else None: the
+    stock hub dataset (needs network)."""
+    return gsm8k_dir(explicit) if explicit or os.environ.get(GSM8K_ENV) else None
+
+
+def stock_task_file(relative: str) -> Path:
+    """A file of the installed lm-eval's task tree, e.g. ``tasks/gsm8k/gsm8k.yaml``."""
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"lm-eval {lm_eval.__version__} has no {relative} (looked at {path})")
+    return path
+
+
+def write_tasks(out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    """Write the package's task YAMLs into ``out_dir``, ready for ``lm_eval --include_path``:
+    ``include: lm_eval:…`` becomes the installed stock file's absolute path, and with a local
+    GSM8K directory the dataset becomes ``json`` over its ``train.jsonl``/``test.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    local = local_gsm8k_dir(data_dir)
+    for template in sorted(TASK_TEMPLATES.glob("*.yaml")):
+        config = yaml.safe_load(template.read_text())
+        include = config["include"]
+        if include.startswith(STOCK_PREFIX):
+            config["include"] = str(stock_task_file(include[len(STOCK_PREFIX) :]))
+        if local is not None:
+            config |= {
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {s: str((local / f"{s}.jsonl").resolve()) for s in SPLITS}},
+            }
+        (out / template.name).write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """lm-eval seeds these too; fixed here as well so a run outside simple_evaluate reproduces."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Gsm8kResult:
+    """One lm-eval run of a GSM8K task: aggregate metrics, per-item values (doc order) and the
+    logged samples (``doc_id``, prompt, response, extracted answer, target)."""
+
+    task: str
+    n: int
+    metrics: dict[str, float]
+    per_item: dict[str, list[float]]
+    samples: list[dict] = field(repr=False)
+    lm_eval_results: dict = field(repr=False)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def headline(self) -> str:
+        return ITEM_METRICS[self.task][0]
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "n": self.n, "metrics": self.metrics, "settings": self.settings}
+
+
+def _item_value(task: str, sample: dict, key: str) -> float:
+    metric = key.split(",")[0]
+    value = sample[metric]
+    if task == "gsm8k_bpb":  # (loglikelihood, bytes) per document
+        loglikelihood, n_bytes = value
+        return -loglikelihood / n_bytes / math.log(2)
+    return float(value)
+
+
+def _collect(task: str, raw: dict, settings: dict) -> Gsm8kResult:
+    name = TASKS[task]
+    metrics = {k: float(v) for k, v in raw["results"][name].items() if isinstance(v, (int, float)) and k != "alias"}
+    per_item: dict[str, list[float]] = {}
+    samples = []
+    for key in ITEM_METRICS[task]:
+        filt = key.split(",")[1]
+        rows = sorted((s for s in raw["samples"][name] if s["filter"] == filt), key=lambda s: s["doc_id"])
+        per_item[key] = [_item_value(task, s, key) for s in rows]
+        samples += [
+            {
+                "doc_id": s["doc_id"],
+                "filter": filt,
+                "target": s["target"],
+                "response": s["resps"][0][0] if task == "gsm8k" else None,
+                "extracted": s["filtered_resps"][0] if task == "gsm8k" else None,
+                key: per_item[key][i],
+            }
+            for i, s in enumerate(rows)
+        ]
+    n = len(per_item[ITEM_METRICS[task][0]])
+    return Gsm8kResult(task, n, metrics, per_item, samples, raw, settings)
+
+
+def run_task(
+    lm,
+    task: str = "gsm8k_bpb",
+    *,
+    limit: int | None = 32,
+    num_fewshot: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    max_gen_toks: int | None = None,
+    seed: int = 0,
+    tasks_dir: str | os.PathLike | None = None,
+) -> Gsm8kResult:
+    """Run one GSM8K task on an lm-eval ``LM`` through ``lm_eval.simple_evaluate``.
+
+    ``limit`` takes the first n test items; ``num_fewshot`` defaults to the task's (5 for
+    ``gsm8k``, 0 for ``gsm8k_bpb``); few-shot examples come from train with a fixed seed. With a
+    local GSM8K directory the run is offline (the ``HF_*_OFFLINE`` variables are set)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    check_task(task)
+    local = local_gsm8k_dir(data_dir)
+    if local is not None:
+        os.environ.update(OFFLINE_ENV)
+    seed_everything(seed)
+    with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
+        include = write_tasks(tasks_dir or tmp, local)
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[TASKS[task]],
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=True,
+            gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks and task == "gsm8k" else None,
+            task_manager=TaskManager(include_path=str(include), include_defaults=False),
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=0,
+        )
+    settings = {
+        "task": TASKS[task],
+        "limit": limit,
+        "n_shot": raw.get("n-shot", {}).get(TASKS[task]),
+        "max_gen_toks": max_gen_toks,
+        "data": str(local) if local else "hub: openai/gsm8k",
+        "seed": seed,
+        "lm_eval": lm_eval.__version__,
+    }
+    return _collect(task, raw, settings)
+
+
+def evaluate_gsm8k(
+    model: nn.Module, tokenizer, task: str = "gsm8k_bpb", *, batch_size: int = 8, **options
+) -> Gsm8kResult:
+    """:func:`run_task` on the in-memory model as it is now (quantized while an injector is
+    active), wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)``."""
+    from lm_eval.models.huggingface import HFLM
+
+    device = next(model.parameters()).device
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    return run_task(lm, task, **options)
+
+
+def compare_results(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, PairedComparison]:
+    """Per metric, ``b`` against ``a`` on the same items: McNemar for exact match, a paired
+    t-test for bits per byte (both with a bootstrap CI of the difference)."""
+    out = {}
+    for metric in b:
+        if metric in a:
+            if len(a[metric]) != len(b[metric]):
+                raise ValueError(f"{metric}: runs on different items ({len(a[metric])} vs {len(b[metric])})")
+            out[metric] = compare_paired(a[metric], b[metric], binary=metric.startswith("exact_match"))
+    return out
+
+
+def lm_eval_table(result: Gsm8kResult) -> str:
+    """lm-eval's own results table (``lm_eval.utils.make_table``)."""
+    from lm_eval.utils import make_table
+
+    return make_table(result.lm_eval_results)

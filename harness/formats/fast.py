@@ -1,0 +1,91 @@
+"""The CPU fast path of :func:`harness.formats.fake_quantize`: one pass over memory per block in
+C (``fast_kernel.c``, OpenMP over blocks), bit-identical to the reference tensor path.
+
+The kernel is compiled once per machine with the system C compiler into the harness cache
+(``$HARNESS_CACHE_DIR/kernels``, default ``~/.cache/harness/kernels``) and loaded with ctypes:
+no torch headers, so building takes about a second. Without a compiler the reference path is
+used and :func:`unavailable_reason` says why. Covers deterministic formats with 1-D blocks (all
+but ``mxfp4_sr`` and ``mxfp4_2d``) on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from harness.formats.registry import Format
+from harness.formats.scales import E8M0Scale
+
+SOURCE = Path(__file__).with_name("fast_kernel.c")
+CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "harness"
+    return Path(root) / "kernels"
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, "") or (None, why not)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc/gcc) on PATH"
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"fast_kernel-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            Path(tmp).unlink(missing_ok=True)
+            return None, f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}"
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(str(target))
+    lib.fake_quantize_rows.restype = None
+    lib.fake_quantize_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    return lib, ""
+
+
+def unavailable_reason() -> str:
+    """Empty when the fast path is usable here, else why it is not."""
+    return _build()[1]
+
+
+def supports(fmt: Format, x: torch.Tensor) -> str:
+    """Empty when ``fmt`` on ``x`` can take the fast path, else why not."""
+    if fmt.stochastic:
+        return f"{fmt.name} rounds stochastically with a torch.Generator (reference path only)"
+    if len(fmt.block_shape) != 1:
+        return f"{fmt.name} uses 2-D tiles (reference path only)"
+    if x.device.type != "cpu":
+        return f"the CPU fast path takes CPU tensors, not {x.device.type}"
+    return unavailable_reason()
+
+
+def fake_quantize_fast(x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    """``fake_quantize`` of a validated input through the C kernel (caller checked :func:`supports`)."""
+    lib, _ = _build()
+    rows = x.detach().to(torch.float32).movedim(axis, -1).contiguous()
+    out = torch.empty_like(rows)
+    row_len = rows.shape[-1] if rows.dim() else 1
+    elem = fmt.element
+    lib.fake_quantize_rows(
+        rows.data_ptr(), out.data_ptr(), rows.numel() // max(row_len, 1), row_len, fmt.block_shape[0],
+        elem.emin, elem.mbits, elem.emax, elem.max_value, 0 if isinstance(fmt.scale, E8M0Scale) else 1,
+        float(per_tensor_scale) if per_tensor_scale is not None else 0.0, torch.get_num_threads(),
+    )  # fmt: skip
+    return out.movedim(-1, axis).to(x.dtype).contiguous()
