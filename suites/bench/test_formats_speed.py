@@ -17,7 +17,9 @@ from harness.formats import fake_quantize, get_format
 from harness.testing import format_params
 
 pytestmark = pytest.mark.bench
-SHAPE = (4096, 4096)
+SIZES = {"1024x1024": (1024, 1024), "4096x4096": (4096, 4096)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEADLINE = ["mxfp4", "mxfp8_e4m3", "nvfp4"]
 
 
 def clone_seconds(x: torch.Tensor) -> float:
@@ -25,33 +27,59 @@ def clone_seconds(x: torch.Tensor) -> float:
     return min(timeit.repeat(x.clone, number=3, repeat=5)) / 3
 
 
-def record(benchmark, x: torch.Tensor) -> None:
+def record(benchmark, metrics, x: torch.Tensor) -> None:
+    """GB/s of input read and the ratio of the mean time to ``clone`` of the same tensor, in the
+    benchmark JSON (``extra_info``) and in the run's "harness metrics" table."""
     benchmark.extra_info["clone_s"] = clone = clone_seconds(x)
     stats = getattr(benchmark, "stats", None)
     if stats:  # None under --benchmark-disable
         mean = stats.stats.mean
-        benchmark.extra_info["gb_per_s"] = x.numel() * x.element_size() / mean / 1e9
-        benchmark.extra_info["ratio_to_clone"] = mean / clone
+        benchmark.extra_info["gb_per_s"] = gbps = x.numel() * x.element_size() / mean / 1e9
+        benchmark.extra_info["ratio_to_clone"] = ratio = mean / clone
+        metrics.record(ms=mean * 1e3, gb_per_s=gbps, ratio_to_clone=ratio)
 
 
 @pytest.fixture(scope="module")
-def tensor(device: torch.device) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+def tensors(device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        (s, d): torch.randn(shape, generator=g).to(device, dtype)
+        for s, shape in SIZES.items()
+        for d, dtype in DTYPES.items()
+    }
 
 
+def _generator(name: str, x: torch.Tensor) -> torch.Generator | None:
+    return torch.Generator(x.device).manual_seed(0) if get_format(name).stochastic else None
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("name", format_params())
-def test_fake_quantize_speed(benchmark, name: str, tensor: torch.Tensor) -> None:
-    benchmark.group = f"fake_quantize-{'x'.join(map(str, SHAPE))}-fp32"
-    g = torch.Generator(tensor.device).manual_seed(0) if get_format(name).stochastic else None
-    out = benchmark(fake_quantize, tensor, name, generator=g)
-    record(benchmark, tensor)
-    assert out.shape == tensor.shape
+def test_fake_quantize_speed(benchmark, metrics, name: str, size: str, dtype: str, tensors) -> None:
+    """The default path (the C fast path where the format has one)."""
+    x = tensors[size, dtype]
+    benchmark.group = f"fake_quantize-{size}-{dtype}"
+    out = benchmark(fake_quantize, x, name, generator=_generator(name, x))
+    record(benchmark, metrics, x)
+    assert out.shape == x.shape and out.dtype == x.dtype
 
 
-@pytest.mark.parametrize("name", format_params(["mxfp4", "mxfp8_e4m3", "nvfp4"]))
-def test_torchao_reference_speed(benchmark, name: str, tensor: torch.Tensor) -> None:
+@pytest.mark.parametrize("name", format_params(HEADLINE))
+def test_reference_path_speed(benchmark, metrics, name: str, tensors) -> None:
+    """The tensor-op reference path, which the fast path is bit-identical to."""
+    x = tensors["4096x4096", "fp32"]
+    benchmark.group = "fake_quantize-4096x4096-fp32"
+    out = benchmark(fake_quantize, x, name, backend="reference")
+    record(benchmark, metrics, x)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("name", format_params(HEADLINE))
+def test_torchao_reference_speed(benchmark, metrics, name: str, tensors) -> None:
     parity = pytest.importorskip("suites.formats.test_torchao_parity")
-    benchmark.group = f"fake_quantize-{'x'.join(map(str, SHAPE))}-fp32"
-    out = benchmark(parity.torchao_fake_quantize, tensor, name)
-    record(benchmark, tensor)
-    assert out.shape == tensor.shape
+    x = tensors["4096x4096", "fp32"]
+    benchmark.group = "fake_quantize-4096x4096-fp32"
+    out = benchmark(parity.torchao_fake_quantize, x, name)
+    record(benchmark, metrics, x)
+    assert out.shape == x.shape

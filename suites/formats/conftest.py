@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (see test_triton_parity.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from harness.formats import default_backend
 from harness.formats.fast import unavailable_reason

@@ -1,0 +1,45 @@
+"""The Triton kernel (the CUDA fast path) against the reference path, bit for bit, on the parity
+suite's cases. On a GPU machine it runs compiled on CUDA; elsewhere under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``, set by this suite's conftest before Triton is imported), so
+its arithmetic is checked even where no GPU is lent. Skipped when triton is not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
+from harness.testing import format_params
+from suites.formats.conftest import assert_same_bits
+from suites.formats.test_reference_parity import CASES, DTYPES
+
+pytest.importorskip("triton", reason="triton is not installed: the CUDA fast path is not available here")
+from harness.formats.triton_kernel import fake_quantize_triton
+
+ONE_D = format_params(where=lambda f: not f.stochastic and len(f.block_shape) == 1)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(params=["triton"])
+def backend(request):
+    """This module tests the kernel directly: one run, not one per default backend."""
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", ONE_D)
+def test_triton_kernel_matches_reference(name: str, case: str, dtype: torch.dtype) -> None:
+    fmt = get_format(name)
+    x = CASES[case](fmt).to(dtype)
+    for axis in (1, 0):
+        got = fake_quantize_triton(x.to(DEVICE), fmt, axis, None).cpu()
+        assert_same_bits(got, fake_quantize(x, name, axis=axis, backend="reference"), f"{name}/{case}/axis{axis}")
+
+
+@pytest.mark.nvfp4
+def test_triton_kernel_two_level_nvfp4() -> None:
+    x = CASES["student_t"](get_format("nvfp4"))
+    pts = nvfp4_per_tensor_scale(x)
+    got = fake_quantize_triton(x.to(DEVICE), get_format("nvfp4"), 1, pts.to(DEVICE)).cpu()
+    assert_same_bits(got, fake_quantize(x, "nvfp4", per_tensor_scale=pts, backend="reference"), "nvfp4+pts")

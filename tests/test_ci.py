@@ -1,0 +1,63 @@
+"""The nightly GPU workflow and the scripts behind it: the workflow parses, runs on a schedule and
+by hand on a self-hosted GPU runner, and every script it (or a script it runs) calls exists, is
+executable and is valid bash; the CPU entry point runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / "ci" / "nightly-gpu.yml"
+SCRIPT = re.compile(r"\b(?:bash\s+)?((?:\.ci|ci)/[\w./-]+\.sh|\.ci/run)\b")
+
+
+def scripts_called(text: str) -> set[str]:
+    return set(SCRIPT.findall(text))
+
+
+def test_workflow_triggers_runner_and_artifacts() -> None:
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    triggers = doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert triggers["schedule"][0]["cron"] and "workflow_dispatch" in triggers
+    job = next(iter(doc["jobs"].values()))
+    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
+    uses = [step.get("uses", "") for step in job["steps"]]
+    assert any(u.startswith("actions/cache") for u in uses) and any(
+        u.startswith("actions/upload-artifact") for u in uses
+    )
+    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
+    assert "reports/" in upload["with"]["path"] and ".asv/html/" in upload["with"]["path"]
+
+
+def test_every_script_the_workflow_calls_exists_and_is_valid_bash() -> None:
+    job = next(iter(yaml.safe_load(WORKFLOW.read_text())["jobs"].values()))
+    pending = set().union(*(scripts_called(step.get("run", "")) for step in job["steps"]))
+    assert {"ci/setup.sh", "ci/nightly-gpu.sh"} <= pending
+    seen: set[str] = set()
+    while pending:  # follow scripts that call scripts
+        path = pending.pop()
+        seen.add(path)
+        script = ROOT / path
+        assert script.is_file(), f"{WORKFLOW.name} calls {path}, which does not exist"
+        assert script.stat().st_mode & 0o111, f"{path} is not executable"
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{path}: {check.stderr}"
+        pending |= scripts_called(script.read_text()) - seen
+    assert "ci/asv.sh" in seen
+
+
+def test_nightly_runs_the_mxfp4_suites_on_gpu_and_the_gsm8k_gate() -> None:
+    text = (ROOT / "ci" / "nightly-gpu.sh").read_text()
+    assert re.search(r"pytest suites/ -m \"mxfp4[^\"]*\" --gpu --model", text)
+    assert re.search(r"pytest suites/gsm8k -m gpu --gpu --model", text)
+    assert "asv.sh" in text
+
+
+def test_ci_entry_point_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"^make test\s+#", readme, re.M), "the README's quick start lost its test command"
+    assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
