@@ -86,7 +86,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
 
 
 def _eval_gsm8k(args: argparse.Namespace) -> int:
-    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table
+    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table, load_per_item
     from harness.inject import QuantInjector
     from harness.models import load_model
 
@@ -118,8 +118,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
     if args.format != "none" and "reference" in runs:
         pairs.append(("reference", runs["reference"].per_item))
     if args.compare_to:
-        previous = json.loads(Path(args.compare_to).read_text())
-        pairs.append((args.compare_to, previous["result"]["per_item"]))
+        pairs.append((args.compare_to, load_per_item(args.compare_to)))
     comparisons = {}
     for label, items in pairs:
         cmps = compare_results(items, under_test.per_item)

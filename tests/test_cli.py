@@ -123,3 +123,23 @@ def test_aqn_preflight_and_compare_on_a_tiny_model(tmp_path, capsys: pytest.Capt
     text = report.read_text()
     assert "| none" in text and "| global" in text and "vs no AQN" in text
     assert json.loads(report.with_suffix(".json").read_text())["seeds"] == [0, 1]
+
+
+def test_eval_gsm8k_bpb_runs_compares_and_saves(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run.json"
+    argv = ["eval", "gsm8k", "--task", "gsm8k_bpb", "--model", "tiny-llama", "--format", "mxfp4", "--limit", "4"]
+    argv += ["--gsm8k-dir", _gsm8k(tmp_path), "--tasks-dir", str(tmp_path / "tasks")]
+    assert main([*argv, "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bits_per_byte" in text and "against reference (paired, same items)" in text
+    doc = json.loads(out.read_text())
+    assert doc["task"] == "gsm8k_bpb" and set(doc["runs"]) == {"reference", "mxfp4"}
+    assert len(doc["result"]["per_item"]["bits_per_byte,none"]) == 4
+    assert doc["comparisons"]["reference"]["bits_per_byte,none"]["underpowered"]
+    assert (tmp_path / "tasks" / "harness_gsm8k_bpb.yaml").is_file()  # kept for lm_eval --include_path
+    # the same configuration again, against the saved run: identical per-item values
+    assert main([*argv, "--no-reference", "--compare-to", str(out)]) == 0
+    assert "+0.0000" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--compare-to", str(tmp_path / "missing.json")])
+    assert exc.value.code == 2 and "missing.json' does not exist" in capsys.readouterr().err

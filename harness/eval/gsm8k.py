@@ -11,6 +11,7 @@ for paired comparisons.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -63,21 +64,22 @@ def stock_task_file(relative: str) -> Path:
 def write_tasks(out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
     """Write the package's task YAMLs into ``out_dir``, ready for ``lm_eval --include_path``:
     ``include: lm_eval:…`` becomes the installed stock file's absolute path, and with a local
-    GSM8K directory the dataset becomes ``json`` over its ``train.jsonl``/``test.jsonl``."""
+    GSM8K directory the dataset becomes ``json`` over its ``test.jsonl`` (and ``train.jsonl``, the
+    few-shot source, when present)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     local = local_gsm8k_dir(data_dir)
+    if local is not None:
+        files = {s: str((local / f"{s}.jsonl").resolve()) for s in SPLITS if (local / f"{s}.jsonl").is_file()}
+        if "test" not in files:
+            raise ValueError(f"GSM8K directory {str(local)!r} has no test.jsonl")
     for template in sorted(TASK_TEMPLATES.glob("*.yaml")):
         config = yaml.safe_load(template.read_text())
         include = config["include"]
         if include.startswith(STOCK_PREFIX):
             config["include"] = str(stock_task_file(include[len(STOCK_PREFIX) :]))
         if local is not None:
-            config |= {
-                "dataset_path": "json",
-                "dataset_name": None,
-                "dataset_kwargs": {"data_files": {s: str((local / f"{s}.jsonl").resolve()) for s in SPLITS}},
-            }
+            config |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
         (out / template.name).write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
@@ -217,6 +219,17 @@ def compare_results(a: dict[str, list[float]], b: dict[str, list[float]]) -> dic
                 raise ValueError(f"{metric}: runs on different items ({len(a[metric])} vs {len(b[metric])})")
             out[metric] = compare_paired(a[metric], b[metric], binary=metric.startswith("exact_match"))
     return out
+
+
+def load_per_item(path: str | os.PathLike) -> dict[str, list[float]]:
+    """The per-item values of the run under test in an ``eval gsm8k --output`` JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--compare-to {str(path)!r} does not exist (expected an `eval gsm8k --output` JSON)")
+    try:
+        return json.loads(path.read_text())["result"]["per_item"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an `eval gsm8k --output` JSON ({err!r})") from err
 
 
 def lm_eval_table(result: Gsm8kResult) -> str:

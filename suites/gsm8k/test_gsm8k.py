@@ -8,8 +8,12 @@ gated by a paired significance test (what the nightly job runs)."""
 
 from __future__ import annotations
 
-import pytest
+import math
 
+import pytest
+import torch
+
+from harness.data import load_gsm8k
 from harness.eval.gsm8k import compare_results, evaluate_gsm8k
 from harness.inject import QuantInjector
 from harness.testing import format_marks
@@ -55,6 +59,26 @@ def test_bpb_orders_formats(names: tuple[str, ...], gsm8k_run) -> None:
     assert values == sorted(values), dict(zip((REFERENCE, *names), values))
     cmp = compare_results(ref.per_item, runs[-1].per_item)["bits_per_byte,none"]
     assert cmp.significant and cmp.mean_diff > 0, cmp
+
+
+@pytest.mark.mxfp4
+def test_bpb_agrees_with_a_direct_computation(gsm8k_run, lm, pytestconfig) -> None:
+    """lm-eval's number, recomputed without lm-eval on the same quantized model: bits per byte of
+    item i = -sum log p(token_t | prefix, tokens_<t) / UTF-8 bytes / ln 2, the prefix being the BOS
+    (else EOS) token as lm-eval's rolling log-likelihood uses, one unpadded forward pass per item."""
+    model, tok = lm
+    result = gsm8k_run("mxfp4", "gsm8k_bpb", BPB_ITEMS)
+    items = load_gsm8k("test", BPB_ITEMS, pytestconfig.getoption("--gsm8k-dir"))
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    direct = []
+    with QuantInjector(model, "mxfp4", "weight"), torch.no_grad():
+        for item in items:
+            ids = tok(item.text, add_special_tokens=False)["input_ids"]
+            logits = model(torch.tensor([[prefix, *ids]], device=device)).logits[0, :-1].float()
+            nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids, device=device)[:, None]).sum()
+            direct.append(float(nll) / len(item.text.encode("utf-8")) / math.log(2))
+    assert result.per_item["bits_per_byte,none"] == pytest.approx(direct, rel=1e-4)
 
 
 @pytest.mark.mxfp4
