@@ -297,6 +297,16 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(p: argparse.ArgumentParser, gsm8k_help: str = "GSM8K folder (default: $HARNESS_GSM8K_DIR)") -> None:
+    """The options every command that loads a model shares."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gsm8k-dir", default=None, help=gsm8k_help)
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -304,21 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a quantized model").add_subparsers(dest="what", required=True)
     loss = evaluate.add_parser("loss", help="answer-token loss, KL and top-1 agreement vs the reference model")
-    loss.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    _model_options(loss)
     loss.add_argument("--format", required=True, choices=list_formats())
     loss.add_argument("--point", default="weight", choices=POINTS)
     loss.add_argument("--items", type=int, default=32, help="first N GSM8K test items (default 32)")
-    loss.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    loss.add_argument("--device", default="cpu")
-    loss.add_argument("--batch-size", type=int, default=8)
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
-    loss.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR)")
-    loss.add_argument("--trust-remote-code", action="store_true")
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
     loss.set_defaults(run=_eval_loss)
 
     gs = evaluate.add_parser("gsm8k", help="GSM8K through lm-eval on the quantized model, vs the reference")
-    gs.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    _model_options(gs, "GSM8K folder (default: $HARNESS_GSM8K_DIR; neither: the hub dataset)")
     gs.add_argument("--format", default="none", choices=["none", *list_formats()], help="none: the model as it is")
     gs.add_argument("--point", default="weight", choices=POINTS)
     gs.add_argument("--task", default="gsm8k", choices=list(GSM8K_TASKS), help="gsm8k (exact match) or gsm8k_bpb")
@@ -327,18 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--max-gen-toks", type=int, default=None, help="generation cap (default: the task's, 256)")
     gs.add_argument("--no-reference", action="store_true", help="skip the unquantized run and its comparison")
     gs.add_argument("--compare-to", help="a previous --output JSON: paired comparison on the same items")
-    gs.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    gs.add_argument("--device", default="cpu")
-    gs.add_argument("--batch-size", type=int, default=8)
     gs.add_argument("--seed", type=int, default=0, help="few-shot sampling and stochastic formats")
-    gs.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR; neither: hub)")
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
-    gs.add_argument("--trust-remote-code", action="store_true")
     gs.add_argument("--output", help="write metrics, per-item results and samples as JSON")
     gs.set_defaults(run=_eval_gsm8k)
 
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
-    sc.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
+    _model_options(sc)
     sc.add_argument("--format", required=True, choices=list_formats())
     sc.add_argument("--point", default="weight", choices=POINTS)
     sc.add_argument("--prompts", type=int, default=32, help="calibration texts from GSM8K train (default 32)")
@@ -362,11 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="runs of the instability scan (default: 5 for stochastic formats, else 2)",
     )
-    sc.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    sc.add_argument("--device", default="cpu")
-    sc.add_argument("--batch-size", type=int, default=8)
-    sc.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR)")
-    sc.add_argument("--trust-remote-code", action="store_true")
     sc.add_argument("--output", help="write the scan JSON here")
     sc.add_argument("--report-dir", help="write summary.md, results.json and PNG plots here")
     sc.set_defaults(run=_scan)

@@ -68,10 +68,14 @@ def preflight(
     include: Sequence[str] | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    clean: list | None = None,
 ) -> PreflightResult:
+    """``clean``: the noise-free quantized model's ``reference_logprobs`` on ``items`` when the
+    caller already has them (several configurations, one quantized model): one pass saved."""
     config.schedule(total_steps=config.num_stages)  # invalid configurations raise before any noise
     with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
-        clean = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
+        if clean is None:
+            clean = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
         with NoiseInjector(model, config.layer_types, include=include, scale=config.scale, seed=seed) as noise:
             with noise.noisy(config.sigma_start):
                 s = evaluate_loss(model, tokenizer, items, injector, reference=clean, batch_size=batch_size).summary()

@@ -17,6 +17,8 @@ from harness.aqn.configs import CONFIGS
 from harness.aqn.noise import NoiseInjector
 from harness.aqn.preflight import preflight
 from harness.aqn.schedule import ScheduleError
+from harness.eval.loss import reference_logprobs
+from harness.inject import QuantInjector
 
 pytestmark = [pytest.mark.aqn, pytest.mark.mxfp4]
 PREFLIGHT_ITEMS = 16
@@ -63,10 +65,19 @@ def test_targets_on_the_model_under_test(lm, config) -> None:
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("config", config_params(EXPECTED))
-def test_preflight_verdict(lm, loss_items, config, metrics) -> None:
+@pytest.fixture(scope="module")
+def quantized_clean(lm, loss_items):
+    """The noise-free MXFP4 (W4A16) model's log-probs on the pre-flight items, shared by every
+    configuration's pre-flight (what preflight() computes itself when not given them)."""
     model, tok = lm
-    result = preflight(model, tok, loss_items[:PREFLIGHT_ITEMS], config)
+    with QuantInjector(model, "mxfp4", "weight", generator=torch.Generator().manual_seed(0)):
+        return reference_logprobs(model, tok, loss_items[:PREFLIGHT_ITEMS])
+
+
+@pytest.mark.parametrize("config", config_params(EXPECTED))
+def test_preflight_verdict(lm, loss_items, quantized_clean, config, metrics) -> None:
+    model, tok = lm
+    result = preflight(model, tok, loss_items[:PREFLIGHT_ITEMS], config, clean=quantized_clean)
     metrics.record(loss_quantized=result.loss_quantized, loss_noisy=result.loss_noisy, top1_agree=result.top1_agree)
     if model.config.num_hidden_layers == 30:  # the verdicts measured for SmolLM2
         assert result.verdict == EXPECTED[config.name], result
