@@ -24,17 +24,19 @@ pytestmark = pytest.mark.gsm8k
 
 BPB_ITEMS = 32  # design §7: n >= 32
 BPB_FORMATS = ("mxfp8_e4m3", "nvfp4", "mxfp4")
+BPB_SLOW = {"nvfp4"}  # ~30 s per format here: CI runs the two the ordering test needs
 GPU_FORMATS = ("mxfp8_e4m3", "nvfp4", "mxfp4")
 GPU_DEFAULT_LIMIT = 250
 
 
-def fmt_params(names, extra=()):
+def fmt_params(names, slow=()):
     return [pytest.param(REFERENCE, id=REFERENCE)] + [
-        pytest.param(n, id=f"{n}-w4a16", marks=[*format_marks(n), *extra]) for n in names
+        pytest.param(n, id=f"{n}-w4a16", marks=[*format_marks(n), *([pytest.mark.slow] if n in slow else [])])
+        for n in names
     ]
 
 
-@pytest.mark.parametrize("fmt", fmt_params(BPB_FORMATS))
+@pytest.mark.parametrize("fmt", fmt_params(BPB_FORMATS, slow=BPB_SLOW))
 def test_bpb_against_baseline(fmt: str, gsm8k_run, baseline, metrics) -> None:
     result = gsm8k_run(fmt, "gsm8k_bpb", BPB_ITEMS)
     bpb, wppl = result.metrics["bits_per_byte,none"], result.metrics["word_perplexity,none"]
@@ -65,10 +67,11 @@ def test_bpb_orders_formats(names: tuple[str, ...], gsm8k_run) -> None:
 def test_bpb_agrees_with_a_direct_computation(gsm8k_run, lm, pytestconfig) -> None:
     """lm-eval's number, recomputed without lm-eval on the same quantized model: bits per byte of
     item i = -sum log p(token_t | prefix, tokens_<t) / UTF-8 bytes / ln 2, the prefix being the BOS
-    (else EOS) token as lm-eval's rolling log-likelihood uses, one unpadded forward pass per item."""
+    (else EOS) token as lm-eval's rolling log-likelihood uses, one unpadded forward pass per item
+    (the first 8 items: each is its own check)."""
     model, tok = lm
     result = gsm8k_run("mxfp4", "gsm8k_bpb", BPB_ITEMS)
-    items = load_gsm8k("test", BPB_ITEMS, pytestconfig.getoption("--gsm8k-dir"))
+    items = load_gsm8k("test", 8, pytestconfig.getoption("--gsm8k-dir"))
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     device = next(model.parameters()).device
     direct = []
@@ -78,7 +81,7 @@ def test_bpb_agrees_with_a_direct_computation(gsm8k_run, lm, pytestconfig) -> No
             logits = model(torch.tensor([[prefix, *ids]], device=device)).logits[0, :-1].float()
             nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids, device=device)[:, None]).sum()
             direct.append(float(nll) / len(item.text.encode("utf-8")) / math.log(2))
-    assert result.per_item["bits_per_byte,none"] == pytest.approx(direct, rel=1e-4)
+    assert result.per_item["bits_per_byte,none"][: len(items)] == pytest.approx(direct, rel=1e-4)
 
 
 @pytest.mark.mxfp4
@@ -86,15 +89,15 @@ def test_generation_exact_match_path_is_reproducible(gsm8k_run, lm, pytestconfig
     """5-shot greedy generation under MXFP4 through lm-eval's HFLM: responses stop at the stop list
     or the cap, both filters score every item, and a second run gives the same responses bit for
     bit (the 135M model's accuracy is ~0, so only the path is checked here; accuracy: --gpu)."""
-    first = gsm8k_run("mxfp4", "gsm8k", 2, max_gen_toks=48)
+    first = gsm8k_run("mxfp4", "gsm8k", 1, max_gen_toks=48)
     model, tok = lm
     with QuantInjector(model, "mxfp4", "weight"):  # a second, independent run (not memoized)
         second = evaluate_gsm8k(
-            model, tok, "gsm8k", limit=2, max_gen_toks=48, data_dir=pytestconfig.getoption("--gsm8k-dir")
+            model, tok, "gsm8k", limit=1, max_gen_toks=48, data_dir=pytestconfig.getoption("--gsm8k-dir")
         )
-    assert first.settings["n_shot"] == 5 and first.n == 2
+    assert first.settings["n_shot"] == 5 and first.n == 1
     for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
-        assert set(first.per_item[key]) <= {0.0, 1.0} and len(first.per_item[key]) == 2
+        assert len(first.per_item[key]) == 1 and first.per_item[key][0] in (0.0, 1.0)
     responses = [s["response"] for s in first.samples]
     assert all(isinstance(r, str) and r and "\n\n" not in r and "Question:" not in r for r in responses)
     assert responses == [s["response"] for s in second.samples]
