@@ -61,6 +61,7 @@ def test_gain_and_kurtosis_scans_cover_every_layer(lm, calibration_items) -> Non
 
 
 @pytest.mark.mxfp4
+@pytest.mark.slow  # 61 loss passes, ~4 min here; the attribution code runs in CI on a tiny model (tests/test_report.py)
 def test_attribution_deltas_add_up_to_roughly_the_all_layer_delta(lm, loss_items, metrics) -> None:
     """Quantizing one layer at a time: the per-layer Δloss sum to roughly the Δloss of
     quantizing all layers (interactions make it inexact); each all-but-one Δloss is below the
