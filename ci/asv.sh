@@ -18,7 +18,7 @@ for ref in "${@:-HEAD}"; do
         src="$tmp/$hash"
         git worktree add --detach "$src" "$hash" >/dev/null
     fi
-    echo "asv: recording $ref ($hash) from $src"
+    PYTHONPATH="$src" "$py" -c "import harness; print('asv: recording $ref ($hash), harness from', harness.__file__)"
     # shellcheck disable=SC2086
     PYTHONPATH="$src" "$py" -m asv run --python=same --set-commit-hash "$hash" ${ASV_ARGS:-}
 done
