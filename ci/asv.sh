@@ -18,9 +18,9 @@ for ref in "${@:-HEAD}"; do
         src="$tmp/$hash"
         git worktree add --detach "$src" "$hash" >/dev/null
     fi
-    PYTHONPATH="$src" "$py" -c "import harness; print('asv: recording $ref ($hash), harness from', harness.__file__)"
+    HARNESS_SOURCE="$src" "$py" -c "import benchmarks, harness; print('asv: recording $ref ($hash), harness from', harness.__file__)"
     # shellcheck disable=SC2086
-    PYTHONPATH="$src" "$py" -m asv run --python=same --set-commit-hash "$hash" ${ASV_ARGS:-}
+    HARNESS_SOURCE="$src" "$py" -m asv run --python=same --set-commit-hash "$hash" ${ASV_ARGS:-}
 done
 "$py" -m asv publish
 echo "asv: pages in .asv/html/index.html"
