@@ -127,7 +127,8 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
             [m, c.mean_a, c.mean_b, c.mean_diff, f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]", c.p_value, c.verdict]
             for m, c in cmps.items()
         ]
-        print(f"\n{args.format if args.format != 'none' else args.model} against {label} (paired, same items):")
+        subject = args.format if args.format != "none" else args.model
+        print(f"\n{subject} against {label} (paired, same items; means of per-item values):")
         print(tabulate(rows, headers=["metric", label, "now", "diff", "95% CI", "p", ""], floatfmt=".4f"))
     if args.output:
         doc = {

@@ -131,7 +131,7 @@ def test_eval_gsm8k_bpb_runs_compares_and_saves(tmp_path, capsys: pytest.Capture
     argv += ["--gsm8k-dir", _gsm8k(tmp_path), "--tasks-dir", str(tmp_path / "tasks")]
     assert main([*argv, "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "bits_per_byte" in text and "against reference (paired, same items)" in text
+    assert "bits_per_byte" in text and "mxfp4 against reference (paired, same items; means of per-item values)" in text
     doc = json.loads(out.read_text())
     assert doc["task"] == "gsm8k_bpb" and set(doc["runs"]) == {"reference", "mxfp4"}
     assert len(doc["result"]["per_item"]["bits_per_byte,none"]) == 4
