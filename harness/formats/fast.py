@@ -24,14 +24,10 @@ import torch
 
 from harness.formats.registry import Format
 from harness.formats.scales import E8M0Scale
+from harness.models import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "harness"
-    return Path(root) / "kernels"
 
 
 @functools.cache
@@ -42,7 +38,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler (cc/gcc) on PATH"
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"fast_kernel-{digest}.so"
+    target = cache_dir() / "kernels" / f"fast_kernel-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -88,16 +84,11 @@ def supports(fmt: Format, x: torch.Tensor) -> str:
     return unavailable_reason()
 
 
-def fake_quantize_fast(x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: torch.Tensor | None) -> torch.Tensor:
-    """``fake_quantize`` of a validated input on the fast path of its device (caller checked
-    :func:`supports`): the Triton kernel for CUDA tensors, the C kernel for CPU tensors."""
-    if x.device.type == "cuda":
-        from harness.formats.triton_kernel import fake_quantize_triton
-
-        return fake_quantize_triton(x, fmt, axis, per_tensor_scale)
+def fake_quantize_c_rows(
+    rows: torch.Tensor, out: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None
+) -> None:
+    """The C kernel on contiguous fp32 ``rows`` (blocks along the last dim), into ``out``."""
     lib, _ = _build()
-    rows = x.detach().to(torch.float32).movedim(axis, -1).contiguous()
-    out = torch.empty_like(rows)
     row_len = rows.shape[-1]
     elem = fmt.element
     lib.fake_quantize_rows(
@@ -105,4 +96,18 @@ def fake_quantize_fast(x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale
         elem.emin, elem.mbits, elem.emax, elem.max_value, 0 if isinstance(fmt.scale, E8M0Scale) else 1,
         float(per_tensor_scale) if per_tensor_scale is not None else 0.0, torch.get_num_threads(),
     )  # fmt: skip
+
+
+def fake_quantize_fast(
+    x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: torch.Tensor | None, kernel=None
+) -> torch.Tensor:
+    """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`):
+    the blocks' axis is moved last and made contiguous fp32, ``kernel(rows, out, fmt, scale)``
+    fills ``out``, and the result goes back to ``x``'s layout and dtype. ``kernel`` defaults to
+    the device's: the Triton kernel for CUDA tensors, the C kernel for CPU tensors."""
+    if kernel is None and x.device.type == "cuda":
+        from harness.formats.triton_kernel import fake_quantize_triton_rows as kernel
+    rows = x.detach().to(torch.float32).movedim(axis, -1).contiguous()
+    out = torch.empty_like(rows)
+    (kernel or fake_quantize_c_rows)(rows, out, fmt, per_tensor_scale)
     return out.movedim(-1, axis).to(x.dtype).contiguous()

@@ -89,12 +89,11 @@ def _fake_quantize_kernel(
     tl.store(out_ptr + offsets, q, mask=mask)
 
 
-def fake_quantize_triton(
-    x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: torch.Tensor | None
-) -> torch.Tensor:
-    """``fake_quantize`` of a validated input with 1-D blocks through the Triton kernel."""
-    rows = x.detach().to(torch.float32).movedim(axis, -1).contiguous()
-    out = torch.empty_like(rows)
+def fake_quantize_triton_rows(
+    rows: torch.Tensor, out: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None
+) -> None:
+    """The Triton kernel on contiguous fp32 ``rows`` (blocks along the last dim), into ``out``
+    (called through :func:`harness.formats.fast.fake_quantize_fast`)."""
     row_len = rows.shape[-1]
     block = fmt.block_shape[0]
     n_blocks = (rows.numel() // row_len) * triton.cdiv(row_len, block)
@@ -115,4 +114,3 @@ def fake_quantize_triton(
         E4M3_SCALE=not isinstance(fmt.scale, E8M0Scale),
         HAS_PTS=per_tensor_scale is not None,
     )
-    return out.movedim(-1, axis).to(x.dtype).contiguous()
