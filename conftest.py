@@ -14,8 +14,7 @@ from harness.baselines import (
     baseline_path,
     comparison_table,
     paired_gate_table,
-    read_baselines,
-    read_item_baselines,
+    read_baseline_file,
     write_baselines,
 )
 from harness.models import DEFAULT_MODEL, model_key
@@ -120,8 +119,7 @@ class BaselineCheck:
         metrics = {k: float(v) for k, v in metrics.items()}
         items = {k: [float(x) for x in v] for k, v in (items or {}).items()}
         try:
-            stored = read_baselines(self.path)
-            stored_items = read_item_baselines(self.path).get(case_id, {})
+            stored, stored_items = read_baseline_file(self.path)
         except BaselineError as err:
             pytest.fail(str(err), pytrace=False)
         if self.update:
@@ -146,7 +144,7 @@ class BaselineCheck:
             {k: v for k, v in metrics.items() if k not in gated},
         )
         if items:
-            paired_ok, paired = paired_gate_table(stored_items, items)
+            paired_ok, paired = paired_gate_table(stored_items.get(case_id, {}), items)
             ok, table = ok and paired_ok, f"{table}\n\nper-item, paired against the baseline's items:\n{paired}"
         if not ok:
             pytest.fail(f"{case_id} moved beyond tolerance against {self.path}:\n{table}", pytrace=False)

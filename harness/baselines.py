@@ -102,15 +102,22 @@ def baseline_path(root: Path, model: str, device: str, suite: str) -> Path:
     return root / model / device / f"{suite}.json"
 
 
-def read_baselines(path: Path) -> dict[str, dict[str, float]]:
-    """The cases of a baseline file ({} if it does not exist); BaselineError if it is corrupt."""
+def read_baseline_file(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """``(cases, items)`` of a baseline file, read once: ``{case: {metric: value}}`` and the
+    per-item values of the metrics judged by a paired test, ``{case: {metric: [value per item]}}``
+    (both {} if the file does not exist); BaselineError if it is corrupt."""
     if not path.exists():
-        return {}
+        return {}, {}
     try:
         doc = json.loads(path.read_text())
         if doc.get("schema_version") != SCHEMA_VERSION or not isinstance(doc.get("cases"), dict):
             raise ValueError(f"expected schema_version {SCHEMA_VERSION} and a 'cases' object")
-        return {case: {k: float(v) for k, v in metrics.items()} for case, metrics in doc["cases"].items()}
+        cases = {case: {k: float(v) for k, v in metrics.items()} for case, metrics in doc["cases"].items()}
+        items = {
+            case: {k: [float(x) for x in v] for k, v in metrics.items()}
+            for case, metrics in doc.get("items", {}).items()
+        }
+        return cases, items
     except (ValueError, AttributeError, TypeError) as err:
         raise BaselineError(
             f"{path}: corrupted baseline file ({err}). It is never replaced automatically: restore it "
@@ -118,22 +125,18 @@ def read_baselines(path: Path) -> dict[str, dict[str, float]]:
         ) from err
 
 
-def read_item_baselines(path: Path) -> dict[str, dict[str, list[float]]]:
-    """The per-item values stored beside the cases (``{case: {metric: [value per item]}}``), for
-    the metrics judged by a paired test."""
-    read_baselines(path)  # validates the file
-    if not path.exists():
-        return {}
-    items = json.loads(path.read_text()).get("items", {})
-    return {case: {k: [float(x) for x in v] for k, v in metrics.items()} for case, metrics in items.items()}
+def read_baselines(path: Path) -> dict[str, dict[str, float]]:
+    """The cases of a baseline file (see :func:`read_baseline_file`)."""
+    return read_baseline_file(path)[0]
 
 
 def write_baselines(
     path: Path, updates: dict[str, dict[str, float]], items: dict[str, dict[str, list[float]]] | None = None
 ) -> None:
     """Merge ``updates`` (and per-item ``items``) into the file, other cases kept, atomically."""
-    cases = read_baselines(path) | updates
-    stored_items = read_item_baselines(path) | (items or {})
+    stored_cases, stored_items = read_baseline_file(path)
+    cases = stored_cases | updates
+    stored_items = stored_items | (items or {})
     doc = {
         "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -12,8 +12,8 @@ from harness.baselines import (
     BaselineError,
     Tolerance,
     comparison_table,
+    read_baseline_file,
     read_baselines,
-    read_item_baselines,
     write_baselines,
 )
 
@@ -112,7 +112,7 @@ def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pyteste
     )
     project.runpytest_subprocess("suite/test_acc.py", "--update-baselines").assert_outcomes(passed=1)
     stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
-    assert read_item_baselines(stored)["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
+    assert read_baseline_file(stored)[1]["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
 
     monkeypatch.setenv("RIGHT", "58")
     project.runpytest_subprocess("suite/test_acc.py").assert_outcomes(passed=1)
@@ -128,4 +128,4 @@ def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pyteste
     result = project.runpytest_subprocess("suite/test_acc.py")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*NOT COMPARABLE*"])
-    assert read_item_baselines(stored)["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
+    assert read_baseline_file(stored)[1]["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40

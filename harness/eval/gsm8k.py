@@ -14,13 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 from torch import nn
 
@@ -30,7 +27,7 @@ from harness.eval.stats import PairedComparison, compare_paired
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
 # What users ask for -> the task name of the package's YAML.
 TASKS = {"gsm8k": "harness_gsm8k", "gsm8k_bpb": "harness_gsm8k_bpb"}
-# The per-item metrics each task keeps (lm-eval's "metric,filter" keys); the first is the headline.
+# The per-item metrics each task keeps (lm-eval's "metric,filter" keys).
 ITEM_METRICS = {
     "gsm8k": ("exact_match,flexible-extract", "exact_match,strict-match"),
     "gsm8k_bpb": ("bits_per_byte,none",),
@@ -84,13 +81,6 @@ def write_tasks(out_dir: str | os.PathLike, data_dir: str | os.PathLike | None =
     return out
 
 
-def seed_everything(seed: int) -> None:
-    """lm-eval seeds these too; fixed here as well so a run outside simple_evaluate reproduces."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @dataclass
 class Gsm8kResult:
     """One lm-eval run of a GSM8K task: aggregate metrics, per-item values (doc order) and the
@@ -103,13 +93,6 @@ class Gsm8kResult:
     samples: list[dict] = field(repr=False)
     lm_eval_results: dict = field(repr=False)
     settings: dict = field(default_factory=dict)
-
-    @property
-    def headline(self) -> str:
-        return ITEM_METRICS[self.task][0]
-
-    def as_dict(self) -> dict:
-        return {"task": self.task, "n": self.n, "metrics": self.metrics, "settings": self.settings}
 
 
 def _item_value(task: str, sample: dict, key: str) -> float:
@@ -141,7 +124,7 @@ def _collect(task: str, raw: dict, settings: dict) -> Gsm8kResult:
             }
             for i, s in enumerate(rows)
         ]
-    n = len(per_item[ITEM_METRICS[task][0]])
+    n = len(per_item[ITEM_METRICS[task][0]])  # every kept metric has one value per item
     return Gsm8kResult(task, n, metrics, per_item, samples, raw, settings)
 
 
@@ -168,7 +151,6 @@ def run_task(
     local = local_gsm8k_dir(data_dir)
     if local is not None:
         os.environ.update(OFFLINE_ENV)
-    seed_everything(seed)
     with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
         include = write_tasks(tasks_dir or tmp, local)
         raw = lm_eval.simple_evaluate(
@@ -179,7 +161,7 @@ def run_task(
             log_samples=True,
             gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks and task == "gsm8k" else None,
             task_manager=TaskManager(include_path=str(include), include_defaults=False),
-            random_seed=seed,
+            random_seed=seed,  # simple_evaluate seeds random, numpy, torch and the few-shot sampler
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
