@@ -103,8 +103,12 @@ def _prepare(
 ) -> tuple[Format, BlockLayout, torch.Tensor | None, torch.Tensor]:
     fmt = get_format(name)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    blocks = layout.split(x.detach().reshape(layout.shape).to(torch.float32))  # no autograd through rounding
-    return fmt, layout, pts, blocks
+    return fmt, layout, pts, _blocks(x, layout)
+
+
+def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """``x`` in fp32 cut into ``layout``'s blocks (detached: no autograd through rounding)."""
+    return layout.split(x.detach().reshape(layout.shape).to(torch.float32))
 
 
 BACKENDS = ("auto", "reference", "fast")
@@ -156,7 +160,7 @@ def fake_quantize(
             return fast.fake_quantize_fast(x, fmt, layout.axis, pts)
         if backend == "fast":
             raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
-    blocks = layout.split(x.detach().reshape(layout.shape).to(torch.float32))
+    blocks = _blocks(x, layout)
     if blocks.numel() == 0:
         return x.clone()
     q, stored = _quantize_blocks(blocks, fmt, pts, generator)
