@@ -150,6 +150,10 @@ def fake_quantize(
     path (:mod:`harness.formats.fast`) where it applies, ``"reference"`` the tensor-op path here,
     ``"fast"`` insists on the fast path; None: ``"auto"`` unless :func:`default_backend` says
     otherwise.  ``x`` is never modified.
+
+    The output is detached from autograd (no gradient flows through rounding): to train through
+    it, use :class:`harness.inject.QuantInjector` with ``straight_through=True`` (or
+    ``harness.inject.StraightThrough.apply(x, fake_quantize(x, ...))``).
     """
     backend = _check_backend(backend) if backend is not None else _default_backend[-1]
     fmt = get_format(name)
