@@ -3,6 +3,7 @@ or a seeded tiny random Llama/Qwen2 for fast tests.  ``load_model`` returns ``(m
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -41,6 +42,43 @@ TINY = ("tiny-llama", "tiny-qwen2")
 def model_key(spec: str) -> str:
     """Short name used for baselines and reports: the embedded name or the directory's name."""
     return spec if spec in EMBEDDED or spec in TINY else Path(spec).resolve().name
+
+
+# The config keys that fix a model's architecture and shapes (what the identity hashes: other keys
+# such as transformers_version or _name_or_path change without the model changing).
+IDENTITY_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+)
+IDENTITY_WEIGHT_VALUES = 4096  # values hashed from the first and the last parameter
+
+
+def model_identity(model: nn.Module) -> dict[str, object]:
+    """What a baseline file records about the model its numbers came from: the architecture,
+    the layer count, and sha256 (first 16 hex digits) of the architecture-defining config keys
+    (:data:`IDENTITY_CONFIG_KEYS`) and of the first 4096 values, as fp32, of the model's first
+    and last parameters.  Equal for the same weights in any directory, on any device."""
+    config = getattr(model, "config", None)
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    shape = {k: getattr(config, k, None) for k in IDENTITY_CONFIG_KEYS}
+    weights = hashlib.sha256()
+    params = list(model.parameters())
+    for p in (params[0], params[-1]) if params else ():
+        weights.update(p.detach().reshape(-1)[:IDENTITY_WEIGHT_VALUES].to("cpu", torch.float32).numpy().tobytes())
+    return {
+        "architecture": arch,
+        "layers": getattr(config, "num_hidden_layers", None),
+        "config_sha256": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16],
+        "weights_sha256": weights.hexdigest()[:16],
+    }
 
 
 def cache_dir() -> Path:

@@ -3,12 +3,30 @@ concurrent writers and ``kill -9``, corrupt caches.  Each case failed before the
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from harness.baselines import (
+    BaselineError,
+    comparison_table,
+    read_baseline_file,
+    read_baselines,
+    tolerance_for,
+    write_baselines,
+)
 from harness.inject import QuantInjector
-from harness.models import load_model
+from harness.models import load_model, model_identity
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +70,125 @@ def test_reusing_one_injector_does_not_double_its_modules(tiny: nn.Module) -> No
 def test_a_model_without_linear_layers_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"Sequential has no nn.Linear module"):
         QuantInjector(nn.Sequential(nn.Conv1d(2, 2, 1)), "mxfp4").__enter__()
+
+
+# --- baseline files ---------------------------------------------------------------------------
+
+WRITER = """
+import sys
+from pathlib import Path
+from harness.baselines import write_baselines
+path, tag, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+print("ready", flush=True)
+sys.stdin.readline()  # start together
+for i in range(n):
+    write_baselines(path, {f"{tag}-{i}": {"loss": float(i)}})
+"""
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kwargs
+    )
+
+
+def test_two_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "suite.json"
+    writers = [_python(WRITER, str(path), tag, "200") for tag in ("a", "b")]
+    for w in writers:
+        assert w.stdout.readline().strip() == "ready"
+    for w in writers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    cases = read_baselines(path)
+    assert len(cases) == 400 and cases["a-199"] == {"loss": 199.0} and cases["b-0"] == {"loss": 0.0}
+
+
+KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+from harness.baselines import write_baselines
+def stuck(src, dst):  # the temp file is complete, the rename has not happened: kill -9 here
+    print("writing", flush=True)
+    time.sleep(600)
+os.replace = stuck
+write_baselines(Path(sys.argv[1]), {"new": {"loss": 2.0}})
+"""
+
+
+def test_kill_9_mid_write_keeps_the_old_file_and_the_next_write_removes_the_temp(tmp_path: Path) -> None:
+    path = tmp_path / "suite.json"
+    write_baselines(path, {"old": {"loss": 1.0}})
+    before = path.read_bytes()
+    writer = _python(KILLED_WRITER, str(path))
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    assert path.read_bytes() == before
+    assert len(list(tmp_path.glob("suite.json.*.tmp"))) == 1  # the orphan of the killed writer
+    write_baselines(path, {"next": {"loss": 3.0}})  # the lock died with the writer
+    assert read_baselines(path) == {"old": {"loss": 1.0}, "next": {"loss": 3.0}}
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_baseline_of_another_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "suite.json"
+    llama, qwen = (model_identity(load_model(name)[0]) for name in ("tiny-llama", "tiny-qwen2"))
+    write_baselines(path, {"a": {"loss": 1.0}}, identity=llama)
+    assert json.loads(path.read_text())["model"] == llama
+    assert read_baseline_file(path, llama)[0] == {"a": {"loss": 1.0}}
+    message = (
+        rf"{path} holds the baselines of another model \(architecture LlamaForCausalLM, layers 2, .*"
+        "the model under test is architecture Qwen2ForCausalLM"
+    )
+    with pytest.raises(BaselineError, match=message):
+        read_baseline_file(path, qwen)
+    with pytest.raises(BaselineError, match=message):
+        write_baselines(path, {"b": {"loss": 1.0}}, identity=qwen)
+    # same weights, other seed: same architecture and config, other weights hash
+    other_seed = model_identity(load_model("tiny-llama", seed=1)[0])
+    assert (
+        other_seed["config_sha256"] == llama["config_sha256"]
+        and other_seed["weights_sha256"] != llama["weights_sha256"]
+    )
+    with pytest.raises(BaselineError, match="another model"):
+        read_baseline_file(path, other_seed)
+
+
+@pytest.mark.parametrize(
+    "cases, items, where",
+    [
+        ({"a": {"loss": "1.5"}}, {}, r"cases\.a\.loss is '1\.5', not a number"),
+        ({"a": {"loss": True}}, {}, r"cases\.a\.loss is True, not a number"),
+        ({"a": {"loss": 1.0}}, {"a": {"exact_match": ["0101"]}}, r"items\.a\.exact_match\[0\] is '0101', not a number"),
+        ({"a": {"loss": 1.0}}, {"a": {"exact_match": "0101"}}, r"items\.a\.exact_match is str, not a list"),
+        ({"a": [1.0]}, {}, r"cases\.a is list, not an object"),
+    ],
+)
+def test_schema_rejects_non_numbers(tmp_path: Path, cases, items, where: str) -> None:
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps({"schema_version": 1, "cases": cases, "items": items}))
+    with pytest.raises(BaselineError, match=rf"corrupted baseline file \({where}"):
+        read_baselines(path)
+
+
+def test_nan_is_never_stored_nor_equal_and_inf_is_explicit(tmp_path: Path) -> None:
+    path = tmp_path / "suite.json"
+    with pytest.raises(BaselineError, match=r"a: loss is NaN: the run failed"):
+        write_baselines(path, {"a": {"loss": math.nan}})
+    with pytest.raises(BaselineError, match=r"a: exact_match is NaN"):
+        write_baselines(path, {"a": {"loss": 1.0}}, {"a": {"exact_match": [1.0, math.nan]}})
+    assert not path.exists()
+    write_baselines(path, {"a": {"sqnr_db": math.inf, "loss": 1.0}, "b": {"sqnr_db": -math.inf}})
+    text = path.read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the file"))  # strict JSON
+    assert '"sqnr_db": "inf"' in text and read_baselines(path)["b"] == {"sqnr_db": -math.inf}
+    path.write_text(text.replace('"loss": 1.0', '"loss": NaN'))
+    with pytest.raises(BaselineError, match=r"cases\.a\.loss is nan, not a number"):
+        read_baselines(path)
+    tol = tolerance_for("sqnr_db")
+    assert not tol.allows(math.nan, math.nan) and not tol.allows(1.0, math.nan)
+    assert tol.allows(math.inf, math.inf) and not tol.allows(math.inf, -math.inf) and not tol.allows(math.inf, 90.0)
+    assert not comparison_table({"loss": math.nan}, {"loss": math.nan})[0]
