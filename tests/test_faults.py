@@ -3,6 +3,7 @@ concurrent writers and ``kill -9``, corrupt caches.  Each case failed before the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness import cache
 from harness.baselines import (
     BaselineError,
     comparison_table,
@@ -23,8 +25,9 @@ from harness.baselines import (
     tolerance_for,
     write_baselines,
 )
+from harness.formats import fake_quantize, fast
 from harness.inject import QuantInjector
-from harness.models import load_model, model_identity
+from harness.models import load_model, model_identity, save_converted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,3 +195,103 @@ def test_nan_is_never_stored_nor_equal_and_inf_is_explicit(tmp_path: Path) -> No
     assert not tol.allows(math.nan, math.nan) and not tol.allows(1.0, math.nan)
     assert tol.allows(math.inf, math.inf) and not tol.allows(math.inf, -math.inf) and not tol.allows(math.inf, 90.0)
     assert not comparison_table({"loss": math.nan}, {"loss": math.nan})[0]
+
+
+# --- caches -----------------------------------------------------------------------------------
+
+QUANTIZE = """
+import torch
+from harness.formats import fake_quantize
+from harness.formats.fast import unavailable_reason
+x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+same = torch.equal(fake_quantize(x, "mxfp4"), fake_quantize(x, "mxfp4", backend="reference"))
+print("fast" if not unavailable_reason() else "reference", same)
+"""
+PLANTED = '#include <stdio.h>\n__attribute__((constructor)) static void run(void) { puts("PLANTED"); }\n'
+
+
+def _quantize_in(cache: Path) -> tuple[str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", QUANTIZE],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HARNESS_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr  # a Bus error would be -7
+    return proc.stdout.strip(), proc.stderr
+
+
+@pytest.mark.skipif(fast.unavailable_reason() != "", reason="needs a C compiler for the fast path")
+def test_a_truncated_or_planted_kernel_is_rebuilt_never_loaded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    built = cache.cached_dir(fast.kernel_dir(), lambda d: fast._compile("cc", d), "the C kernel")  # not loaded here
+    library = built / fast.LIBRARY
+    good = library.read_bytes()
+    library.write_bytes(good[: len(good) // 2])
+    out, err = _quantize_in(tmp_path)
+    assert out == "fast True"
+    assert err == (
+        f"harness: the C kernel in {built}: fast_kernel.so does not match its recorded sha256 (truncated or "
+        "corrupt); rebuilding it\n"
+    )
+    assert library.read_bytes() == good  # the build is deterministic
+    source = tmp_path / "planted.c"
+    source.write_text(PLANTED)
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    out, err = _quantize_in(tmp_path)
+    assert out == "fast True" and "PLANTED" not in out and "rebuilding it" in err
+
+
+@pytest.fixture
+def fresh_kernel():
+    """Forget the process's loaded kernel before and after the case."""
+    fast._build.cache_clear()
+    yield
+    fast._build.cache_clear()
+
+
+@pytest.mark.skipif(fast.unavailable_reason() != "", reason="needs a C compiler for the fast path")
+def test_an_unwritable_kernel_cache_builds_elsewhere_with_a_warning(monkeypatch, capsys, fresh_kernel) -> None:
+    monkeypatch.setenv("HARNESS_CACHE_DIR", "/proc/harness-cache")  # not writable, even for root
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fake_quantize(x, "mxfp4"), fake_quantize(x, "mxfp4", backend="reference"))
+    err = capsys.readouterr().err
+    assert err.startswith("harness: warning: the cache /proc/harness-cache/kernels is not writable")
+    assert fast.unavailable_reason() == ""  # the fast path still runs, from a temporary directory
+
+
+def test_cached_dir_builds_once_rebuilds_corrupt_and_records_hashes(tmp_path: Path, capsys) -> None:
+    builds = []
+
+    def build(directory: Path) -> None:
+        builds.append(directory)
+        (directory / "weights.bin").write_bytes(bytes(range(256)) * 64)
+
+    target = tmp_path / "artifact"
+    assert cache.cached_dir(target, build, "the artifact") == target
+    assert cache.cached_dir(target, build, "the artifact") == target and len(builds) == 1
+    manifest = (target / "SHA256SUMS").read_text()
+    assert manifest == f"{hashlib.sha256(bytes(range(256)) * 64).hexdigest()}  weights.bin\n"
+    with (target / "weights.bin").open("r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert cache.cached_dir(target, build, "the artifact") == target and len(builds) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"harness: the artifact in {target}: weights.bin does not match its recorded sha256 (truncated or corrupt); "
+        "rebuilding it\n"
+    )
+    assert (target / "weights.bin").stat().st_size == 256 * 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "artifact.lock"]  # no temp dirs left
+
+
+def test_the_converted_model_cache_is_a_valid_model_directory(tmp_path: Path) -> None:
+    model, tok = load_model("tiny-qwen2")
+    target = cache.cached_dir(tmp_path / "tiny", lambda d: save_converted(model, tok, d), "the conversion")
+    config = json.loads((target / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    del config["architectures"]  # as the GGUF conversions before this fix wrote it
+    (target / "config.json").write_text(json.dumps(config))
+    again, _ = load_model(str(target))
+    assert model_identity(again) == model_identity(model)
