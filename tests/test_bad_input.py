@@ -4,12 +4,16 @@ choices, exit code 2, no traceback, and is found before any model is loaded or i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import harness.models
 from harness.cli import main
+from harness.formats import fake_quantize, nvfp4_per_tensor_scale
+from harness.formats.quant import PER_TENSOR_SCALE_MAX, PER_TENSOR_SCALE_MIN
 
 
 def _gsm8k(folder: Path, n: int = 4) -> Path:
@@ -141,3 +145,47 @@ def test_bad_gsm8k_files_are_named_with_the_line(command, content, message, tmp_
     (data / "test.jsonl").write_bytes(content)
     line = _usage_error([*command, "--gsm8k-dir", str(data)], capsys)
     assert str(data) in line and message in line
+
+
+def test_model_directories_without_weights_or_with_a_bad_config_are_named(tmp_path, capsys) -> None:
+    data = str(_gsm8k(tmp_path / "data"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (model / "pytorch_model.bin").write_bytes(b"")
+    line = _usage_error([*LOSS[:2], "--model", str(model), "--format", "mxfp4", "--gsm8k-dir", data], capsys)
+    assert line == (
+        f"error: model '{model}': {model} has no *.safetensors weights (found: config.json, pytorch_model.bin); "
+        "the harness loads safetensors only"
+    )
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    line = _usage_error([*LOSS[:2], "--model", str(model), "--format", "mxfp4", "--gsm8k-dir", data], capsys)
+    assert line.startswith(f"error: model '{model}': {model / 'config.json'} is not a valid config.json (Expecting")
+
+
+def test_nvfp4_per_tensor_scale_outside_the_finite_range_is_refused() -> None:
+    x = torch.randn(32)
+    for bad in (1e-40, PER_TENSOR_SCALE_MIN / 2, PER_TENSOR_SCALE_MAX * 2, 0.0, math.inf):
+        with pytest.raises(
+            ValueError, match=r"per_tensor_scale must be one finite positive number in \[7\.523e-37, 1\.266e\+35\]"
+        ):
+            fake_quantize(x, "nvfp4", per_tensor_scale=bad)
+    for edge in (PER_TENSOR_SCALE_MIN, PER_TENSOR_SCALE_MAX):  # the range's ends, on data the recipe fits to them
+        fitted = x * (edge * 448 * 6 / x.abs().max())
+        outs = [fake_quantize(fitted, "nvfp4", per_tensor_scale=edge, backend=b) for b in ("reference", "auto")]
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+        assert float((outs[0] - fitted).abs().max() / fitted.abs().max()) <= 1 / 6  # half the top E2M1 step
+
+
+def test_nvfp4_per_tensor_scale_of_tiny_and_zero_tensors_is_usable() -> None:
+    tiny = torch.full((32,), 1e-36)
+    p = nvfp4_per_tensor_scale(tiny)
+    assert float(p) == PER_TENSOR_SCALE_MIN  # 1e-36 / 2688 is below the range: clamped up
+    y = fake_quantize(tiny, "nvfp4", per_tensor_scale=p)
+    # one block of equal values: only the E4M3 block scale rounds, by at most half a step (2**-4)
+    assert torch.isfinite(y).all() and float(((y - tiny) / tiny).abs().max()) <= 2.0**-4
+    zeros = torch.zeros(32)
+    assert float(nvfp4_per_tensor_scale(zeros)) == PER_TENSOR_SCALE_MIN
+    assert torch.equal(fake_quantize(zeros, "nvfp4", per_tensor_scale=nvfp4_per_tensor_scale(zeros)), zeros)
+    x = torch.tensor([math.nan, *range(1, 32)], dtype=torch.float32)
+    assert float(nvfp4_per_tensor_scale(x)) == pytest.approx(31 / 2688)  # the finite values' amax
