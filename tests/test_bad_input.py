@@ -189,3 +189,11 @@ def test_nvfp4_per_tensor_scale_of_tiny_and_zero_tensors_is_usable() -> None:
     assert torch.equal(fake_quantize(zeros, "nvfp4", per_tensor_scale=nvfp4_per_tensor_scale(zeros)), zeros)
     x = torch.tensor([math.nan, *range(1, 32)], dtype=torch.float32)
     assert float(nvfp4_per_tensor_scale(x)) == pytest.approx(31 / 2688)  # the finite values' amax
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="probes a machine without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, no_model_load) -> None:
+    line = _usage_error([*LOSS, "--device", "cuda", "--gsm8k-dir", str(_gsm8k(tmp_path))], capsys)
+    assert line.endswith(
+        "argument --device: device 'cuda' is not available; valid devices: cpu (no CUDA device is visible here)"
+    )
