@@ -4,7 +4,8 @@ and verified before every use.
 An artifact is a directory.  ``cached_dir(target, build)`` returns ``target`` when every file
 listed in its ``SHA256SUMS`` manifest still has the recorded sha256; otherwise it calls
 ``build(tmp)`` in a temporary sibling directory, records the manifest there and renames it into
-place, under ``<target>.lock`` so concurrent builders build once.  A corrupt or truncated artifact
+place, under ``<target>.lock`` so concurrent builders build once (and the next builder removes
+what a killed one left).  A corrupt or truncated artifact
 is rebuilt with a one-line notice on stderr, never used.  When the cache directory cannot be
 written, the artifact is built in a temporary directory (removed at exit) with a warning.
 
@@ -93,6 +94,8 @@ def cached_dir(target: Path, build: Callable[[Path], None], what: str) -> Path:
             return target
         if target.exists():
             notice(f"{what} in {target}: {problem}; rebuilding it")
+        for stale in [*target.parent.glob(f"{target.name}.*.tmp"), *target.parent.glob(f"{target.name}.*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed builder; we hold the lock
         tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             build(tmp)
