@@ -133,7 +133,16 @@ def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pyteste
     assert read_baseline_file(stored)[1]["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
 
 
-def test_fixture_refuses_another_models_baseline_and_never_stores_nan(project: pytest.Pytester, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def tiny_identities() -> tuple[str, str]:
+    """JSON identities of tiny-llama and tiny-qwen2, computed before pytester snapshots sys.modules
+    (modules first imported inside a pytester case are dropped after it, breaking transformers)."""
+    return tuple(json.dumps(model_identity(load_model(name)[0])) for name in ("tiny-llama", "tiny-qwen2"))
+
+
+def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
+    tiny_identities: tuple[str, str], project: pytest.Pytester, monkeypatch
+) -> None:
     """The probe of issue 15: a tiny-qwen2 under tiny-llama's name is refused, not compared; a NaN
     metric fails its case in both modes and is not written."""
     project.path.joinpath("suite", "test_id.py").write_text(
@@ -145,7 +154,7 @@ def test_fixture_refuses_another_models_baseline_and_never_stores_nan(project: p
         "def test_nan(baseline):\n"
         "    baseline.check('nan-case', {'loss': math.nan})\n"
     )
-    llama, qwen = (json.dumps(model_identity(load_model(name)[0])) for name in ("tiny-llama", "tiny-qwen2"))
+    llama, qwen = tiny_identities
     monkeypatch.setenv("IDENTITY", llama)
     result = project.runpytest_subprocess("suite/test_id.py", "--update-baselines")
     result.assert_outcomes(passed=1, failed=1)
