@@ -279,6 +279,10 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     config = _aqn_config(args)
     config.schedule(args.steps)
     strategies = args.strategies.split(",")
+    if args.output and Path(args.output).suffix == ".json":
+        raise ValueError(
+            f"--output {args.output}: the markdown goes there and the JSON beside it, as .json; use a .md name"
+        )
     train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
     model, tok = load_model(args.model, device=args.device)

@@ -64,6 +64,7 @@ RANGE = "is out of range (valid: an integer >= {})"
         ([*GSM8K, "--limit", "-2"], "argument --limit: -2 " + RANGE.format(1)),
         ([*AQN, "--seeds", "0"], "argument --seeds: 0 " + RANGE.format(1)),
         ([*AQN, "--train-items", "0"], "argument --train-items: 0 " + RANGE.format(1)),
+        ([*AQN, "--output", "aqn.json"], "error: --output aqn.json: the markdown goes there and the JSON beside it"),
         (
             [*AQN, "--targeted-share", "0"],
             "argument --targeted-share: 0.0 is out of range (valid: a fraction in (0, 1])",
