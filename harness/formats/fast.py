@@ -2,9 +2,11 @@
 C (``fast_kernel.c``, OpenMP over blocks), bit-identical to the reference tensor path.
 
 The kernel is compiled once per machine with the system C compiler into the harness cache
-(``$HARNESS_CACHE_DIR/kernels``, default ``~/.cache/harness/kernels``) and loaded with ctypes:
-no torch headers, so building takes about a second. Without a compiler the reference path is
-used and :func:`unavailable_reason` says why. CUDA tensors take the Triton kernel
+(``$HARNESS_CACHE_DIR/kernels``, default ``~/.cache/harness/kernels``), its sha256 recorded
+beside it and checked before every load (:mod:`harness.cache`), and loaded with ctypes: no torch
+headers, so building takes about a second. Without a compiler, or when neither the cache nor a
+temporary directory can hold the build, the reference path is used and
+:func:`unavailable_reason` says why. CUDA tensors take the Triton kernel
 (:mod:`harness.formats.triton_kernel`, same arithmetic). Both cover the deterministic formats
 with 1-D blocks (all but ``mxfp4_sr`` and ``mxfp4_2d``).
 """
@@ -17,44 +19,53 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from harness.cache import cached_dir, notice
 from harness.formats.registry import Format
 from harness.formats.scales import E8M0Scale
 from harness.models import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
+LIBRARY = "fast_kernel.so"
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
 
 
 @functools.cache
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not)."""
+    """(the loaded library, "") or (None, why not).  The build is cached, atomic and verified
+    by :func:`harness.cache.cached_dir`: a truncated or planted ``.so`` is rebuilt, never loaded."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc/gcc) on PATH"
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"fast_kernel-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            Path(tmp).unlink(missing_ok=True)
-            return None, f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}"
-        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
-    lib = ctypes.CDLL(str(target))
+    try:
+        built = cached_dir(kernel_dir(), lambda d: _compile(compiler, d), "the C kernel")
+        lib = ctypes.CDLL(str(built / LIBRARY))
+    except (OSError, RuntimeError) as err:
+        notice(f"warning: the C fast path is off, fake_quantize uses the reference path ({err})")
+        return None, str(err)
     lib.fake_quantize_rows.restype = None
     lib.fake_quantize_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
     return lib, ""
+
+
+def kernel_dir() -> Path:
+    """The cache directory of this source and these flags: ``kernels/fast_kernel-<sha256[:16]>``."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"fast_kernel-{digest}"
+
+
+def _compile(compiler: str, directory: Path) -> None:
+    proc = subprocess.run(
+        [compiler, *CFLAGS, str(SOURCE), "-o", str(directory / LIBRARY), "-lm"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}")
 
 
 def unavailable_reason() -> str:
