@@ -61,6 +61,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
                     "modules": len(inj.modules),
                     **summary,
                     "comparison": cmp.as_dict(),
+                    "per_item": result.per_item(),
                 },
                 indent=2,
             )
@@ -298,6 +299,22 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from harness.gate import GateError, choose_metric, paired_gate, read_per_item
+
+    try:
+        (baseline, ids_a), (candidate, ids_b) = read_per_item(args.baseline), read_per_item(args.candidate)
+        if ids_a is not None and ids_b is not None and ids_a != ids_b:
+            raise GateError(f"the documents hold different items ({len(ids_a)} vs {len(ids_b)} ids, not the same)")
+        metric = choose_metric(baseline, candidate, args.metric)
+        result = paired_gate(metric, baseline[metric], candidate[metric], alpha=args.alpha, margin=args.margin)
+    except GateError as err:
+        print(f"not comparable: {err}")
+        return 2
+    print(result.line())
+    return result.exit_code
+
+
 def _model_options(p: argparse.ArgumentParser, gsm8k_help: str = "GSM8K folder (default: $HARNESS_GSM8K_DIR)") -> None:
     """The options every command that loads a model shares."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
@@ -398,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
                 help="when every layer is problematic, target this share of the worst (default 0.3)",
             )
             p.add_argument("--output", help="write the markdown table here (and the JSON beside it)")
+
+    gate = commands.add_parser(
+        "gate",
+        help="paired gate of CANDIDATE against BASELINE: exit 0 pass, 1 regression, 2 inconclusive / not comparable",
+    )
+    gate.add_argument("baseline", help='`eval gsm8k --output`, `eval loss --json` or {"per_item": {metric: [...]}}')
+    gate.add_argument("candidate", help="the same kind of document, on the same items")
+    gate.add_argument("--metric", help="default: exact match (strict), bits per byte or loss, or the only shared one")
+    gate.add_argument("--alpha", type=float, default=0.05, help="one-sided significance level (default 0.05)")
+    gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
+    gate.set_defaults(run=_gate)
 
     cmp = commands.add_parser("compare", help="compare two scan JSONs layer by layer (A vs B)")
     cmp.add_argument("a")

@@ -57,6 +57,14 @@ class LossResult:
     def item_losses(self, sums: list[float]) -> list[float]:
         return [s / t for s, t in zip(sums, self.n_tokens)]
 
+    def per_item(self) -> dict[str, list[float]]:
+        """Per-item means over each item's answer tokens (what ``python -m harness gate`` reads)."""
+        out = {"reference_loss": self.item_losses(self.reference_nll)}
+        if self.nll:
+            out |= {k: self.item_losses(getattr(self, k)) for k in ("nll", "kl", "top1_agree")}
+            out["loss"] = out.pop("nll")
+        return out
+
     def comparison(self) -> PairedComparison:
         return compare_paired(self.item_losses(self.reference_nll), self.item_losses(self.nll))
 
