@@ -79,7 +79,7 @@ class Interval:
         if len(values) < 2:
             return cls(mean, math.nan, -math.inf, math.inf, confidence)
         sd = statistics.stdev(values)
-        half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * sd / math.sqrt(len(values))
+        half = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1)) * sd / math.sqrt(len(values))
         return cls(mean, sd, mean - half, mean + half, confidence)
 
 
