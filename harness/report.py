@@ -327,7 +327,9 @@ def aqn_markdown(comparison, model: str, problematic: list[str], how: str) -> st
         f"loss = token-weighted answer NLL on {c.eval_items} held-out GSM8K test items, of the quantized model "
         f"(the `{CONTROL_NAME}` control: trained and evaluated without quantization or noise). Before training: "
         f"unquantized {c.untrained_loss:.4f}, quantized {c.untrained_quantized_loss:.4f}. Run time {c.seconds:.0f} s.",
-        f"Targeted = {how} ({len(problematic)}): {', '.join(problematic) or 'none'}; healthy = the others.",
+        f"Targeted = {how} ({len(problematic)}): {', '.join(problematic) or 'none'}; healthy = the others."
+        if {"targeted", "healthy"} & set(c.strategies)
+        else "Targeted / healthy: not run (they need `--attribution` with per-layer attribution CIs).",
         "",
         tabulate(
             rows,

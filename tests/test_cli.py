@@ -49,6 +49,11 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
     out = json.loads(capsys.readouterr().out)
     assert {"reference_loss", "loss", "kl", "top1_agree", "n", "p_value"} <= out.keys()
     assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0
+    per_item = out["per_item"]  # what `python -m harness gate` reads
+    assert set(per_item) == {"reference_loss", "loss", "kl", "top1_agree"} and all(
+        len(v) == 4 for v in per_item.values()
+    )
+    assert sum(per_item["kl"]) > 0 and all(0 <= x <= 1 for x in per_item["top1_agree"])
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "reference" in text and "underpowered (n < 30)" in text
