@@ -260,7 +260,7 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
-    print(tabulate([[k, v] for k, v in result.as_dict().items() if k not in ("draws", "thresholds")], floatfmt=".4f"))
+    print(tabulate([[k, v] for k, v in result.as_dict().items() if not isinstance(v, (dict, list))], floatfmt=".4f"))
     print(tabulate(result.draws, headers="keys", floatfmt=".4f"))
     li, t1 = result.loss_increase, result.top1_agree
     print(
