@@ -8,7 +8,8 @@ Measured on SmolLM2 (noise-free MXFP4 loss 2.502 on those items): QeRL's default
 norms (= 1E) raises the loss by +67 % to +306 % depending on the draw: with 4 draws the CI
 straddles the collapse line (borderline; with 8 draws `aqn preflight` says collapse); 1A (0.05
 on Linear) collapses on every draw (top-1 agreement 0.05); 1C (0.005 on Linear) costs +0.7 % to
-+9.5 % of loss but its top-1 agreement CI lies below 0.80: risky, not ok.
++9.5 % of loss but its top-1 agreement CI lies below 0.80: risky, not ok; 1D (0.001 on Linear)
+is ok (+0.9 %, agreement 0.867).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ EXPECTED = {
     "qerl-default": "borderline",
     "1A": "collapse",
     "1C": "risky",
+    "1D": "ok",
     "1E": "borderline",
 }
 
