@@ -14,10 +14,10 @@ from harness.baselines import (
     baseline_path,
     check_values,
     comparison_table,
-    paired_gate_table,
     read_baseline_file,
     write_baselines,
 )
+from harness.gate import INCONCLUSIVE, PASS, gate_table, worst_outcome
 from harness.models import DEFAULT_MODEL, model_key
 from harness.testing import worker_device
 
@@ -47,6 +47,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--update-baselines",
         action="store_true",
         help="rewrite the stored baselines of the cases that ran (review the diff before committing)",
+    )
+    group.addoption(
+        "--accept-inconclusive",
+        action="store_true",
+        help="let a paired gate that can neither show a regression nor rule one out pass (default: it fails)",
     )
 
 
@@ -146,8 +151,11 @@ class BaselineCheck:
             {k: v for k, v in metrics.items() if k not in gated},
         )
         if items:
-            paired_ok, paired = paired_gate_table(stored_items.get(case_id, {}), items)
-            ok, table = ok and paired_ok, f"{table}\n\nper-item, paired against the baseline's items:\n{paired}"
+            results, paired = gate_table(stored_items.get(case_id, {}), items)
+            accepted = (PASS, INCONCLUSIVE) if self._config.getoption("--accept-inconclusive") else (PASS,)
+            ok &= worst_outcome(results) in accepted
+            table = f"{table}\n\nper-item, paired against the baseline's items:\n{paired}"
+            print(paired)  # every outcome with its evidence, also when it passes (shown with -rA / -s)
         if not ok:
             pytest.fail(f"{case_id} moved beyond tolerance against {self.path}:\n{table}", pytrace=False)
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from filelock import FileLock
 from tabulate import tabulate
 
 import harness
-from harness.eval.stats import PairedComparison, compare_paired
 
 SCHEMA_VERSION = 1
 
@@ -72,37 +70,12 @@ def tolerance_for(metric: str) -> Tolerance:
     return _by_suffix(metric, TOLERANCES) or DEFAULT_TOLERANCE
 
 
-@dataclass(frozen=True)
-class PairedGate:
-    """A metric judged on per-item values against the baseline's: a regression is a change in the
-    bad direction larger than ``tolerance`` (metric units) *and* significant (design §8)."""
-
-    tolerance: float
-    higher_is_better: bool
-    binary: bool  # per-item correctness: McNemar; else a paired t-test
-
-    def judge(self, old: Sequence[float], new: Sequence[float]) -> tuple[bool, PairedComparison]:
-        cmp = compare_paired(old, new, binary=self.binary)
-        return not cmp.regressed(self.tolerance, higher_is_better=self.higher_is_better), cmp
-
-    def __str__(self) -> str:
-        return f"drop > {self.tolerance:g} and p < 0.05"
-
-
-# Accuracy is a significance test, never a fixed tolerance: on 1319 items one flipped answer is 0.08 %.
-PAIRED_GATES: dict[str, PairedGate] = {"exact_match": PairedGate(0.01, higher_is_better=True, binary=True)}
-
-
 def _by_suffix(metric: str, table: dict):
     """The entry for the metric itself, else for its longest known ``_``-separated suffix."""
     for i in range(len(metric)):
         if (i == 0 or metric[i - 1] == "_") and metric[i:] in table:
             return table[metric[i:]]
     return None
-
-
-def paired_gate_for(metric: str) -> PairedGate | None:
-    return _by_suffix(metric, PAIRED_GATES)
 
 
 def baseline_path(root: Path, model: str, device: str, suite: str) -> Path:
@@ -254,37 +227,3 @@ def comparison_table(old: dict[str, float], new: dict[str, float]) -> tuple[bool
         )
     table = tabulate(rows, headers=["metric", "baseline", "now", "change", "tolerance", ""], floatfmt=".5g")
     return ok, table
-
-
-def paired_gate_table(old: dict[str, list[float]], new: dict[str, list[float]]) -> tuple[bool, str]:
-    """(no paired regression, a table per metric: baseline and current means, difference with
-    its bootstrap CI, p-value, verdict). Different item counts are an error, not a comparison."""
-    rows, ok = [], True
-    for metric in sorted(new):
-        gate = paired_gate_for(metric)
-        if metric not in old or len(old[metric]) != len(new[metric]):
-            ok = False
-            n_old = len(old.get(metric, []))
-            rows.append(
-                [metric, f"n={n_old}", f"n={len(new[metric])}", "", "", "", str(gate), "NOT COMPARABLE: other items"]
-            )
-            continue
-        fine, cmp = gate.judge(old[metric], new[metric])
-        ok &= fine
-        verdict = "ok" if fine else "REGRESSION"
-        if fine and cmp.significant:
-            verdict = "ok (significant change within tolerance)" if abs(cmp.mean_diff) <= gate.tolerance else "improved"
-        rows.append(
-            [
-                metric,
-                cmp.mean_a,
-                cmp.mean_b,
-                f"{cmp.mean_diff:+.4f}",
-                f"[{cmp.ci_low:+.4f}, {cmp.ci_high:+.4f}]",
-                f"{cmp.p_value:.3g}",
-                str(gate),
-                verdict,
-            ]
-        )
-    headers = ["metric", "baseline", "now", "diff", "95% CI", "p", "gate", ""]
-    return ok, tabulate(rows, headers=headers, floatfmt=".4f")

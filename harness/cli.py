@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from harness.validate import (
     device_arg,
     output_dir_arg,
     output_file_arg,
-    share_arg,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +70,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
                     "modules": len(inj.modules),
                     **summary,
                     "comparison": cmp.as_dict(),
+                    "per_item": result.per_item(),
                 },
                 indent=2,
             )
@@ -252,29 +251,48 @@ def _aqn_config(args: argparse.Namespace):
 
 
 def _aqn_preflight(args: argparse.Namespace) -> int:
-    from harness.aqn.preflight import preflight
+    from harness.aqn.preflight import Thresholds, preflight
     from harness.data import load_gsm8k
     from harness.models import load_model
 
     config = _aqn_config(args)
     config.schedule(total_steps=config.num_stages)  # fail before loading anything
+    thresholds = Thresholds(args.risky_loss, args.risky_top1, args.collapse_loss, args.collapse_top1)
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
     model, tok = load_model(args.model, device=args.device)
-    result = preflight(model, tok, items, config, fmt=args.format, point=args.point, seed=args.seed)
+    result = preflight(
+        model,
+        tok,
+        items,
+        config,
+        fmt=args.format,
+        point=args.point,
+        draws=args.draws,
+        seed=args.seed,
+        answer_lines=args.answer_lines,
+        thresholds=thresholds,
+    )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
-    else:
-        print(tabulate([[k, v] for k, v in result.as_dict().items()], floatfmt=".4f"))
+        return 0
+    print(tabulate([[k, v] for k, v in result.as_dict().items() if not isinstance(v, (dict, list))], floatfmt=".4f"))
+    print(tabulate(result.draws, headers="keys", floatfmt=".4f"))
+    li, t1 = result.loss_increase, result.top1_agree
+    print(
+        f"{config.name}: {result.verdict.upper()}: loss {li.mean:+.1%} [95% CI {li.low:+.1%}, {li.high:+.1%}], "
+        f"top-1 agreement {t1.mean:.3f} [{t1.low:.3f}, {t1.high:.3f}] over {len(result.draws)} draws x "
+        f"{result.items} items (risky: > {thresholds.risky_loss_increase:.0%} or < {thresholds.risky_top1:.2f}; "
+        f"collapse: > {thresholds.collapse_loss_increase:.0%} or < {thresholds.collapse_top1:.2f})"
+    )
     return 0
 
 
 def _aqn_compare(args: argparse.Namespace) -> int:
-    from harness.aqn.train import compare_strategies
+    from harness.aqn.train import compare_strategies, harmful_layers
     from harness.data import load_gsm8k
     from harness.models import load_model, model_key
     from harness.report import aqn_markdown
     from harness.srdd import scan
-    from harness.srdd.criteria import Thresholds, layer_findings
 
     config = _aqn_config(args)
     config.schedule(args.steps)
@@ -283,19 +301,22 @@ def _aqn_compare(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--output {args.output}: the markdown goes there and the JSON beside it, as .json; use a .md name"
         )
+    problematic, how = [], "no attribution given"
+    if args.attribution:
+        try:
+            attribution = json.loads(Path(args.attribution).read_text())["attribution"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{args.attribution}: not a scan JSON with an 'attribution' list ({err!r})") from err
+        problematic = harmful_layers(attribution)
+        how = f"layers whose attribution CI of Δloss excludes 0 ({args.attribution})"
+    elif {"targeted", "healthy"} & set(strategies):
+        raise ValueError(
+            "strategies targeted/healthy need --attribution SCAN.json with per-layer CIs "
+            f"(python -m harness scan --model {args.model} --format {args.format} --attribution --output SCAN.json)"
+        )
     train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
     model, tok = load_model(args.model, device=args.device)
-    layers = [name for name, _ in scan.decoder_layers(model)]
-    result = scan.ScanResult()
-    scan.weight_scan(model, args.format, result)
-    findings = layer_findings(result, layers, Thresholds())
-    problematic = [f.name for f in findings if f.problematic]
-    how = "SRDD-problematic at the default thresholds"
-    if len(problematic) == len(layers):  # no healthy complement: target the worst share by weight SQNR
-        ranked = sorted(findings, key=lambda f: f.metrics["weight_sqnr_db"])
-        problematic = [f.name for f in ranked[: math.ceil(args.targeted_share * len(layers))]]
-        how = f"every layer is SRDD-problematic, so the worst {args.targeted_share:.0%} by weight SQNR"
     comparison = compare_strategies(
         model,
         tok,
@@ -306,8 +327,9 @@ def _aqn_compare(args: argparse.Namespace) -> int:
         strategies=strategies,
         seeds=list(range(args.seeds)),
         steps=args.steps,
-        layers=layers,
+        layers=[name for name, _ in scan.decoder_layers(model)],
         problematic=problematic,
+        batch_size=args.batch_size,
         progress=True,
     )
     text = aqn_markdown(comparison, model_key(args.model), problematic, how)
@@ -318,6 +340,22 @@ def _aqn_compare(args: argparse.Namespace) -> int:
         out.with_suffix(".json").write_text(json.dumps({"rows": comparison.rows(), **comparison.__dict__}, indent=2))
     print(text)
     return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from harness.gate import GateError, choose_metric, paired_gate, read_per_item
+
+    try:
+        (baseline, ids_a), (candidate, ids_b) = read_per_item(args.baseline), read_per_item(args.candidate)
+        if ids_a is not None and ids_b is not None and ids_a != ids_b:
+            raise GateError(f"the documents hold different items ({len(ids_a)} vs {len(ids_b)} ids, not the same)")
+        metric = choose_metric(baseline, candidate, args.metric)
+        result = paired_gate(metric, baseline[metric], candidate[metric], alpha=args.alpha, margin=args.margin)
+    except GateError as err:
+        print(f"not comparable: {err}")
+        return 2
+    print(result.line())
+    return result.exit_code
 
 
 def _model_options(p: argparse.ArgumentParser, gsm8k_help: str = "GSM8K folder (default: $HARNESS_GSM8K_DIR)") -> None:
@@ -406,24 +444,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         if name == "preflight":
             p.add_argument("--point", default="weight", choices=POINTS)
-            p.add_argument("--items", type=count_arg(1), default=16, help="GSM8K test items (default 16)")
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--items", type=count_arg(1), default=32, help="GSM8K test items (default 32)")
+            p.add_argument("--draws", type=count_arg(2), default=8, help="seeded noise draws (default 8)")
+            p.add_argument("--answer-lines", type=count_arg(0), default=1, help="answer lines scored per item (0: all)")
+            p.add_argument("--seed", type=int, default=0, help="first noise seed (draw d uses seed + d)")
+            for flag, value in (
+                ("risky-loss", 0.10),
+                ("risky-top1", 0.80),
+                ("collapse-loss", 0.50),
+                ("collapse-top1", 0.50),
+            ):
+                p.add_argument(f"--{flag}", type=float, default=value, help=f"verdict line (default {value})")
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("--strategies", default="none,global,targeted,healthy")
-            p.add_argument("--seeds", type=count_arg(1), default=3)
+            p.add_argument(
+                "--seeds", type=count_arg(2), default=5, help="training runs per strategy, the unit (default 5)"
+            )
             p.add_argument("--steps", type=count_arg(1), default=20)
+            p.add_argument("--batch-size", type=count_arg(1), default=4, help="training sequences per step (default 4)")
             p.add_argument("--train-items", type=count_arg(1), default=256)
             p.add_argument("--eval-items", type=count_arg(1), default=32)
             p.add_argument(
-                "--targeted-share",
-                type=share_arg,
-                default=0.3,
-                help="when every layer is problematic, target this share of the worst (default 0.3)",
+                "--attribution", help="a scan JSON with per-layer attribution CIs: picks the targeted layers"
             )
             p.add_argument(
                 "--output", type=output_file_arg, help="write the markdown table here (and the JSON beside it)"
             )
+
+    gate = commands.add_parser(
+        "gate",
+        help="paired gate of CANDIDATE against BASELINE: exit 0 pass, 1 regression, 2 inconclusive / not comparable",
+    )
+    gate.add_argument("baseline", help='`eval gsm8k --output`, `eval loss --json` or {"per_item": {metric: [...]}}')
+    gate.add_argument("candidate", help="the same kind of document, on the same items")
+    gate.add_argument("--metric", help="default: exact match (strict), bits per byte or loss, or the only shared one")
+    gate.add_argument("--alpha", type=float, default=0.05, help="one-sided significance level (default 0.05)")
+    gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
+    gate.set_defaults(run=_gate)
 
     cmp = commands.add_parser("compare", help="compare two scan JSONs layer by layer (A vs B)")
     cmp.add_argument("a")

@@ -297,32 +297,56 @@ def compare_scans(a: dict, b: dict) -> str:
 
 
 def aqn_markdown(comparison, model: str, problematic: list[str], how: str) -> str:
-    """The experiment's §10.3 table: loss mean ± std per strategy, vs no AQN and vs global AQN
-    with paired p-values (per held-out item, averaged over seeds) and Cohen's d."""
-    rows = []
-    for r in comparison.rows():
+    """The experiment's §10.3 table with the seed as the unit: loss mean ± sd over seeds per
+    strategy, the difference from no AQN and the gap to the unquantized control, each paired by
+    seed with its 95 % t CI, p and d_z, "n.s." whenever the seed-level test is not significant."""
+    from harness.aqn.train import CONTROL as CONTROL_NAME
 
-        def rel(label: str, r=r) -> str:
-            if f"{label}_pct" not in r:
-                return "-"
-            verdict = "significant" if r[f"{label}_significant"] else "not significant"
-            return f"{r[f'{label}_pct']:+.2f}% (p={r[f'{label}_p']:.3g}, d={r[f'{label}_d']:+.2f}, {verdict})"
+    def cell(c: dict | None) -> str:
+        if c is None:
+            return "-"
+        return (
+            f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], p={c['p_value']:.3g}, "
+            f"d={c['cohens_d']:+.2f}, {'significant' if c['significant'] else 'n.s.'}"
+        )
 
-        rows.append([r["strategy"], f"{r['mean']:.4f} ± {r['std']:.4f}", rel("vs_none"), rel("vs_global")])
+    rows = [
+        [r["strategy"], f"{r['mean']:.4f} ± {r['std']:.4f}", cell(r.get("vs_none")), cell(r.get("gap"))]
+        for r in comparison.rows()
+    ]
+    c = comparison
+    settings = ", ".join(f"{k} {v}" for k, v in c.settings.items())
     lines = [
-        f"# AQN strategy comparison: {model} under {comparison.fmt} (W4A16), config {comparison.config}",
+        f"# AQN strategy comparison: {model} under {c.fmt} (W4A16), config {c.config}",
         "",
-        f"{comparison.steps} training steps (trainable RMSNorm weights, AdamW, straight-through W4A16) per run, "
-        f"seeds {comparison.seeds}; loss = answer-token NLL of the quantized model on held-out GSM8K test items "
-        f"(untrained quantized model: {comparison.reference_loss:.4f}); run time {comparison.seconds:.0f} s.",
-        f"Targeted = {how} ({len(problematic)}): {', '.join(problematic) or 'none'}; healthy = the others.",
+        "What is tested: teacher-forced training (NLL of GSM8K reference answers) of the RMSNorm weights "
+        "through a straight-through estimator under W4A16 fake quantization, with AQN noise on the weights. "
+        "This is not QeRL's RL, where AQN acts as exploration noise in sampled rollouts.",
+        "",
+        f"Per run: {settings} (AdamW); seeds {c.seeds} (one run per strategy per seed, the same batches); "
+        f"loss = token-weighted answer NLL on {c.eval_items} held-out GSM8K test items, of the quantized model "
+        f"(the `{CONTROL_NAME}` control: trained and evaluated without quantization or noise). Before training: "
+        f"unquantized {c.untrained_loss:.4f}, quantized {c.untrained_quantized_loss:.4f}. Run time {c.seconds:.0f} s.",
+        f"Targeted = {how} ({len(problematic)}): {', '.join(problematic) or 'none'}; healthy = the others."
+        if {"targeted", "healthy"} & set(c.strategies)
+        else "Targeted / healthy: not run (they need `--attribution` with per-layer attribution CIs).",
         "",
         tabulate(
-            rows, headers=["Strategy", "Loss (mean ± std over seeds)", "vs no AQN", "vs global AQN"], tablefmt="github"
+            rows,
+            headers=[
+                "Strategy",
+                "Loss (mean ± sd over seeds)",
+                "vs no AQN: diff [95% CI], p, d",
+                f"gap to the {CONTROL_NAME} control: diff [95% CI], p, d",
+            ],
+            tablefmt="github",
         ),
         "",
-        "p-values: paired t-test over held-out items (per-item loss averaged over seeds); a difference "
-        "with n < 30 items is never called significant.",
+        f"Statistics: the seed is the unit (n = {len(c.seeds)} runs per strategy): paired-by-seed t-test and "
+        "t CI of the per-seed differences, d = mean / sd of those differences (d_z); item counts do not add "
+        "degrees of freedom. The control separates the two effects: its drop from the untrained loss is "
+        "adaptation to the data; a strategy's gap to it is the quantization damage left after the same "
+        "training; AQN helps only where that gap is significantly smaller than no AQN's.",
     ]
-    lines += [f"- note: {n}" for n in comparison.notes]
+    lines += [f"- note: {n}" for n in c.notes]
     return "\n".join(lines) + "\n"

@@ -37,17 +37,6 @@ def count_arg(minimum: int) -> Callable[[str], int]:
     return convert
 
 
-def share_arg(text: str) -> float:
-    """A fraction in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (valid: a fraction in (0, 1])") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is out of range (valid: a fraction in (0, 1])")
-    return value
-
-
 def device_arg(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N`` with N a visible CUDA device."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -62,13 +62,11 @@ RANGE = "is out of range (valid: an integer >= {})"
         ([*SCAN, "--eval-items", "-1"], "argument --eval-items: -1 " + RANGE.format(0)),
         ([*GSM8K, "--limit", "0"], "argument --limit: 0 " + RANGE.format(1)),
         ([*GSM8K, "--limit", "-2"], "argument --limit: -2 " + RANGE.format(1)),
-        ([*AQN, "--seeds", "0"], "argument --seeds: 0 " + RANGE.format(1)),
+        ([*AQN, "--seeds", "0"], "argument --seeds: 0 " + RANGE.format(2)),
         ([*AQN, "--train-items", "0"], "argument --train-items: 0 " + RANGE.format(1)),
         ([*AQN, "--output", "aqn.json"], "error: --output aqn.json: the markdown goes there and the JSON beside it"),
-        (
-            [*AQN, "--targeted-share", "0"],
-            "argument --targeted-share: 0.0 is out of range (valid: a fraction in (0, 1])",
-        ),
+        ([*AQN, "--seeds", "1"], "argument --seeds: 1 " + RANGE.format(2)),
+        ([*AQN, "--attribution", "missing.json"], "error: missing.json: not a scan JSON with an 'attribution' list"),
         ([*LOSS, "--device", "bogus"], "argument --device: unknown device 'bogus'; valid devices: cpu"),
         ([*LOSS, "--device", "cuda:99"], "argument --device: device 'cuda:99' is not available; valid devices: cpu"),
         (

@@ -49,6 +49,11 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
     out = json.loads(capsys.readouterr().out)
     assert {"reference_loss", "loss", "kl", "top1_agree", "n", "p_value"} <= out.keys()
     assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0
+    per_item = out["per_item"]  # what `python -m harness gate` reads
+    assert set(per_item) == {"reference_loss", "loss", "kl", "top1_agree"} and all(
+        len(v) == 4 for v in per_item.values()
+    )
+    assert sum(per_item["kl"]) > 0 and all(0 <= x <= 1 for x in per_item["top1_agree"])
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "reference" in text and "underpowered (n < 30)" in text
@@ -86,7 +91,13 @@ def test_aqn_preflight_and_compare_on_a_tiny_model(tmp_path, capsys: pytest.Capt
         == 0
     )
     out = json.loads(capsys.readouterr().out)
-    assert out["verdict"] in ("ok", "risky", "collapse") and out["targets"] == 14 and out["config"] == "1D"
+    assert (
+        out["verdict"] in ("ok", "borderline", "risky", "collapse") and out["targets"] == 14 and out["config"] == "1D"
+    )
+    assert (
+        len(out["draws"]) == 8
+        and out["loss_increase"]["low"] <= out["loss_increase"]["mean"] <= out["loss_increase"]["high"]
+    )
     with pytest.raises(SystemExit):
         main(["aqn", "preflight", "--model", "tiny-llama", "--config", "broken-sigma-end-0", "--gsm8k-dir", data])
     assert "sigma_end must be > 0" in capsys.readouterr().err
@@ -121,8 +132,13 @@ def test_aqn_preflight_and_compare_on_a_tiny_model(tmp_path, capsys: pytest.Capt
         == 0
     )
     text = report.read_text()
-    assert "| none" in text and "| global" in text and "vs no AQN" in text
-    assert json.loads(report.with_suffix(".json").read_text())["seeds"] == [0, 1]
+    assert "| none" in text and "| global" in text and "| unquantized" in text and "vs no AQN" in text
+    assert "not QeRL's RL" in text and "the seed is the unit" in text
+    doc = json.loads(report.with_suffix(".json").read_text())
+    assert doc["seeds"] == [0, 1] and len(doc["per_seed_loss"]["unquantized"]) == 2
+    with pytest.raises(SystemExit):
+        main(["aqn", "compare", "--model", "tiny-llama", "--strategies", "none,targeted", "--gsm8k-dir", data])
+    assert "need --attribution SCAN.json" in capsys.readouterr().err
 
 
 def test_eval_gsm8k_bpb_runs_compares_and_saves(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

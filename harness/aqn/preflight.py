@@ -1,22 +1,39 @@
-"""Pre-flight: will this AQN configuration collapse the model?  Measured in seconds on the
-quantized model with noise at sigma_start on the chosen targets, against the same quantized
-model without noise (design §6).
+"""Pre-flight: will this AQN configuration collapse the model?  Measured in about a minute on the
+quantized model with noise at sigma_start on the chosen targets, against the same quantized model
+without noise (design §6), over ``draws`` seeded noise draws (default 8) on ``items`` GSM8K test
+items (default 32), never on one draw: on SmolLM2 one configuration (1C) moves from +2.6 % to
++10.4 % loss between draws.
 
-Verdict thresholds (relative increase of the answer loss, top-1 agreement with the noise-free
-quantized model):
-- ``collapse``: loss up by more than 50 % or top-1 agreement below 50 % — the model no longer
-  predicts what it predicted; the experiment's collapsed runs (1A, 1C on Qwen2.5-1.5B) went from
-  ~70 % to 0-2 % accuracy, far past this;
-- ``risky``: loss up by more than 10 % or agreement below 80 %;
-- ``ok``: otherwise.  The noise of a sound AQN setting is at most a few percent of the loss.
+Per draw d (noise seed ``seed + d``): the relative increase of the token-weighted answer loss,
+``loss_noisy_d / loss_quantized - 1``, and the top-1 agreement with the noise-free quantized model
+(plus KL and predictive entropy).  The noise-free quantized pass runs once and is reused by every
+draw.  The 95 % CI of each is Student's t over the draws, ``mean ± t_{0.975, D-1} · sd / sqrt(D)``:
+the items are fixed, so it is the uncertainty over noise draws on these items.
+
+To stay practical on a CPU, each item's answer is cut to its first ``answer_lines`` lines
+(default 1: the first reasoning step, ~30 tokens after a ~64-token question) and the items are
+sorted by length before batching (less padding); ``answer_lines=0`` keeps whole answers.
+
+Thresholds (``Thresholds``, relative loss increase / top-1 agreement):
+- collapse line: loss up by more than 50 % or agreement below 50 % — the model no longer predicts
+  what it predicted; the experiment's collapsed runs (1A, 1C on Qwen2.5-1.5B) went from ~70 % to
+  0-2 % accuracy, far past this;
+- risky line: loss up by more than 10 % or agreement below 80 %.
+Verdict from the CIs: each end of each CI falls in a zone (ok < risky < collapse); the verdict is
+that zone when the best ends of both CIs and the worst ends lie in the same zone (``ok`` only when
+the whole CIs clear the risky line, ``collapse`` only when one lies wholly beyond the collapse
+line), and ``borderline`` when a CI straddles a line.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+from scipy import stats
 from torch import nn
 
 from harness.aqn.configs import AQNConfig
@@ -25,8 +42,52 @@ from harness.data import Gsm8kItem
 from harness.eval.loss import evaluate_loss, reference_logprobs
 from harness.inject import QuantInjector
 
-COLLAPSE_LOSS_INCREASE, COLLAPSE_TOP1 = 0.50, 0.50
-RISKY_LOSS_INCREASE, RISKY_TOP1 = 0.10, 0.80
+DRAWS, ITEMS, ANSWER_LINES = 8, 32, 1
+ZONES = ("ok", "risky", "collapse")
+VERDICTS = ("ok", "borderline", "risky", "collapse")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The risky and collapse lines (see the module docstring for why these values)."""
+
+    risky_loss_increase: float = 0.10
+    risky_top1: float = 0.80
+    collapse_loss_increase: float = 0.50
+    collapse_top1: float = 0.50
+
+    def loss_zone(self, increase: float) -> int:
+        return 2 if increase > self.collapse_loss_increase else 1 if increase > self.risky_loss_increase else 0
+
+    def top1_zone(self, agree: float) -> int:
+        return 2 if agree < self.collapse_top1 else 1 if agree < self.risky_top1 else 0
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean, sd and the two-sided t confidence interval of the mean of per-draw values."""
+
+    mean: float
+    sd: float
+    low: float
+    high: float
+    confidence: float = 0.95
+
+    @classmethod
+    def over(cls, values: Sequence[float], confidence: float = 0.95) -> Interval:
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return cls(mean, math.nan, -math.inf, math.inf, confidence)
+        sd = statistics.stdev(values)
+        half = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+        return cls(mean, sd, mean - half, mean + half, confidence)
+
+
+def verdict(loss_increase: Interval, top1_agree: Interval, thresholds: Thresholds = Thresholds()) -> str:
+    """ok / borderline / risky / collapse from the two CIs (module docstring)."""
+    best = max(thresholds.loss_zone(loss_increase.low), thresholds.top1_zone(top1_agree.high))
+    worst = max(thresholds.loss_zone(loss_increase.high), thresholds.top1_zone(top1_agree.low))
+    return ZONES[best] if best == worst else "borderline"
 
 
 @dataclass(frozen=True)
@@ -36,25 +97,31 @@ class PreflightResult:
     layer_types: tuple[str, ...]
     targets: int
     items: int
+    answer_lines: int
     loss_quantized: float
-    loss_noisy: float
-    loss_increase: float
     entropy_quantized: float
-    entropy_noisy: float
-    top1_agree: float
-    kl: float
+    draws: list[dict[str, float]]
+    loss_increase: Interval
+    top1_agree: Interval
+    kl: Interval
     verdict: str
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    ci_method: str = "Student t over noise draws (items fixed)"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def verdict(loss_increase: float, top1_agree: float) -> str:
-    if loss_increase > COLLAPSE_LOSS_INCREASE or top1_agree < COLLAPSE_TOP1:
-        return "collapse"
-    if loss_increase > RISKY_LOSS_INCREASE or top1_agree < RISKY_TOP1:
-        return "risky"
-    return "ok"
+def preflight_items(items: Sequence[Gsm8kItem], answer_lines: int = ANSWER_LINES) -> list[Gsm8kItem]:
+    """The items the pre-flight scores: answers cut to their first ``answer_lines`` lines (0: whole),
+    sorted by text length so batches carry little padding (idempotent)."""
+    if answer_lines < 0:
+        raise ValueError(f"answer_lines must be >= 0 (0: whole answers), got {answer_lines}")
+    cut = [
+        Gsm8kItem(i.question, "\n".join(i.answer.split("\n")[:answer_lines]) if answer_lines else i.answer)
+        for i in items
+    ]
+    return sorted(cut, key=lambda i: len(i.text))
 
 
 def preflight(
@@ -66,32 +133,54 @@ def preflight(
     fmt: str = "mxfp4",
     point: str = "weight",
     include: Sequence[str] | None = None,
+    draws: int = DRAWS,
     seed: int = 0,
+    answer_lines: int = ANSWER_LINES,
     batch_size: int = 8,
+    thresholds: Thresholds = Thresholds(),
     clean: list | None = None,
 ) -> PreflightResult:
-    """``clean``: the noise-free quantized model's ``reference_logprobs`` on ``items`` when the
-    caller already has them (several configurations, one quantized model): one pass saved."""
+    """``draws`` noise draws (seeds ``seed`` … ``seed + draws - 1``) on ``preflight_items(items,
+    answer_lines)``.  ``clean``: the noise-free quantized model's ``reference_logprobs`` on those
+    items when the caller already has them (several configurations, one quantized model)."""
     config.schedule(total_steps=config.num_stages)  # invalid configurations raise before any noise
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2 for a confidence interval, got {draws}")
+    scored = preflight_items(items, answer_lines)
+    per_draw = []
     with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
         if clean is None:
-            clean = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
-        with NoiseInjector(model, config.layer_types, include=include, scale=config.scale, seed=seed) as noise:
-            with noise.noisy(config.sigma_start):
-                s = evaluate_loss(model, tokenizer, items, injector, reference=clean, batch_size=batch_size).summary()
-    increase = s["loss"] / s["reference_loss"] - 1
+            clean = reference_logprobs(model, tokenizer, scored, batch_size=batch_size)
+        for d in range(draws):
+            with NoiseInjector(model, config.layer_types, include=include, scale=config.scale, seed=seed + d) as noise:
+                with noise.noisy(config.sigma_start):
+                    result = evaluate_loss(model, tokenizer, scored, injector, reference=clean, batch_size=batch_size)
+            s = result.summary()
+            per_draw.append(
+                {
+                    "seed": seed + d,
+                    "loss_noisy": s["loss"],
+                    "loss_increase": s["loss"] / s["reference_loss"] - 1,
+                    "top1_agree": s["top1_agree"],
+                    "kl": s["kl"],
+                    "entropy_noisy": s["entropy"],
+                }
+            )
+    loss_ci = Interval.over([d["loss_increase"] for d in per_draw])
+    top1_ci = Interval.over([d["top1_agree"] for d in per_draw])
     return PreflightResult(
         config=config.name,
         sigma=config.sigma_start,
         layer_types=config.layer_types,
         targets=noise.touched,
         items=s["n"],
-        loss_quantized=s["reference_loss"],
-        loss_noisy=s["loss"],
-        loss_increase=increase,
+        answer_lines=answer_lines,
+        loss_quantized=s["reference_loss"],  # the "reference" of these passes is the noise-free quantized model
         entropy_quantized=s["reference_entropy"],
-        entropy_noisy=s["entropy"],
-        top1_agree=s["top1_agree"],
-        kl=s["kl"],
-        verdict=verdict(increase, s["top1_agree"]),
+        draws=per_draw,
+        loss_increase=loss_ci,
+        top1_agree=top1_ci,
+        kl=Interval.over([d["kl"] for d in per_draw]),
+        verdict=verdict(loss_ci, top1_ci, thresholds),
+        thresholds=thresholds,
     )

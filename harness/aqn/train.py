@@ -1,6 +1,13 @@
 """A short, seeded training loop under fake quantization with AQN, and the strategy comparison
 (design §6): every strategy trains for the same steps and seeds, then the quantized model's
-answer loss is measured on held-out GSM8K test items and compared item by item."""
+answer loss is measured on held-out GSM8K test items.  The seed (one training run) is the unit
+of every comparison, and an unquantized control trained with the same recipe tells adaptation to
+the data apart from recovery from quantization.
+
+What this tests: teacher-forced training (next-token NLL of GSM8K reference answers) of the
+RMSNorm weights through a straight-through estimator under W4A16 fake quantization, with AQN's
+noise on the weights.  It is not QeRL's RL (GRPO rollouts sampled from the noisy policy, where the
+noise acts as exploration): a result here says nothing about that mechanism."""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -18,8 +25,8 @@ from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector, is_rmsnorm
 from harness.batching import padded_batches
 from harness.data import Gsm8kItem
-from harness.eval.loss import LossResult, answer_loss, answer_spans, evaluate_loss, reference_logprobs
-from harness.eval.stats import compare_paired
+from harness.eval.loss import answer_loss, answer_spans, evaluate_loss, reference_logprobs
+from harness.eval.stats import compare_seeds
 from harness.inject import QuantInjector
 
 STRATEGIES = ("none", "global", "targeted", "healthy")
@@ -76,20 +83,23 @@ def train_and_evaluate(
     train_items: Sequence[Gsm8kItem],
     eval_items: Sequence[Gsm8kItem],
     *,
-    fmt: str,
+    fmt: str | None,
     config: AQNConfig | None,
     noise_include: Sequence[str] | None,
     settings: TrainSettings,
     reference: list | None = None,
-) -> LossResult:
-    """Train the norms for ``settings.steps`` under W4A16 ``fmt`` (+ AQN if ``config`` and
-    ``noise_include``), evaluate the quantized loss on ``eval_items``, restore the model."""
+) -> list[float]:
+    """Train the norms for ``settings.steps`` under W4A16 ``fmt`` (``None``: unquantized, the
+    control) + AQN if ``config`` and ``noise_include``, then return the per-item answer NLL sums
+    on ``eval_items`` of the model as trained (quantized when ``fmt``; ``reference``: the untrained
+    quantized model's log-probs, saving a pass); the model is restored after."""
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     schedule = config.schedule(settings.steps) if config is not None else None
     spans = answer_spans(tokenizer, train_items)
     device = next(model.parameters()).device
-    with trainable_norms(model) as params, QuantInjector(model, fmt, "weight", straight_through=True) as injector:
+    quant = QuantInjector(model, fmt, "weight", straight_through=True) if fmt else contextlib.nullcontext()
+    with trainable_norms(model) as params, quant as injector:
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         noise_ctx = (
             NoiseInjector(model, config.layer_types, include=noise_include, scale=config.scale, seed=settings.seed)
@@ -110,27 +120,59 @@ def train_and_evaluate(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             model.eval()
-        return evaluate_loss(model, tokenizer, eval_items, injector, reference=reference)
+        if injector is None:  # the control: the trained model itself, unquantized
+            return evaluate_loss(model, tokenizer, eval_items).reference_nll
+        return evaluate_loss(model, tokenizer, eval_items, injector, reference=reference).nll
+
+
+def harmful_layers(attribution: Sequence[dict]) -> list[str]:
+    """Layers whose quantization demonstrably hurts: the attribution entries (``harness scan
+    --attribution``: ``{"layer": name, "only": {"delta_loss": x, "ci": [low, high]}}``, or the
+    ``ci`` on the entry itself) whose CI of Δloss from quantizing that layer alone excludes 0 on the
+    harmful side (low > 0), worst first.  An entry without a CI is an error, never a guess."""
+    harmful = []
+    for entry in attribution:
+        if entry.get("layer") == "all":
+            continue
+        only = entry.get("only") or {}
+        ci = entry.get("ci", only.get("ci"))
+        if ci is None:
+            raise ValueError(
+                f"attribution entry {entry.get('layer')!r} has no 'ci' (a scan made before per-layer CIs): "
+                "rerun `python -m harness scan --attribution --output SCAN.json`"
+            )
+        if ci[0] > 0:
+            harmful.append((only.get("delta_loss", entry.get("delta_loss", ci[0])), entry["layer"]))
+    return [layer for _, layer in sorted(harmful, reverse=True)]
+
+
+CONTROL = "unquantized"  # trained with the same recipe, without quantization or noise
 
 
 @dataclass
 class StrategyComparison:
+    """Per strategy (and the unquantized ``CONTROL``), one token-weighted eval loss per seed; the
+    seeds are the unit of every comparison (harness.eval.stats.compare_seeds)."""
+
     fmt: str
     config: str
     strategies: list[str]
     seeds: list[int]
     steps: int
+    settings: dict = field(default_factory=dict)
+    eval_items: int = 0
     per_seed_loss: dict[str, list[float]] = field(default_factory=dict)
-    per_item_loss: dict[str, list[float]] = field(default_factory=dict)  # mean over seeds
-    reference_loss: float = float("nan")
+    per_run_items: dict[str, list[list[float]]] = field(default_factory=dict)  # per seed, per item
+    untrained_loss: float = float("nan")  # the unquantized model before training
+    untrained_quantized_loss: float = float("nan")  # the quantized model before training
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
-        base = statistics.mean(self.per_seed_loss["none"]) if "none" in self.per_seed_loss else None
-        glob = statistics.mean(self.per_seed_loss["global"]) if "global" in self.per_seed_loss else None
+        """Per strategy: mean ± sd over seeds; vs ``none`` and the gap to the unquantized control,
+        each paired by seed with its CI, p, d_z and "significant" / "n.s."."""
         out = []
-        for s in self.strategies:
+        for s in [*self.strategies, CONTROL]:
             if s not in self.per_seed_loss:
                 continue
             losses = self.per_seed_loss[s]
@@ -139,17 +181,9 @@ class StrategyComparison:
                 "mean": statistics.mean(losses),
                 "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             }
-            for label, ref_name, ref in (("vs_none", "none", base), ("vs_global", "global", glob)):
-                if ref is None or s == ref_name:
-                    continue
-                cmp = compare_paired(self.per_item_loss[ref_name], self.per_item_loss[s])
-                row |= {
-                    f"{label}_pct": 100 * (row["mean"] / ref - 1),
-                    f"{label}_p": cmp.p_value,
-                    f"{label}_d": cmp.cohens_d,
-                    f"{label}_significant": cmp.significant,
-                    "n_items": cmp.n,
-                }
+            for label, ref in (("vs_none", "none"), ("gap", CONTROL)):
+                if ref in self.per_seed_loss and s != ref:
+                    row[label] = compare_seeds(self.per_seed_loss[ref], losses).as_dict()
             out.append(row)
         return out
 
@@ -167,37 +201,44 @@ def compare_strategies(
     steps: int,
     layers: Sequence[str],
     problematic: Sequence[str],
+    batch_size: int = TrainSettings.batch_size,
     progress: bool = False,
 ) -> StrategyComparison:
+    """Every strategy and the unquantized control, trained for the same steps on the same batches
+    (one seed = one run of each), evaluated on ``eval_items``."""
     config.schedule(steps)  # an invalid configuration fails before any training
     started = time.perf_counter()
     result = StrategyComparison(fmt, config.name, list(strategies), list(seeds), steps)
+    result.eval_items = len(eval_items)
+    result.settings = {k: v for k, v in asdict(TrainSettings(steps, batch_size)).items() if k != "seed"}
+    untrained = evaluate_loss(model, tokenizer, eval_items)
     with QuantInjector(model, fmt, "weight"):  # the untrained quantized model's outputs
         reference = reference_logprobs(model, tokenizer, eval_items)
-    for strategy in strategies:
-        include = strategy_targets(strategy, layers, problematic)
-        if strategy != "none" and not include:
+    tokens = untrained.n_tokens
+    result.untrained_loss = sum(untrained.reference_nll) / sum(tokens)
+    result.untrained_quantized_loss = sum(-lp.gather(-1, t[:, None]).sum().item() for lp, t in reference) / sum(tokens)
+    for strategy in [*strategies, CONTROL]:
+        include = strategy_targets(strategy, layers, problematic) if strategy != CONTROL else None
+        if strategy not in ("none", CONTROL) and not include:
             result.notes.append(f"{strategy}: no layers to noise (skipped)")
             continue
         runs = []
         for seed in seeds:
-            res = train_and_evaluate(
+            nll = train_and_evaluate(
                 model,
                 tokenizer,
                 train_items,
                 eval_items,
-                fmt=fmt,
-                config=config if strategy != "none" else None,
+                fmt=fmt if strategy != CONTROL else None,
+                config=config if strategy not in ("none", CONTROL) else None,
                 noise_include=include,
-                settings=TrainSettings(steps=steps, seed=seed),
+                settings=TrainSettings(steps=steps, batch_size=batch_size, seed=seed),
                 reference=reference,
             )
-            runs.append(res)
+            runs.append([x / t for x, t in zip(nll, tokens)])
+            result.per_seed_loss.setdefault(strategy, []).append(sum(nll) / sum(tokens))
             if progress:
-                print(f"  {strategy} seed {seed}: loss {res.summary()['loss']:.4f}", flush=True)
-        result.per_seed_loss[strategy] = [r.summary()["loss"] for r in runs]
-        per_item = [r.item_losses(r.nll) for r in runs]
-        result.per_item_loss[strategy] = [statistics.mean(v) for v in zip(*per_item)]
-        result.reference_loss = runs[0].summary()["reference_loss"]
+                print(f"  {strategy} seed {seed}: loss {result.per_seed_loss[strategy][-1]:.4f}", flush=True)
+        result.per_run_items[strategy] = runs
     result.seconds = time.perf_counter() - started
     return result

@@ -116,3 +116,48 @@ def compare_paired(
         underpowered=underpowered,
         significant=(p < alpha) and not underpowered,
     )
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """``b`` against ``a`` with the training run as the unit: one value per seed on each side,
+    paired by seed (same data order, same initial noise stream)."""
+
+    seeds: int
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided paired t-test over seeds
+    cohens_d: float  # d_z = mean / sd of the per-seed differences
+    significant: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return "significant" if self.significant else "n.s."
+
+
+def compare_seeds(
+    a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05, confidence: float = 0.95
+) -> SeedComparison:
+    """Per-seed values of two strategies, paired by seed: mean difference ``b - a``, its t CI over
+    seeds (``mean ± t_{(1+c)/2, S-1} · sd / sqrt(S)``), paired t-test p and d_z.  However many items
+    each run was evaluated on, the seeds are the replicates: three seeds give 2 degrees of freedom."""
+    if len(a) != len(b):
+        raise ValueError(f"seed comparison needs the same seeds on both sides: {len(a)} vs {len(b)}")
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    s = len(diff)
+    sd = float(diff.std(ddof=1)) if s > 1 else math.nan
+    half = float(stats.t.ppf((1 + confidence) / 2, s - 1) * sd / math.sqrt(s)) if s > 1 and sd > 0 else 0.0
+    p = paired_t_p(a, b) if s > 1 else 1.0
+    return SeedComparison(
+        seeds=s,
+        mean_diff=float(diff.mean()),
+        ci_low=float(diff.mean()) - half,
+        ci_high=float(diff.mean()) + half,
+        p_value=p,
+        cohens_d=cohens_d_paired(a, b),
+        significant=s > 1 and p < alpha,
+    )

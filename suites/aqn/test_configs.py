@@ -1,11 +1,15 @@
 """AQN configurations from QeRL and the experiment's notes (§14, §19-§22) on the model under
 test: schedules, validation, targets, and the pre-flight verdicts.
 
-Which absolute sigma is safe depends on the model's weights.  On SmolLM2 (RMSNorm weights mean
-0.29; MXFP4 W4A16 answer loss 1.80 on 16 items) QeRL's default sigma 0.05 on the norms raises the
-loss to ~4.9 and 1A (0.05 on Linear) to ~7: both collapse, while QeRL's NVFP4-script sigma 0.01 on
-the norms (~1.88) and 1D (0.001 on Linear, ~1.80) are ok.  The verdict thresholds are documented
-in harness/aqn/preflight.py.
+Which absolute sigma is safe depends on the model's weights.  The verdicts follow the CI over
+noise draws (harness/aqn/preflight.py); here every configuration runs on 32 items (first answer
+lines) with 4 draws, the first 4 of `aqn preflight`'s 8, so the CIs are wider than the command's.
+Measured on SmolLM2 (noise-free MXFP4 loss 2.502 on those items): QeRL's default sigma 0.05 on the
+norms (= 1E) raises the loss by +67 % to +306 % depending on the draw: with 4 draws the CI
+straddles the collapse line (borderline; with 8 draws `aqn preflight` says collapse); 1A (0.05
+on Linear) collapses on every draw (top-1 agreement 0.05); 1C (0.005 on Linear) costs +0.7 % to
++9.5 % of loss but its top-1 agreement CI lies below 0.80: risky, not ok; 1D (0.001 on Linear)
+is ok (+0.9 %, agreement 0.867).
 """
 
 from __future__ import annotations
@@ -15,27 +19,24 @@ import torch
 
 from harness.aqn.configs import CONFIGS
 from harness.aqn.noise import NoiseInjector
-from harness.aqn.preflight import preflight
+from harness.aqn.preflight import preflight, preflight_items
 from harness.aqn.schedule import ScheduleError
 from harness.eval.loss import reference_logprobs
 from harness.inject import QuantInjector
 
 pytestmark = [pytest.mark.aqn, pytest.mark.mxfp4]
-PREFLIGHT_ITEMS = 16
+PREFLIGHT_ITEMS, PREFLIGHT_DRAWS = 16, 4  # CI-sized; `aqn preflight` defaults to 32 items x 8 draws
+# The 4-draw verdicts measured for SmolLM2 (harness 12: BOS policy, first answer lines, 32 items).
+# 1B was not re-measured with the CI over draws (the shared machine ran out of time): its case
+# runs and records its CIs but asserts no verdict until one is measured.
 EXPECTED = {
-    "qerl-default": "collapse",
+    "qerl-default": "borderline",
     "qerl-nvfp4": "ok",
     "1A": "collapse",
+    "1C": "risky",
     "1D": "ok",
-    "1B": "collapse",
-    "1C": "ok",
-    "1E": "collapse",
+    "1E": "borderline",
 }
-IN_CI = ("qerl-default", "qerl-nvfp4", "1A", "1D")
-
-
-def config_params(names) -> list:
-    return [pytest.param(CONFIGS[n], id=n, marks=[] if n in IN_CI else [pytest.mark.slow]) for n in names]
 
 
 @pytest.mark.parametrize("config", [pytest.param(c, id=c.name) for c in CONFIGS.values()])
@@ -71,17 +72,21 @@ def quantized_clean(lm, loss_items):
     configuration's pre-flight (what preflight() computes itself when not given them)."""
     model, tok = lm
     with QuantInjector(model, "mxfp4", "weight", generator=torch.Generator().manual_seed(0)):
-        return reference_logprobs(model, tok, loss_items[:PREFLIGHT_ITEMS])
+        return reference_logprobs(model, tok, preflight_items(loss_items[:PREFLIGHT_ITEMS]))
 
 
-@pytest.mark.parametrize("config", config_params(EXPECTED))
+@pytest.mark.parametrize("config", [pytest.param(c, id=c.name) for c in CONFIGS.values() if c.sigma_end > 0])
 def test_preflight_verdict(lm, loss_items, quantized_clean, config, metrics) -> None:
     model, tok = lm
-    result = preflight(model, tok, loss_items[:PREFLIGHT_ITEMS], config, clean=quantized_clean)
-    metrics.record(loss_quantized=result.loss_quantized, loss_noisy=result.loss_noisy, top1_agree=result.top1_agree)
-    if model.config.num_hidden_layers == 30:  # the verdicts measured for SmolLM2
+    result = preflight(model, tok, loss_items[:PREFLIGHT_ITEMS], config, draws=PREFLIGHT_DRAWS, clean=quantized_clean)
+    li, t1 = result.loss_increase, result.top1_agree
+    metrics.record(
+        loss_quantized=result.loss_quantized, loss_increase=li.mean, loss_increase_ci_low=li.low, top1_agree=t1.mean
+    )
+    assert len(result.draws) == PREFLIGHT_DRAWS and li.low <= li.mean <= li.high and t1.low <= t1.mean <= t1.high
+    if model.config.num_hidden_layers == 30 and config.name in EXPECTED:  # the verdicts measured for SmolLM2
         assert result.verdict == EXPECTED[config.name], result
-    assert result.loss_noisy >= result.loss_quantized * 0.98
+    assert min(d["loss_noisy"] for d in result.draws) >= result.loss_quantized * 0.98
 
 
 def test_broken_configuration_fails_preflight_before_any_noise(lm, loss_items) -> None:
