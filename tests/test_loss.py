@@ -22,9 +22,11 @@ ITEMS = [
 
 @torch.no_grad()
 def direct_nll(model, tok, item: Gsm8kItem) -> tuple[float, int]:
-    """Sum of -log p(answer token) for one item, unbatched, straight from the definition."""
-    ids = tok(item.text)["input_ids"]
-    start = len(tok(item.prompt)["input_ids"])
+    """Sum of -log p(answer token) for one item, unbatched, straight from the definition: the
+    text without special tokens after one BOS (the tiny tokenizer has none: its EOS)."""
+    first = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    ids = first + tok(item.text, add_special_tokens=False)["input_ids"]
+    start = 1 + len(tok(item.prompt, add_special_tokens=False)["input_ids"])
     logp = F.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
     return -sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))), len(ids) - start
 

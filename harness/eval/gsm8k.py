@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from torch import nn
 
+from harness.batching import prefix_token_id
 from harness.data import GSM8K_ENV, SPLITS, gsm8k_dir
 from harness.eval.stats import PairedComparison, compare_paired
 
@@ -183,11 +184,18 @@ def evaluate_gsm8k(
     model: nn.Module, tokenizer, task: str = "gsm8k_bpb", *, batch_size: int = 8, **options
 ) -> Gsm8kResult:
     """:func:`run_task` on the in-memory model as it is now (quantized while an injector is
-    active), wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)``."""
+    active), wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)`` with the harness's BOS
+    policy as its loglikelihood prefix (``harness.batching.prefix_token_id``, lm-eval's own rule)."""
     from lm_eval.models.huggingface import HFLM
 
     device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=str(device),
+        prefix_token_id=prefix_token_id(tokenizer),
+    )
     return run_task(lm, task, **options)
 
 

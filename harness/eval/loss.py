@@ -1,10 +1,12 @@
 """Answer-token loss, KL(ref || quant) and top-1 agreement on GSM8K items (design §7).
 
-``loss``: the text ``Question: {q}\\nAnswer: {a}`` is tokenized once with the tokenizer's
-defaults; the answer tokens are those past the length of ``Question: {q}\\nAnswer:`` tokenized the
-same way; ``loss`` is the token-weighted mean NLL over all answer tokens of all items (per-item
-means feed the paired statistics).  ``kl`` and ``top1_agree`` compare the next-token
-distributions of the reference (injector paused) and the quantized model at the same positions.
+``loss``: the text ``Question: {q}\\nAnswer: {a}`` is tokenized once under the harness's BOS
+policy (``harness.batching.encode``: one BOS, else EOS, then the text without special tokens,
+as lm-eval's rolling loglikelihood does); the answer tokens are those past the length of
+``Question: {q}\\nAnswer:`` tokenized the same way; ``loss`` is the token-weighted mean NLL
+over all answer tokens of all items (per-item means feed the paired statistics).  ``kl`` and
+``top1_agree`` compare the next-token distributions of the reference (injector paused) and the
+quantized model at the same positions.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from harness.batching import padded_batches
+from harness.batching import encode, padded_batches
 from harness.data import Gsm8kItem
 from harness.eval.stats import PairedComparison, compare_paired
 
@@ -65,8 +67,8 @@ def answer_spans(tokenizer, items: Sequence[Gsm8kItem]) -> list[tuple[list[int],
     """Per item: the token ids of the full text and the index of its first answer token."""
     spans = []
     for item in items:
-        ids = tokenizer(item.text)["input_ids"]
-        start = len(tokenizer(item.prompt)["input_ids"])
+        ids = encode(tokenizer, item.text)
+        start = len(encode(tokenizer, item.prompt))
         if start >= len(ids):
             raise ValueError(f"item has no answer tokens after its prompt: {item.question[:60]!r}")
         spans.append((ids, start))

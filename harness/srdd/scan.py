@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harness.batching import padded_batches
+from harness.batching import encode, padded_batches
 from harness.data import Gsm8kItem
 from harness.eval.loss import evaluate_loss, reference_logprobs
 from harness.formats import fake_quantize, representable_max
@@ -91,7 +91,7 @@ def _body(model: nn.Module) -> nn.Module:
 
 
 def _texts(tokenizer, items: Sequence[Gsm8kItem]) -> list[list[int]]:
-    return [tokenizer(item.text)["input_ids"] for item in items]
+    return [encode(tokenizer, item.text) for item in items]
 
 
 def _one_batch(model: nn.Module, tokenizer, items: Sequence[Gsm8kItem]) -> tuple[torch.Tensor, torch.Tensor]:
