@@ -61,13 +61,9 @@ class AttributionEntry:
 
 
 @dataclass
-class RecommendationReport:
-    action: str
-    problematic_share: float
-    bf16_layers: list[str]
-    aqn_layers: list[str]
-    alternative_format: str | None
-    reason: str
+class RecommendationReport(Recommendation):
+    """The rules' recommendation and what its verification against a control found."""
+
     confirmed: bool | None = None  # None: nothing to verify (no_action, or no evaluation items)
     control_recovery: float | None = None
     verification: Verification | None = None
