@@ -266,11 +266,12 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     scan.weight_scan(model, args.format, result)
     findings = layer_findings(result, layers, Thresholds())
     problematic = [f.name for f in findings if f.problematic]
-    how = "SRDD-problematic at the default thresholds"
-    if len(problematic) == len(layers):  # no healthy complement: target the worst share by weight SQNR
+    how = "SRDD-problematic (weight rules)"
+    if len(problematic) in (0, len(layers)):  # no problematic or no healthy layer: the worst share by SQNR
+        which = "every" if problematic else "no"
         ranked = sorted(findings, key=lambda f: f.metrics["weight_sqnr_db"])
         problematic = [f.name for f in ranked[: math.ceil(args.targeted_share * len(layers))]]
-        how = f"every layer is SRDD-problematic, so the worst {args.targeted_share:.0%} by weight SQNR"
+        how = f"{which} layer is SRDD-problematic, so the worst {args.targeted_share:.0%} by weight SQNR"
     comparison = compare_strategies(
         model,
         tok,
