@@ -150,6 +150,8 @@ class Peak:
     def update(self, h: torch.Tensor, positions: torch.Tensor) -> Peak:
         """``h``: (tokens, hidden) of real tokens; ``positions``: each row's position in its text."""
         a = h.detach().abs().float()
+        if a.numel() == 0:
+            return self
         flat = int(a.argmax())
         row, dim = divmod(flat, a.shape[-1])
         if a.numel() and float(a.view(-1)[flat]) > self.value:
