@@ -17,7 +17,6 @@ from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL
 from harness.validate import (
     check_compare_to,
-    check_scan_doc,
     check_scan_options,
     count_arg,
     device_arg,
@@ -168,8 +167,8 @@ def _scan(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
     from harness.formats import get_format
     from harness.models import load_model, model_key
-    from harness.report import markdown_summary, write_report
     from harness.srdd.criteria import Thresholds
+    from harness.srdd.report import markdown_summary, write_report
     from harness.srdd.run import scan_model
 
     check_scan_options(args.attribution, args.eval_items, args.instability_runs)
@@ -206,24 +205,21 @@ def _scan(args: argparse.Namespace) -> int:
         progress=True,
     )
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
+        doc.write(args.output)
     if args.report_dir:
         print(f"report: {write_report(doc, args.report_dir)}")
     print(markdown_summary(doc))
+    if doc.has_nonfinite:
+        print("error: NaN/Inf found (see the non-finite findings above)", file=sys.stderr)
+        return 1
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.report import compare_scans
+    from harness.srdd.document import ScanDocument
+    from harness.srdd.report import compare_scans
 
-    docs = []
-    for path in (args.a, args.b):
-        try:
-            docs.append(check_scan_doc(json.loads(Path(path).read_text()), path))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a readable scan JSON ({err})") from err
-    print(compare_scans(*docs))
+    print(compare_scans(ScanDocument.read(args.a), ScanDocument.read(args.b)))
     return 0
 
 
@@ -405,19 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--format", required=True, choices=list_formats())
     sc.add_argument("--point", default="weight", choices=POINTS)
     sc.add_argument("--prompts", type=count_arg(1), default=32, help="calibration texts from GSM8K train (default 32)")
-    sc.add_argument("--sqnr-threshold", type=float, default=20.0)
-    sc.add_argument("--deadzone-threshold", type=float, default=0.05)
-    sc.add_argument("--saturation-threshold", type=float, default=0.01)
-    sc.add_argument("--relative-error-threshold", type=float, default=0.10)
-    sc.add_argument("--kurtosis-ratio-threshold", type=float, default=0.9)
-    sc.add_argument("--gain-ratio-threshold", type=float, default=0.9)
+    sc.add_argument("--sqnr-threshold", type=float, default=None)
+    sc.add_argument("--deadzone-threshold", type=float, default=None)
+    sc.add_argument("--saturation-threshold", type=float, default=None)
+    sc.add_argument("--relative-error-threshold", type=float, default=None)
+    sc.add_argument("--kurtosis-ratio-threshold", type=float, default=None)
+    sc.add_argument("--gain-ratio-threshold", type=float, default=None)
     sc.add_argument(
         "--eval-items",
         type=count_arg(0),
-        default=16,
-        help="GSM8K test items for attribution and verification (0: skip both; default 16)",
+        default=32,
+        help="GSM8K test items for attribution and verification (0: skip both; default 32)",
     )
-    sc.add_argument("--attribution", action="store_true", help="per-layer loss attribution (2 loss passes a layer)")
+    sc.add_argument("--attribution", action="store_true", help="per-layer loss attribution with 95%% CIs")
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
     sc.add_argument(
         "--instability-runs",

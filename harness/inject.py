@@ -21,6 +21,12 @@ POINTS = ("weight", "input", "both")
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[QuantInjector]] = weakref.WeakKeyDictionary()
 
 
+def causal_at(fmt: str, point: str) -> bool:
+    """Whether ``fmt`` may quantize at ``point``: a block of a (tokens x hidden) activation must
+    lie within one token, so 2-D tiles are for weights only."""
+    return point == "weight" or len(get_format(fmt).block_shape) == 1
+
+
 @dataclass(frozen=True)
 class InjectedModule:
     """One Linear the injector touched: its name, weight shape, format and point."""
@@ -128,12 +134,16 @@ class QuantInjector:
         generator: torch.Generator | None = None,
         observer: Callable[[str, str, torch.Tensor, torch.Tensor, str], None] | None = None,
     ) -> None:
-        get_format(fmt)
-        for f in (overrides or {}).values():
-            if f is not None:
-                get_format(f)
         if point not in POINTS:
             raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
+        for f in [fmt, *(overrides or {}).values()]:
+            if f is not None and not causal_at(f, point):
+                raise ValueError(
+                    f"format {f!r} cannot quantize activations (point {point!r}): its "
+                    f"{'x'.join(map(str, get_format(f).block_shape))} tiles of a (tokens x hidden) input would mix "
+                    "tokens, so a token's output would depend on later tokens and on its batch (non-causal); "
+                    "use it at point 'weight', or a 1-D block format for activations"
+                )
         self.model, self.fmt, self.point = model, fmt, point
         self.targets, self.exclude, self.overrides = targets, tuple(exclude), dict(overrides or {})
         self.straight_through, self.generator, self.observer = straight_through, generator, observer

@@ -106,15 +106,6 @@ def check_compare_to(path: str, task: str, limit: int | None) -> dict[str, list[
     return per_item
 
 
-def check_scan_doc(doc: object, path: str) -> dict:
-    """A scan JSON (``scan --output``): an object with model, format, point, layers and summary."""
-    needed = ("model", "format", "point", "layers", "summary")
-    missing = [k for k in needed if k not in doc] if isinstance(doc, dict) else list(needed)
-    if missing:
-        raise UsageError(f"{path} is not a scan JSON (`scan --output`): missing {', '.join(missing)}")
-    return doc
-
-
 def check_scan_options(attribution: bool, eval_items: int, instability_runs: int | None) -> None:
     """Scan options that contradict each other: attribution needs evaluation items; the
     instability scan needs 0 (skip) or >= 2 runs (a spread of one run is undefined)."""

@@ -123,7 +123,7 @@ def test_compare_of_a_json_that_is_not_a_scan(tmp_path, capsys) -> None:
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"format": "mxfp4"}))
     line = _usage_error(["compare", str(other), str(other)], capsys)
-    assert line == f"error: {other} is not a scan JSON (`scan --output`): missing model, point, layers, summary"
+    assert line == f"error: {other} is not a scan JSON (`scan --output`): missing schema_version, model, point, layers"
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,15 @@ import pytest
 from harness.cli import main
 from harness.data import Gsm8kItem
 from harness.models import load_model
-from harness.report import compare_scans, write_report
+from harness.srdd.document import SCHEMA_VERSION, ScanDocument
+from harness.srdd.report import compare_scans, write_report
 from harness.srdd.run import scan_model
 
 ITEMS = [Gsm8kItem(f"What is {i} times 3?", f"{i} * 3 = {3 * i}\n#### {3 * i}") for i in range(6)]
 
 
 @pytest.fixture(scope="module")
-def doc() -> dict:
+def doc() -> ScanDocument:
     model, tok = load_model("tiny-llama")
     return scan_model(
         model,
@@ -31,32 +32,41 @@ def doc() -> dict:
     )
 
 
-def test_scan_document_has_the_documented_keys(doc: dict) -> None:
-    assert {"model", "format", "point", "modules", "layers", "attribution", "summary"} <= doc.keys()
-    assert len(doc["modules"]) == 14 and len(doc["layers"]) == 2
-    layer = doc["layers"][0]
+def test_scan_document_has_the_documented_keys_and_round_trips(doc: ScanDocument) -> None:
+    data = json.loads(json.dumps(doc.to_json()))
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert {"model", "format", "point", "modules", "layers", "attribution", "recommendation"} <= data.keys()
+    assert len(data["modules"]) == 14 and len(data["layers"]) == 2
+    layer = data["layers"][0]
+    assert {"name", "problematic", "reasons", "metrics"} <= layer.keys() and isinstance(layer["problematic"], bool)
     assert {
-        "name",
         "weight_sqnr_db",
+        "weight_sqnr_db_floor",
         "input_sqnr_db",
+        "output_error",
         "kurtosis_ratio",
+        "massive_ratio",
         "gain_ratio",
         "instability",
-        "problematic",
-        "issues",
-    } <= layer.keys()
-    assert {"problematic_layers", "recommendation"} <= doc["summary"].keys()
-    assert [row["layer"] for row in doc["attribution"]] == ["all", "model.layers.0", "model.layers.1"]
-    json.dumps(doc)  # serialisable
+    } <= layer["metrics"].keys()
+    assert {"confirmed", "control_recovery", "action"} <= data["recommendation"].keys()
+    assert [a["layer"] for a in data["attribution"]] == ["all", "model.layers.0", "model.layers.1"]
+    assert all(len(a["ci"]) == 2 and a["ci"][0] <= a["delta_loss"] <= a["ci"][1] for a in data["attribution"])
+    assert ScanDocument.from_json(data) == doc
 
 
-def test_report_directory(doc: dict, tmp_path) -> None:
+def test_an_old_document_is_refused_with_its_version() -> None:
+    with pytest.raises(ValueError, match="schema version 1"):
+        ScanDocument.from_json({"schema_version": 1})
+
+
+def test_report_directory(doc: ScanDocument, tmp_path) -> None:
     summary = write_report(doc, tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"summary.md", "results.json", "sqnr.png", "deadzone.png", "attribution.png"} <= names
     text = summary.read_text()
     for section in (
-        "## Metric ranges against thresholds",
+        "## Metric ranges and floors",
         "## Layer groups",
         "## Problematic layers",
         "## Loss attribution",
@@ -64,16 +74,17 @@ def test_report_directory(doc: dict, tmp_path) -> None:
     ):
         assert section in text
     assert (tmp_path / "sqnr.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "results.json").read_text())["format"] == "mxfp4"
+    assert ScanDocument.read(tmp_path / "results.json") == doc
 
 
-def test_compare_two_scans(doc: dict) -> None:
-    other = json.loads(json.dumps(doc))
-    other["format"] = "mxfp8_e4m3"
-    for row in other["layers"]:
-        row["weight_sqnr_db"] += 12.0
-        row["problematic"] = False
-    text = compare_scans(doc, other)
+def test_compare_two_scans(doc: ScanDocument) -> None:
+    other = ScanDocument.from_json(json.loads(json.dumps(doc.to_json())))
+    other.format = "mxfp8_e4m3"
+    doc_bad = ScanDocument.from_json(json.loads(json.dumps(doc.to_json())))
+    doc_bad.layers[1].problematic = True
+    for row in other.layers:
+        row.metrics["weight_sqnr_db"] += 12.0
+    text = compare_scans(doc_bad, other)
     assert "A = tiny-llama/mxfp4/both, B = tiny-llama/mxfp8_e4m3/both" in text
     assert "yes → no" in text and "model.layers.1" in text
 
@@ -104,7 +115,7 @@ def test_cli_scan_and_compare(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
     ]
     assert main(argv) == 0
     assert "# SRDD scan: tiny-qwen2 under nvfp4 (weight)" in capsys.readouterr().out
-    assert json.loads(out.read_text())["prompts"] == 4 and (tmp_path / "rep" / "summary.md").exists()
+    assert ScanDocument.read(out).prompts == 4 and (tmp_path / "rep" / "summary.md").exists()
     assert main(["compare", str(out), str(out)]) == 0
     assert "SRDD comparison" in capsys.readouterr().out
     with pytest.raises(SystemExit):

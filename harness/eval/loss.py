@@ -83,7 +83,7 @@ def answer_spans(tokenizer, items: Sequence[Gsm8kItem]) -> list[tuple[list[int],
     return spans
 
 
-def _batches(tokenizer, items: Sequence[Gsm8kItem], batch_size: int, device: torch.device, progress: bool):
+def answer_batches(tokenizer, items: Sequence[Gsm8kItem], batch_size: int, device: torch.device, progress: bool):
     """Right-padded batches: (input_ids, attention_mask, [(length, first answer index)])."""
     spans = answer_spans(tokenizer, items)
     batches = padded_batches(tokenizer, [ids for ids, _ in spans], batch_size, device, desc="loss", progress=progress)
@@ -126,7 +126,7 @@ def reference_logprobs(
     device = next(model.parameters()).device
     return [
         lp
-        for input_ids, mask, lengths in _batches(tokenizer, items, batch_size, device, progress)
+        for input_ids, mask, lengths in answer_batches(tokenizer, items, batch_size, device, progress)
         for lp in _answer_logprobs(model, input_ids, mask, lengths)
     ]
 
@@ -149,7 +149,7 @@ def evaluate_loss(
     device = next(model.parameters()).device
     result = LossResult()
     k = 0
-    for input_ids, mask, lengths in _batches(tokenizer, items, batch_size, device, progress):
+    for input_ids, mask, lengths in answer_batches(tokenizer, items, batch_size, device, progress):
         if reference is not None:
             refs = reference[k : k + len(lengths)]
         else:

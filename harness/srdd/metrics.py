@@ -9,6 +9,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from harness.formats import get_format, representable_max
+
+
+def clip_threshold(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per element of ``x``: the magnitude above which clipping changes the result, i.e. the
+    block's largest representable value ``M·s`` plus half the element grid's top step ``Δ``:
+    ``(M + Δ/2)·s``.  A value in ``(M·s, (M + Δ/2)·s]`` would round to ``M·s`` anyway (MXFP4:
+    (6s, 7s] rounds to 6s), so clipping costs it nothing."""
+    elem = get_format(fmt).element
+    grid = elem.grid()
+    return representable_max(x, fmt) * ((grid[-1] + (grid[-1] - grid[-2]) / 2) / grid[-1])
+
 
 @dataclass
 class QuantErrorStats:
@@ -16,9 +28,12 @@ class QuantErrorStats:
 
     - ``sqnr_db``: 10·log10(Σx² / Σ(x−q)²); +inf when q == x; NaN when x is all zero.
     - ``deadzone_ratio``: #(x≠0 ∧ q=0) / #(x≠0) — small values lost to zero.
-    - ``saturation_ratio``: #(|x| > largest representable value of its block) / #x — values
-      actually clipped (needs ``limit`` from ``harness.formats.representable_max``).
+    - ``saturation_ratio``: #(|x| > clip threshold) / #x — values whose clipping changes the
+      result (needs ``clip_at`` from :func:`clip_threshold`); ``clip_share``: their share of the
+      error energy, Σ_clipped (x−q)² / Σ (x−q)².
     - ``relative_error``: mean over x≠0 of |x−q| / |x|.
+    - ``nonfinite``: #(x or q not finite); those elements are left out of every other sum, and a
+      scan reports any as a finding of its own.
     """
 
     count: int = 0
@@ -27,17 +42,26 @@ class QuantErrorStats:
     saturated: int = 0
     signal: float = 0.0
     noise: float = 0.0
+    clip_noise: float = 0.0
     relative: float = 0.0
+    nonfinite: int = 0
 
-    def update(self, x: torch.Tensor, q: torch.Tensor, limit: torch.Tensor | None = None) -> QuantErrorStats:
+    def update(self, x: torch.Tensor, q: torch.Tensor, clip_at: torch.Tensor | None = None) -> QuantErrorStats:
         x, q = x.detach().float(), q.detach().float()
+        finite = torch.isfinite(x) & torch.isfinite(q)
+        self.nonfinite += int((~finite).sum())
+        if not bool(finite.all()):
+            x, q = x[finite], q[finite]
+            clip_at = clip_at[finite] if clip_at is not None else None
         err = x - q
         nz = x != 0
         self.count += x.numel()
         self.nonzero += int(nz.sum())
         self.dead += int((nz & (q == 0)).sum())
-        if limit is not None:
-            self.saturated += int((x.abs() > limit).sum())
+        if clip_at is not None:
+            clipped = x.abs() > clip_at
+            self.saturated += int(clipped.sum())
+            self.clip_noise += float(err[clipped].double().pow(2).sum())
         self.signal += float(x.double().pow(2).sum())
         self.noise += float(err.double().pow(2).sum())
         self.relative += float((err.abs()[nz] / x.abs()[nz]).double().sum())
@@ -63,14 +87,24 @@ class QuantErrorStats:
         return self.saturated / self.count if self.count else math.nan
 
     @property
+    def clip_share(self) -> float:
+        return self.clip_noise / self.noise if self.noise else 0.0
+
+    @property
     def relative_error(self) -> float:
         return self.relative / self.nonzero if self.nonzero else math.nan
+
+    @property
+    def rms(self) -> float:
+        """RMS of the reference values seen (the Gaussian floor is drawn at this RMS)."""
+        return math.sqrt(self.signal / self.count) if self.count else math.nan
 
     def as_dict(self) -> dict[str, float]:
         return {
             "sqnr_db": self.sqnr_db,
             "deadzone_ratio": self.deadzone_ratio,
             "saturation_ratio": self.saturation_ratio,
+            "clip_share": self.clip_share,
             "relative_error": self.relative_error,
         }
 
@@ -106,6 +140,45 @@ class Moments:
 
 
 @dataclass
+class Peak:
+    """The massive activation: the largest |h| seen, with its token position and hidden dim."""
+
+    value: float = 0.0
+    position: int = -1
+    dim: int = -1
+
+    def update(self, h: torch.Tensor, positions: torch.Tensor) -> Peak:
+        """``h``: (tokens, hidden) of real tokens; ``positions``: each row's position in its text."""
+        a = h.detach().abs().float()
+        if a.numel() == 0:
+            return self
+        flat = int(a.argmax())
+        row, dim = divmod(flat, a.shape[-1])
+        if a.numel() and float(a.view(-1)[flat]) > self.value:
+            self.value, self.position, self.dim = float(a.view(-1)[flat]), int(positions[row]), dim
+        return self
+
+
+@dataclass
+class OutputErrorStats:
+    """Activation-aware weight error of one Linear: ``‖(W − Q(W))X‖ / ‖WX‖`` over the
+    calibration inputs X (rows = real tokens), as sums of squares over batches."""
+
+    error: float = 0.0
+    output: float = 0.0
+
+    def update(self, x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> OutputErrorStats:
+        x, w = x.detach().double(), weight.detach().double()
+        self.error += float((x @ (w - quantized.detach().double()).T).pow(2).sum())
+        self.output += float((x @ w.T).pow(2).sum())
+        return self
+
+    @property
+    def output_error(self) -> float:
+        return math.sqrt(self.error / self.output) if self.output else math.nan
+
+
+@dataclass
 class SpreadStats:
     """Instability: RMS over elements of the std across R runs, divided by the RMS of the output
     (``sqrt(Σ var_runs / Σ mean²)``); exactly 0 when every run gives the same bits."""
@@ -133,8 +206,8 @@ def deadzone_ratio(x: torch.Tensor, q: torch.Tensor) -> float:
     return QuantErrorStats().update(x, q).deadzone_ratio
 
 
-def saturation_ratio(x: torch.Tensor, limit: torch.Tensor) -> float:
-    return QuantErrorStats().update(x, x, limit).saturation_ratio
+def saturation_ratio(x: torch.Tensor, clip_at: torch.Tensor) -> float:
+    return QuantErrorStats().update(x, x, clip_at).saturation_ratio
 
 
 def relative_error(x: torch.Tensor, q: torch.Tensor) -> float:
@@ -149,7 +222,12 @@ def instability(runs: torch.Tensor) -> float:
     return SpreadStats().update(runs).instability
 
 
-def gain(f, h: torch.Tensor, delta: torch.Tensor) -> float:
-    """‖f(h+δ) − f(h)‖ / ‖δ‖: how a small probe δ at a layer's input propagates through it."""
+def gain(f, h: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """Residual-branch gain ``‖f(h+δ) − f(h) − δ‖ / ‖δ‖`` of a residual block ``f`` (output =
+    h + branch(h)): how the branch, not the identity path, propagates a small probe δ.  Norms
+    over the positions where ``keep`` is true (all when None); δ should be zero elsewhere."""
     with torch.no_grad():
-        return float((f(h + delta) - f(h)).double().norm() / delta.double().norm())
+        change = f(h + delta) - f(h) - delta
+        if keep is not None:
+            change, delta = change[keep], delta[keep]
+        return float(change.double().norm() / delta.double().norm())

@@ -1,62 +1,36 @@
-"""One SRDD scan end to end: scans -> findings -> recommendation -> verification, as the JSON
-document the CLI writes and the report renders."""
+"""One SRDD scan end to end: scans -> attribution -> findings -> recommendation -> verification
+against a control, as the typed document (``harness.srdd.document``) the CLI writes and the report
+renders."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 import harness
 from harness.data import Gsm8kItem
-from harness.eval.loss import evaluate_loss, reference_logprobs
-from harness.inject import QuantInjector
 from harness.srdd import scan
-from harness.srdd.criteria import Recommendation, Thresholds, layer_findings, recommend
+from harness.srdd.attribution import loss_attribution
+from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
+from harness.srdd.document import AttributionEntry, LayerReport, ModuleReport, RecommendationReport, ScanDocument
+from harness.srdd.verify import verify
 
 POINTS_SCANNED = {"weight": ("weight",), "input": ("input",), "both": ("weight", "input")}
 
 
-def verify(
-    model: nn.Module,
-    tokenizer,
-    items: Sequence[Gsm8kItem],
-    fmt: str,
-    point: str,
-    rec: Recommendation,
-    *,
-    batch_size: int = 8,
-) -> dict | None:
-    """Re-run the loss with the proposal (BF16 overrides, or the milder format) and report how
-    much of the format's loss increase it recovers: (loss_fmt − loss_proposed) / (loss_fmt − loss_ref)."""
-    if rec.action == "no_action" or (rec.action == "reconsider_format" and rec.alternative_format is None):
-        return None
-    reference = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
-
-    def loss(f: str, **kw) -> dict[str, float]:
-        with QuantInjector(model, f, point, generator=torch.Generator().manual_seed(0), **kw) as inj:
-            return evaluate_loss(model, tokenizer, items, inj, reference=reference, batch_size=batch_size).summary()
-
-    as_is = loss(fmt)
-    if rec.action == "reconsider_format":
-        proposal, proposed = f"{rec.alternative_format} everywhere", loss(rec.alternative_format)
-    else:
-        overrides = {f"{layer}.*": None for layer in rec.bf16_layers}
-        proposal, proposed = f"{fmt} with {len(rec.bf16_layers)} layers in BF16", loss(fmt, overrides=overrides)
-    gap = as_is["loss"] - as_is["reference_loss"]
-    return {
-        "proposal": proposal,
-        "items": as_is["n"],
-        "reference_loss": as_is["reference_loss"],
-        "format_loss": as_is["loss"],
-        "proposed_loss": proposed["loss"],
-        "format_kl": as_is["kl"],
-        "proposed_kl": proposed["kl"],
-        "recovery": (as_is["loss"] - proposed["loss"]) / gap if gap > 0 else math.nan,
-    }
+def _modules(result: scan.ScanResult, layers: list[str]) -> list[ModuleReport]:
+    reports = []
+    for name, kinds in result.modules.items():
+        metrics = {kind: stats.as_dict() for kind, stats in kinds.items()}
+        for kind, floor in result.floors.get(name, {}).items():
+            metrics[f"{kind}_floor"] = floor.as_dict()
+        if name in result.output_error:
+            metrics["output"] = {"output_error": result.output_error[name].output_error}
+        shape = list(result.module_shapes.get(name, ()))
+        reports.append(ModuleReport(name, scan.layer_of(name, layers), shape, result.module_formats.get(name), metrics))
+    return reports
 
 
 def scan_model(
@@ -68,6 +42,7 @@ def scan_model(
     *,
     model_name: str,
     thresholds: Thresholds | None = None,
+    rules: Rules | None = None,
     evaluation: Sequence[Gsm8kItem] = (),
     attribution: bool = False,
     gain: bool = True,
@@ -76,21 +51,24 @@ def scan_model(
     batch_size: int = 8,
     do_verify: bool = True,
     progress: bool = False,
-) -> dict:
+    **select,
+) -> ScanDocument:
     """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts; ``evaluation`` items feed
-    the loss attribution and the verification."""
-    thresholds = thresholds or Thresholds()
+    the loss attribution and the verification.  ``select``: the injector's ``targets``,
+    ``exclude`` and ``overrides``, honoured by every scan."""
+    thresholds, rules = thresholds or Thresholds(), rules or Rules()
     started = time.perf_counter()
     result = scan.ScanResult()
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args, **kw):
         t0 = time.perf_counter()
-        fn(*args, **kw)
+        out = fn(*args, **kw)
         timings[name] = time.perf_counter() - t0
+        return out
 
     if "weight" in POINTS_SCANNED[point]:
-        timed("weight_scan", scan.weight_scan, model, fmt, result)
+        timed("weight_scan", scan.weight_scan, model, fmt, result, **select)
     timed(
         "activation_scan",
         scan.activation_scan,
@@ -102,69 +80,60 @@ def scan_model(
         result,
         batch_size=batch_size,
         progress=progress,
+        **select,
     )
+    probe = calibration[:instability_prompts]
     if gain:
-        timed("gain_scan", scan.gain_scan, model, tokenizer, calibration[:instability_prompts], fmt, point, result)
+        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result, **select)
     if instability_runs:
         timed(
             "instability_scan",
             scan.instability_scan,
             model,
             tokenizer,
-            calibration[:instability_prompts],
+            probe,
             fmt,
             point,
             result,
             runs=instability_runs,
+            **select,
         )
+    rows = []
     if attribution and evaluation:
-        timed(
+        rows = timed(
             "loss_attribution",
-            scan.loss_attribution,
+            loss_attribution,
             model,
             tokenizer,
             evaluation,
             fmt,
             point,
-            result,
             batch_size=batch_size,
             progress=progress,
+            **select,
         )
     layers = [name for name, _ in scan.decoder_layers(model)]
-    findings = layer_findings(result, layers, thresholds)
+    findings = layer_findings(result, layers, thresholds, rules, rows)
     rec = recommend(findings, fmt)
     verification = None
     if do_verify and evaluation:
-        t0 = time.perf_counter()
-        verification = verify(model, tokenizer, evaluation, fmt, point, rec, batch_size=batch_size)
-        timings["verify"] = time.perf_counter() - t0
+        verification = timed(
+            "verify", verify, model, tokenizer, evaluation, fmt, point, rec, layers, batch_size=batch_size, **select
+        )
     timings["total"] = time.perf_counter() - started
-    modules = [
-        {
-            "name": name,
-            "layer": scan.layer_of(name, layers),
-            "shape": list(result.module_shapes.get(name, ())),
-            **{kind: stats.as_dict() for kind, stats in kinds.items()},
-        }
-        for name, kinds in result.modules.items()
-    ]
-    return {
-        "harness_version": harness.__version__,
-        "model": model_name,
-        "format": fmt,
-        "point": point,
-        "prompts": result.prompts,
-        "tokens": result.tokens,
-        "evaluation_items": len(evaluation),
-        "thresholds": thresholds.as_dict(),
-        "modules": modules,
-        "layers": [f.as_dict() for f in findings],
-        "attribution": result.attribution,
-        "summary": {
-            "layers": len(findings),
-            "problematic_layers": [f.name for f in findings if f.problematic],
-            "recommendation": rec.as_dict(),
-            "verification": verification,
-        },
-        "timings_s": timings,
-    }
+    return ScanDocument(
+        model=model_name,
+        format=fmt,
+        point=point,
+        harness_version=harness.__version__,
+        prompts=result.prompts,
+        tokens=result.tokens,
+        evaluation_items=len(evaluation),
+        rules=rules.as_dict(),
+        thresholds=thresholds.as_dict(),
+        modules=_modules(result, layers),
+        layers=[LayerReport.of(f) for f in findings],
+        attribution=[AttributionEntry.of(r) for r in rows],
+        recommendation=RecommendationReport.of(rec, verification),
+        timings_s=timings,
+    )

@@ -2,33 +2,55 @@
 
 - weight scan: every target weight against its quantization;
 - activation scan: the input each Linear really quantizes under W16A4 (observed inside the
-  injector, padding excluded), and each decoder layer's output, reference vs quantized model,
-  with the kurtosis of both;
-- gain scan: ‖f(h+δ)−f(h)‖/‖δ‖ of each decoder layer for a small seeded probe, ref vs quantized;
-- instability scan: the spread of each decoder layer's output across R seeded runs;
-- loss attribution: quantize one decoder layer at a time, and all but one, and measure Δloss
-  and KL(ref ‖ quant) against the reference.
-Everything is accumulated as sums batch by batch: memory does not grow with the prompts.
+  injector, padding excluded); each Linear's activation-aware output error ‖(W−Q(W))X‖/‖WX‖ when
+  weights are quantized; each decoder layer's output, reference vs quantized model, with the
+  kurtosis of both over real non-sink tokens and the massive activation (largest |h|, where);
+- gain scan: residual-branch gain ‖f(h+δ)−f(h)−δ‖/‖δ‖ of each decoder layer for a small seeded
+  probe on real non-sink tokens, ref vs quantized;
+- instability scan: the spread of each decoder layer's output across R seeded runs.
+Loss attribution lives in ``harness.srdd.attribution``.  Everything is accumulated as sums batch
+by batch: memory does not grow with the prompts.
+
+Attention sinks: under the BOS policy (``harness.batching``) every text starts with the prefix
+token, which the model uses as its attention sink and where it puts its massive activation
+(SmolLM2: |h| ≈ 2.4e4 in one hidden dim).  Position 0 is that token; kurtosis and gain are taken
+over the other real tokens (``SINK_POSITIONS``), the massive activation is reported on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from harness.batching import encode, padded_batches
 from harness.data import Gsm8kItem
-from harness.eval.loss import evaluate_loss, reference_logprobs
-from harness.formats import fake_quantize, representable_max
+from harness.formats import fake_quantize
 from harness.inject import QuantInjector
-from harness.srdd.metrics import Moments, QuantErrorStats, SpreadStats, gain
+from harness.srdd.floors import gaussian_floor
+from harness.srdd.metrics import (
+    Moments,
+    OutputErrorStats,
+    Peak,
+    QuantErrorStats,
+    SpreadStats,
+    clip_threshold,
+    gain,
+)
 
-GAIN_PROBE_SCALE = 1e-2  # δ = 1e-2 · RMS(h) · N(0, 1)
+GAIN_PROBE_SCALE = 1e-2  # δ = 1e-2 · RMS(h over real non-sink tokens) · N(0, 1)
+SINK_POSITIONS = 1  # position 0: the prefix (BOS) token, the attention sink
+
+
+def real_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """Real (non-padding) tokens that are not attention sinks: mask and position ≥ SINK_POSITIONS."""
+    keep = mask.bool().clone()
+    keep[:, :SINK_POSITIONS] = False
+    return keep
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -48,24 +70,37 @@ class ScanResult:
     """Per-Linear and per-decoder-layer accumulators of one scan."""
 
     modules: dict[str, dict[str, QuantErrorStats]] = field(default_factory=dict)  # name -> kind -> stats
+    floors: dict[str, dict[str, QuantErrorStats]] = field(default_factory=dict)  # the same, Gaussian floor
     module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    module_formats: dict[str, str] = field(default_factory=dict)
+    output_error: dict[str, OutputErrorStats] = field(default_factory=dict)  # per Linear
     layer_outputs: dict[str, QuantErrorStats] = field(default_factory=dict)
     kurtosis_ref: dict[str, Moments] = field(default_factory=dict)
     kurtosis_quant: dict[str, Moments] = field(default_factory=dict)
+    peak_ref: dict[str, Peak] = field(default_factory=dict)
+    peak_quant: dict[str, Peak] = field(default_factory=dict)
     gain_ref: dict[str, float] = field(default_factory=dict)
     gain_quant: dict[str, float] = field(default_factory=dict)
     instability: dict[str, SpreadStats] = field(default_factory=dict)
-    attribution: list[dict] = field(default_factory=list)
     prompts: int = 0
     tokens: int = 0
+
+    def add(self, name: str, kind: str, x: torch.Tensor, q: torch.Tensor, fmt: str, floor_shape) -> None:
+        """Accumulate one (x, q) pair of Linear ``name`` and the Gaussian floor for its shape/RMS."""
+        stats = self.modules.setdefault(name, {}).setdefault(kind, QuantErrorStats())
+        stats.update(x, q, clip_threshold(x, fmt))
+        self.module_formats[name] = fmt
+        rms = QuantErrorStats().update(x, x).rms
+        if math.isfinite(rms) and rms > 0:
+            floor = gaussian_floor(fmt, tuple(floor_shape), rms)
+            self.floors.setdefault(name, {}).setdefault(kind, QuantErrorStats()).merge(floor)
 
 
 def weight_scan(model: nn.Module, fmt: str, result: ScanResult, **select) -> None:
     """Every target Linear's weight (along its input dim) against its quantization."""
     for name, module, f in QuantInjector(model, fmt, "weight", **select).select():
         w = module.weight.detach()
-        stats = result.modules.setdefault(name, {}).setdefault("weight", QuantErrorStats())
-        stats.update(w, fake_quantize(w, f), representable_max(w, f))
+        result.add(name, "weight", w, fake_quantize(w, f), f, w.shape)
         result.module_shapes[name] = tuple(w.shape)
 
 
@@ -114,44 +149,71 @@ def activation_scan(
     **select,
 ) -> None:
     """Reference and quantized forward passes batch by batch; Linear inputs are observed inside
-    the injector (what it really quantizes), decoder-layer outputs compared across the passes."""
+    the injector (what it really quantizes), each Linear's output error measured on its reference
+    input when weights are quantized, decoder-layer outputs compared across the passes."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     state: dict[str, torch.Tensor] = {}
 
     def observe(name: str, kind: str, x: torch.Tensor, q: torch.Tensor, f: str) -> None:
-        if kind != "input":
-            return
-        keep = state["mask"]
-        x, q = x[keep], q[keep]
-        stats = result.modules.setdefault(name, {}).setdefault("input", QuantErrorStats())
-        stats.update(x, q, representable_max(x, f))
+        if kind == "input":
+            keep = state["mask"]
+            result.add(name, "input", x[keep], q[keep], f, (ACTIVATION_FLOOR_TOKENS, x.shape[-1]))
 
     ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
     injector = QuantInjector(
         model, fmt, point, generator=torch.Generator().manual_seed(seed), observer=observe, **select
     )
+    selected = injector.select()
     with injector:
-        for name, module, _ in injector.select():
+        for name, module, _ in selected:
             result.module_shapes[name] = tuple(module.weight.shape)
         batches = padded_batches(
             tokenizer, _texts(tokenizer, items), batch_size, device, desc="scan", progress=progress
         )
+        weights = selected if point in ("weight", "both") else []
         for input_ids, mask in batches:
             keep = mask.bool()
             state["mask"] = keep
-            with injector.paused(), _capture_layer_outputs(layers, ref_out):
+            with injector.paused(), _capture_layer_outputs(layers, ref_out), _output_errors(weights, keep, result):
                 _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
             with _capture_layer_outputs(layers, quant_out):
                 _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[keep]
+            body = real_tokens(mask)
             for name, _ in layers:
                 r, q = ref_out[name][keep], quant_out[name][keep]
                 result.layer_outputs.setdefault(name, QuantErrorStats()).update(r, q)
-                result.kurtosis_ref.setdefault(name, Moments()).update(r)
-                result.kurtosis_quant.setdefault(name, Moments()).update(q)
+                result.kurtosis_ref.setdefault(name, Moments()).update(ref_out[name][body])
+                result.kurtosis_quant.setdefault(name, Moments()).update(quant_out[name][body])
+                result.peak_ref.setdefault(name, Peak()).update(r, positions)
+                result.peak_quant.setdefault(name, Peak()).update(q, positions)
             result.prompts += len(input_ids)
             result.tokens += int(keep.sum())
+
+
+ACTIVATION_FLOOR_TOKENS = 256  # rows of the Gaussian tensor that describes an activation's floor
+
+
+@contextlib.contextmanager
+def _output_errors(selected, keep: torch.Tensor, result: ScanResult) -> Iterator[None]:
+    """While active, every selected Linear adds ‖(W−Q(W))X‖², ‖WX‖² of its real-token input X."""
+
+    def hook(name: str, module: nn.Module, fmt: str):
+        def fn(mod, args):
+            w = module.weight.detach()
+            stats = result.output_error.setdefault(name, OutputErrorStats())
+            stats.update(args[0][keep], w, fake_quantize(w, fmt))
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n, m, f)) for n, m, f in selected]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -166,40 +228,62 @@ def gain_scan(
     seed: int = 0,
     **select,
 ) -> None:
-    """Each decoder layer's gain for a seeded probe at its real input, reference vs quantized."""
+    """Each decoder layer's residual-branch gain for a seeded probe at its real input (probe
+    and RMS over real non-sink tokens, zero on the sink and on padding), reference vs quantized."""
     layers = decoder_layers(model)
-    captured: dict[str, tuple[tuple, dict]] = {}
+    input_ids, mask = _one_batch(model, tokenizer, items)
+    captured = capture_layer_inputs(model, input_ids, mask)
+    keep = real_tokens(mask)
+    g = torch.Generator().manual_seed(seed)
+    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed), **select) as injector:
+        for name, layer in layers:
+            hidden = captured[name].hidden
+            rms = hidden[keep].pow(2).mean().sqrt()
+            delta = torch.randn(hidden.shape, generator=g).to(hidden) * GAIN_PROBE_SCALE * rms * keep[..., None]
+
+            def f(h, layer=layer, inputs=captured[name]):
+                return inputs.run(layer, h)
+
+            with injector.paused():
+                result.gain_ref[name] = gain(f, hidden, delta, keep)
+            result.gain_quant[name] = gain(f, hidden, delta, keep)
+
+
+@dataclass
+class LayerInputs:
+    """What a decoder layer was called with: its hidden states and the other arguments."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return (self.args[0] if self.args else self.kwargs["hidden_states"]).detach()
+
+    def run(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The layer's output hidden states for input ``h`` and the captured other arguments."""
+        out = layer(h, *self.args[1:], **self.kwargs) if self.args else layer(**{**self.kwargs, "hidden_states": h})
+        return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, LayerInputs]:
+    """One forward pass of the decoder stack (as the model is now); each layer's inputs."""
+    captured: dict[str, LayerInputs] = {}
 
     def grab(name: str):
         def fn(module, args, kwargs):
-            captured[name] = (args, kwargs)
+            captured[name] = LayerInputs(args, kwargs)
 
         return fn
 
-    handles = [m.register_forward_pre_hook(grab(n), with_kwargs=True) for n, m in layers]
+    handles = [m.register_forward_pre_hook(grab(n), with_kwargs=True) for n, m in decoder_layers(model)]
     try:
-        input_ids, mask = _one_batch(model, tokenizer, items)
         _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    g = torch.Generator().manual_seed(seed)
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed), **select) as injector:
-        for name, layer in layers:
-            args, kwargs = captured[name]
-            hidden = (args[0] if args else kwargs["hidden_states"]).detach()
-            delta = torch.randn(hidden.shape, generator=g).to(hidden) * GAIN_PROBE_SCALE * hidden.pow(2).mean().sqrt()
-
-            def f(h, args=args, kwargs=kwargs, layer=layer):
-                if args:
-                    out = layer(h, *args[1:], **kwargs)
-                else:
-                    out = layer(**{**kwargs, "hidden_states": h})
-                return (out[0] if isinstance(out, tuple) else out)[mask.bool()]
-
-            with injector.paused():
-                result.gain_ref[name] = gain(f, hidden, delta)
-            result.gain_quant[name] = gain(f, hidden, delta)
+    return captured
 
 
 @torch.no_grad()
@@ -231,34 +315,3 @@ def instability_scan(
             outputs[name].append(sink[name][mask.bool()])
     for name, _ in layers:
         result.instability[name] = SpreadStats().update(torch.stack(outputs[name]))
-
-
-def loss_attribution(
-    model: nn.Module,
-    tokenizer,
-    items: Sequence[Gsm8kItem],
-    fmt: str,
-    point: str,
-    result: ScanResult,
-    *,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = False,
-) -> None:
-    """Δloss and KL of quantizing each decoder layer alone, and all layers but it, plus all."""
-    layers = [name for name, _ in decoder_layers(model)]
-    reference = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
-
-    def run(injector: QuantInjector) -> dict[str, float]:
-        s = evaluate_loss(model, tokenizer, items, injector, reference=reference, batch_size=batch_size).summary()
-        return {"delta_loss": s["loss"] - s["reference_loss"], "kl": s["kl"], "reference_loss": s["reference_loss"]}
-
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
-        result.attribution.append({"layer": "all", "only": run(injector), "all_but": None})
-        for layer in tqdm(layers, desc="attribution", unit="layer", disable=not progress):
-            prefix = layer + "."
-            with injector.restricted(lambda name, p=prefix: name.startswith(p)):
-                only = run(injector)
-            with injector.restricted(lambda name, p=prefix: not name.startswith(p)):
-                all_but = run(injector)
-            result.attribution.append({"layer": layer, "only": only, "all_but": all_but})

@@ -4,12 +4,14 @@ marker ``bench``), and the scan's memory staying flat in the number of prompts."
 from __future__ import annotations
 
 import resource
+import time
 
 import pytest
 
 from harness.eval.loss import evaluate_loss
 from harness.inject import QuantInjector
 from harness.srdd import scan
+from harness.srdd.attribution import loss_attribution
 
 pytestmark = pytest.mark.bench
 
@@ -63,3 +65,26 @@ def test_loss_evaluation_32_items(benchmark, lm, loss_items) -> None:
     result = benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(items=result.n, tokens=sum(result.n_tokens))
     assert result.n == 32
+
+
+@pytest.mark.mxfp4
+@pytest.mark.slow  # ~16 loss passes of 8 items here; run with make bench / -m bench
+def test_one_layer_attribution_costs_about_half_a_pass_per_layer(lm, loss_items, metrics) -> None:
+    """One-layer attribution over all N layers re-runs layers i..N-1 from the reference's recorded
+    input of layer i and the LM head at answer positions only: N(N+1)/2 layer passes plus N head
+    passes, about N/2 + 1 full loss passes (16.5 for SmolLM2's 30 layers; the old per-layer
+    attribution cost 2N + 1 = 61).  Measured against one full quantized loss pass, same items."""
+    model, tok = lm
+    items = loss_items[:8]
+    t0 = time.perf_counter()
+    with QuantInjector(model, "mxfp4") as injector:
+        evaluate_loss(model, tok, items, injector)  # reference + quantized: two passes
+    one_pass = (time.perf_counter() - t0) / 2
+    t0 = time.perf_counter()
+    rows = loss_attribution(model, tok, items, "mxfp4", "weight")
+    attribution = time.perf_counter() - t0
+    layers = model.config.num_hidden_layers
+    ratio = attribution / one_pass
+    metrics.record(full_pass_s=one_pass, attribution_s=attribution, full_passes=ratio, layers=layers)
+    assert len(rows) == layers + 1
+    assert ratio < 0.75 * layers, f"attribution cost {ratio:.1f} full passes for {layers} layers"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness.formats import get_format, list_formats
+from harness.inject import causal_at
 from harness.testing import format_marks
 
 POINT_IDS = {"weight": "w4a16", "input": "w16a4", "both": "w4a4"}
@@ -19,6 +20,8 @@ def case_params() -> list:
     params = []
     for fmt in list_formats():
         for point, pid in POINT_IDS.items():
+            if not causal_at(fmt, point):
+                continue
             marks = format_marks(fmt) + ([] if (fmt, point) in FAST else [pytest.mark.slow])
             params.append(pytest.param(fmt, point, id=f"{fmt}-{pid}", marks=marks))
     return params

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.formats import fake_quantize, get_format, list_formats, representable_max
+from harness.inject import causal_at
 from harness.srdd.metrics import QuantErrorStats
 from harness.testing import format_marks
 
@@ -30,6 +31,8 @@ def cases() -> list:
     params = []
     for fmt in list_formats():
         for point, pid in POINT_IDS.items():
+            if not causal_at(fmt, point):
+                continue
             slow = point == "input" and fmt not in INPUT_IN_CI
             for det in DETECTORS:
                 marks = format_marks(fmt) + ([pytest.mark.slow] if slow else [])

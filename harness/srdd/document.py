@@ -1,0 +1,154 @@
+"""The scan result as a typed document (schema version ``SCHEMA_VERSION``): what ``harness scan``
+writes as JSON, what the report renders and ``harness compare`` reads back.
+
+JSON layout: ``layers[i]`` = ``{name, problematic, reasons: [{rule, metric, tensor, evidence}],
+metrics: {...}}``; ``attribution[i]`` = ``{layer, delta_loss, ci: [low, high], kl, kl_ci,
+harmful, items}`` (``layer == "all"`` first: every layer quantized); ``recommendation`` =
+``{action, ..., confirmed, control_recovery, verification}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.srdd.attribution import Attribution
+from harness.srdd.criteria import LayerFinding, Reason, Recommendation
+from harness.srdd.verify import Verification
+
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class ModuleReport:
+    """One Linear: its decoder layer, weight shape, format, and per kind (``weight``/``input``)
+    the detectors with their Gaussian floors; ``output_error`` when weights were quantized."""
+
+    name: str
+    layer: str | None
+    shape: list[int]
+    format: str | None
+    metrics: dict[str, dict[str, float]]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    problematic: bool
+    reasons: list[Reason]
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, finding: LayerFinding) -> LayerReport:
+        return cls(finding.name, finding.problematic, list(finding.reasons), dict(finding.metrics))
+
+
+@dataclass
+class AttributionEntry:
+    layer: str
+    delta_loss: float
+    ci: list[float]
+    kl: float
+    kl_ci: list[float]
+    harmful: bool
+    items: int
+
+    @classmethod
+    def of(cls, row: Attribution) -> AttributionEntry:
+        return cls(row.layer, row.delta_loss, list(row.ci), row.kl, list(row.kl_ci), row.harmful, len(row.kl_items))
+
+
+@dataclass
+class RecommendationReport(Recommendation):
+    """The rules' recommendation and what its verification against a control found."""
+
+    confirmed: bool | None = None  # None: nothing to verify (no_action, or no evaluation items)
+    control_recovery: float | None = None
+    verification: Verification | None = None
+
+    @classmethod
+    def of(cls, rec: Recommendation, verification: Verification | None) -> RecommendationReport:
+        return cls(
+            **dataclasses.asdict(rec),
+            confirmed=verification.confirmed if verification else None,
+            control_recovery=verification.control_recovery if verification else None,
+            verification=verification,
+        )
+
+
+@dataclass
+class ScanDocument:
+    model: str
+    format: str
+    point: str
+    harness_version: str
+    prompts: int
+    tokens: int
+    evaluation_items: int
+    rules: dict[str, float]
+    thresholds: dict[str, float | None]
+    modules: list[ModuleReport]
+    layers: list[LayerReport]
+    attribution: list[AttributionEntry]
+    recommendation: RecommendationReport
+    timings_s: dict[str, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def problematic_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.problematic]
+
+    @property
+    def has_nonfinite(self) -> bool:
+        return any(r.rule == "non-finite" for layer in self.layers for r in layer.reasons)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> ScanDocument:
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"scan document schema version {doc.get('schema_version')!r}; this harness reads version "
+                f"{SCHEMA_VERSION} (rerun the scan)"
+            )
+        rec = dict(doc["recommendation"])
+        ver = rec.pop("verification")
+        return cls(
+            **{k: doc[k] for k in ("model", "format", "point", "harness_version", "prompts", "tokens")},
+            evaluation_items=doc["evaluation_items"],
+            rules=doc["rules"],
+            thresholds=doc["thresholds"],
+            modules=[ModuleReport(**m) for m in doc["modules"]],
+            layers=[
+                LayerReport(d["name"], d["problematic"], [Reason(**r) for r in d["reasons"]], d["metrics"])
+                for d in doc["layers"]
+            ],
+            attribution=[AttributionEntry(**a) for a in doc["attribution"]],
+            recommendation=RecommendationReport(**rec, verification=Verification(**ver) if ver else None),
+            timings_s=doc.get("timings_s", {}),
+            schema_version=doc["schema_version"],
+        )
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> ScanDocument:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable scan JSON ({err!r})") from err
+        needed = ("schema_version", "model", "format", "point", "layers")
+        missing = [k for k in needed if k not in doc] if isinstance(doc, dict) else list(needed)
+        if missing:
+            raise ValueError(f"{path} is not a scan JSON (`scan --output`): missing {', '.join(missing)}")
+        try:
+            return cls.from_json(doc)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a readable scan JSON ({err!r})") from err

@@ -1,0 +1,306 @@
+"""Reports of SRDD scans: a markdown summary with tabulate tables (the experiment's §10 and §12.4
+layout, with each verdict's rule and evidence), the JSON, PNG plots (matplotlib, Agg), and the
+comparison of two scans."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tabulate import tabulate
+
+from harness.models import EMBEDDED
+from harness.srdd.document import ScanDocument
+
+FLOOR_METRICS = [  # (metric, label, as percent)
+    ("sqnr_db", "SQNR (dB)", False),
+    ("deadzone_ratio", "Deadzone", True),
+    ("saturation_ratio", "Saturation (clipping that matters)", True),
+    ("relative_error", "Relative error", True),
+]
+ACTIVATION_METRICS = [  # (metric, label)
+    ("output_error", "Output error ‖(W−Q(W))X‖/‖WX‖"),
+    ("output_sqnr_db", "Layer-output SQNR (dB)"),
+    ("kurtosis_ratio", "Kurtosis ratio (quant/ref, non-sink tokens)"),
+    ("massive_ratio", "Massive activation (quant/ref)"),
+    ("gain_ratio", "Residual-branch gain ratio (quant/ref)"),
+    ("instability", "Instability (std/RMS over runs)"),
+]
+GROUPS = 5
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.2%}" if pct else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
+
+
+def _span(doc: ScanDocument, key: str, pct: bool = False, layers=None) -> str | None:
+    values = [row.metrics[key] for row in (layers or doc.layers) if key in row.metrics]
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return f"{_fmt(min(values), pct)} – {_fmt(max(values), pct)}" if values else None
+
+
+def _flagged(doc: ScanDocument, rule: str, metric: str) -> int:
+    return sum(any(r.rule == rule and r.metric == metric for r in row.reasons) for row in doc.layers)
+
+
+def metric_ranges(doc: ScanDocument) -> list[list[str]]:
+    """Per source and detector: the range over layers, the Gaussian floor's range, and how many
+    layers the floor rule (weights) or the outlier rule (activations) flags."""
+    rows = []
+    for source in ("weight", "input"):
+        for metric, label, pct in FLOOR_METRICS:
+            span = _span(doc, f"{source}_{metric}", pct)
+            if span is None:
+                continue
+            rule, key = ("floor", metric) if source == "weight" else ("outlier", f"input_{metric}")
+            n = _flagged(doc, rule, key)
+            rows.append(
+                [
+                    f"{source} {label}",
+                    span,
+                    _span(doc, f"{source}_{metric}_floor", pct) or "n/a",
+                    f"{rule}: {n}/{len(doc.layers)}" if n else "OK",
+                ]
+            )
+    for metric, label in ACTIVATION_METRICS:
+        span = _span(doc, metric)
+        if span is not None:
+            n = _flagged(doc, "outlier", metric)
+            rows.append([label, span, "(judged among layers)", f"outlier: {n}/{len(doc.layers)}" if n else "OK"])
+    return rows
+
+
+def layer_groups(doc: ScanDocument) -> tuple[list[list[str]], str]:
+    """The layers in ~5 contiguous groups with each group's metric ranges."""
+    layers = doc.layers
+    size = max(1, math.ceil(len(layers) / GROUPS))
+    source = "weight" if any("weight_sqnr_db" in row.metrics for row in layers) else "input"
+    rows = []
+    for g0 in range(0, len(layers), size):
+        group = layers[g0 : g0 + size]
+        cells = [f"L{g0}-L{g0 + len(group) - 1}"]
+        for key, pct in (("sqnr_db", False), ("sqnr_db_floor", False), ("deadzone_ratio", True)):
+            cells.append(_span(doc, f"{source}_{key}", pct, group) or "n/a")
+        cells.append(_span(doc, "attribution_kl", False, group) or "n/a")
+        cells.append(f"{sum(r.problematic for r in group)}/{len(group)}")
+        rows.append(cells)
+    return rows, source
+
+
+def _massive(doc: ScanDocument) -> list[str]:
+    peaks = [row for row in doc.layers if row.metrics.get("massive_ref")]
+    if not peaks:
+        return []
+    top = max(peaks, key=lambda r: r.metrics["massive_ref"])
+    m = top.metrics
+    return [
+        f"Massive activation: largest |h| {m['massive_ref']:.4g} (reference) at {top.name}, token position "
+        f"{int(m['massive_position'])}, hidden dim {int(m['massive_dim'])}; {m['massive_quant']:.4g} quantized.",
+        "",
+    ]
+
+
+def markdown_summary(doc: ScanDocument) -> str:
+    rec, ver = doc.recommendation, doc.recommendation.verification
+    n = len(doc.layers)
+    out = [f"# SRDD scan: {doc.model} under {doc.format} ({doc.point})", ""]
+    if doc.model in EMBEDDED:
+        out += [f"> Caveat: {EMBEDDED[doc.model].caveat}.", ""]
+    thresholds = {k: v for k, v in doc.thresholds.items() if v is not None}
+    out += [
+        f"{doc.prompts} calibration prompts ({doc.tokens} tokens) from GSM8K train; "
+        f"{len(doc.modules)} Linear modules in {n} decoder layers; "
+        f"scan time {doc.timings_s.get('total', math.nan):.1f} s.",
+        "",
+        "Rules: a weight is judged against the format's own floor (a seeded Gaussian tensor of its shape "
+        f"and RMS; error > {doc.rules['floor_factor']:g}x the floor's); every per-layer metric against the "
+        f"other layers (robust z > {doc.rules['outlier_z']:g} and > {doc.rules['outlier_factor']:g}x the median); "
+        "attribution when a layer's Δloss CI excludes 0 and its KL is an outlier. Absolute thresholds: "
+        + (", ".join(f"{k} {v:g}" for k, v in thresholds.items()) if thresholds else "none (off by default)")
+        + ".",
+        "",
+        "## Metric ranges and floors",
+        "",
+        tabulate(
+            metric_ranges(doc), headers=["Metric", "Range over layers", "Gaussian floor", "Flagged"], tablefmt="github"
+        ),
+        "",
+        *_massive(doc),
+        "## Layer groups",
+        "",
+    ]
+    rows, source = layer_groups(doc)
+    headers = ["Layers", f"{source} SQNR (dB)", "floor (dB)", "Deadzone", "Attribution KL", "Problematic"]
+    out += [tabulate(rows, headers=headers, tablefmt="github"), ""]
+    bad = [row for row in doc.layers if row.problematic]
+    out += [f"## Problematic layers: {len(bad)}/{n}", ""]
+    if bad:
+        table = [[row.name, r.rule, r.tensor, r.metric, r.evidence] for row in bad for r in row.reasons]
+        out += [tabulate(table, headers=["Layer", "Rule", "Tensor", "Metric", "Evidence"], tablefmt="github"), ""]
+    if doc.attribution:
+        everything, per_layer = doc.attribution[0], sorted(doc.attribution[1:], key=lambda a: -a.kl)
+        table = [
+            [a.layer, a.kl, a.delta_loss, f"[{a.ci[0]:+.4f}, {a.ci[1]:+.4f}]", "yes" if a.harmful else "no"]
+            for a in [everything, *per_layer[:10]]
+        ]
+        out += [
+            f"## Loss attribution ({doc.evaluation_items} GSM8K test items; one layer quantized at a time, "
+            "top 10 by KL)",
+            "",
+            tabulate(
+                table,
+                headers=["Quantized", "KL", "Δloss", "Δloss 95% CI", "CI > 0"],
+                floatfmt="+.4f",
+                tablefmt="github",
+            ),
+            "",
+        ]
+    out += _recommendation(doc, rec, ver)
+    plots = ["![SQNR](sqnr.png)", "![Deadzone](deadzone.png)"] + (
+        ["![Attribution](attribution.png)"] if doc.attribution else []
+    )
+    out += ["", "Plots: " + " ".join(plots), ""]
+    return "\n".join(out)
+
+
+def _recommendation(doc: ScanDocument, rec, ver) -> list[str]:
+    if ver is not None and not ver.confirmed:
+        head = ["## Recommendation: none confirmed", "", f"The rules proposed **{rec.action}** ({rec.reason});"]
+        head += [f"verification: **{ver.verdict}**.", ""]
+    else:
+        status = " (confirmed against a control)" if ver else (" (not verified)" if rec.action != "no_action" else "")
+        head = ["## Recommendation", "", f"**{rec.action}**{status}: {rec.reason}.", ""]
+    if rec.bf16_layers:
+        head += [f"- proposed BF16 layers: {', '.join(rec.bf16_layers)}"]
+    if rec.alternative_format:
+        head += [f"- milder format: {rec.alternative_format}"]
+    if ver is None:
+        return head
+    lo, hi = ver.recovery_ci
+    return [
+        *head,
+        "",
+        "### Verification",
+        "",
+        tabulate(
+            [
+                ["reference", ver.reference_loss, 0.0],
+                [doc.format, ver.format_loss, ver.format_kl],
+                [ver.proposal, ver.proposed_loss, ver.proposed_kl],
+            ],
+            headers=["Model", "Loss", "KL"],
+            floatfmt=".4f",
+            tablefmt="github",
+        ),
+        "",
+        f"Recovery of the {doc.format} loss increase: {ver.recovery:.1%} (95% CI {lo:.1%} – {hi:.1%}, "
+        f"{ver.items} GSM8K test items). Control: {ver.control}, recovery {ver.control_recovery:.1%} "
+        f"(draws: {', '.join(f'{r:.1%}' for r in ver.control_recoveries)}); proposal − control per-item "
+        f"loss advantage {ver.advantage:+.4f} (95% CI {ver.advantage_ci[0]:+.4f}, {ver.advantage_ci[1]:+.4f}).",
+    ]
+
+
+def _bar_plot(path: Path, title: str, labels: list[str], series: dict, ylabel: str, errors=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(labels)), 3.5))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        yerr = errors.get(name) if errors else None
+        ax.bar([x + i * width for x in range(len(labels))], values, width=width, label=name, yerr=yerr)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(doc: ScanDocument, out_dir: str | Path) -> Path:
+    """``summary.md``, ``results.json`` and the PNG plots in ``out_dir``; returns the summary path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc.write(out / "results.json")
+    labels = [row.name.rsplit(".", 1)[-1] for row in doc.layers]
+    title = f"{doc.model} {doc.format} ({doc.point})"
+    for key, ylabel in (("sqnr_db", "SQNR (dB)"), ("deadzone_ratio", "deadzone ratio")):
+        series = {
+            name: [row.metrics.get(f"{src}_{key}{suffix}", math.nan) for row in doc.layers]
+            for src in ("weight", "input")
+            for suffix, name in (("", src), ("_floor", f"{src} Gaussian floor"))
+            if any(f"{src}_{key}" in row.metrics for row in doc.layers)
+        }
+        _bar_plot(out / f"{key.split('_')[0]}.png", f"{title}: per-layer {ylabel}", labels, series, ylabel)
+    if doc.attribution:
+        rows = doc.attribution[1:]
+        delta = [r.delta_loss for r in rows]
+        half = [[r.delta_loss - r.ci[0] for r in rows], [r.ci[1] - r.delta_loss for r in rows]]
+        _bar_plot(
+            out / "attribution.png",
+            f"{title}: loss attribution (95% CI over items)",
+            [r.layer.rsplit(".", 1)[-1] for r in rows],
+            {"Δloss, only this layer quantized": delta},
+            "Δ loss",
+            {"Δloss, only this layer quantized": half},
+        )
+    summary = out / "summary.md"
+    summary.write_text(markdown_summary(doc))
+    return summary
+
+
+COMPARED = [
+    ("weight_sqnr_db", False),
+    ("input_sqnr_db", False),
+    ("weight_deadzone_ratio", True),
+    ("input_deadzone_ratio", True),
+    ("output_sqnr_db", False),
+    ("kurtosis_ratio", False),
+    ("attribution_kl", False),
+]
+
+
+def compare_scans(a: ScanDocument, b: ScanDocument) -> str:
+    """Markdown: per-layer metrics of scan A vs scan B (e.g. before vs after training, or two formats)."""
+    name_a, name_b = f"{a.model}/{a.format}/{a.point}", f"{b.model}/{b.format}/{b.point}"
+    keys = [
+        (k, pct)
+        for k, pct in COMPARED
+        if any(k in r.metrics for r in a.layers) and any(k in r.metrics for r in b.layers)
+    ]
+    rows_b = {r.name: r for r in b.layers}
+    rows = []
+    for ra in a.layers:
+        rb = rows_b.get(ra.name)
+        if rb is None:
+            continue
+        cells = [ra.name]
+        for k, pct in keys:
+            cells += [_fmt(ra.metrics.get(k), pct), _fmt(rb.metrics.get(k), pct)]
+        cells.append(f"{'yes' if ra.problematic else 'no'} → {'yes' if rb.problematic else 'no'}")
+        rows.append(cells)
+    headers = ["Layer"] + [f"{k} {side}" for k, _ in keys for side in ("A", "B")] + ["Problematic A → B"]
+    ra_, rb_ = a.recommendation, b.recommendation
+    return "\n".join(
+        [
+            f"# SRDD comparison: A = {name_a}, B = {name_b}",
+            "",
+            tabulate(
+                [
+                    ["problematic layers", len(a.problematic_layers), len(b.problematic_layers)],
+                    ["recommendation", ra_.action, rb_.action],
+                    ["confirmed", ra_.confirmed, rb_.confirmed],
+                ],
+                headers=["", "A", "B"],
+                tablefmt="github",
+            ),
+            "",
+            tabulate(rows, headers=headers, tablefmt="github"),
+            "",
+        ]
+    )
