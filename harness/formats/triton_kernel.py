@@ -118,6 +118,7 @@ def _fake_quantize_kernel(
     HAS_PTS: tl.constexpr,
     SCALE_MODE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     tiles_c = (row_len + TC - 1) // TC
     t = tl.program_id(0).to(tl.int64) * TILES + tl.arange(0, TILES)  # global tile (block) indices
@@ -136,7 +137,10 @@ def _fake_quantize_kernel(
         offsets = ((strip // tiles_r)[None, :, None] * n_rows + row) * row_len + col
         mask = (t < n_tiles)[None, :, None] & (row < n_rows) & (col < row_len)
         counter = t[None, :, None] * (TR * TC // 4) + r * (TC // 4) + tl.arange(0, TC // 4)[None, None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if BF16_BITS:  # bf16 as int16 bits: widening is a shift (exact, subnormals included)
+        x = (tl.load(x_ptr + offsets, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     a = tl.abs(x)
     ok = tl.where(a < float("inf"), 1, 0)  # NaN and Inf both fail a < inf
     a = tl.where(a < float("inf"), a, 0.0)
@@ -155,8 +159,13 @@ def _fake_quantize_kernel(
     if STOCHASTIC:
         noise = tl.reshape(_uniform(seed, counter), x.shape)
     q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC) * scale
-    q = tl.where(finite, q, float("nan"))
-    tl.store(out_ptr + offsets, q.to(out_ptr.dtype.element_ty), mask=mask)
+    if BF16_BITS:  # to nearest even, as torch's .to(torch.bfloat16); 0x7FC0 is its NaN
+        u = q.to(tl.int32, bitcast=True)
+        h = tl.where(finite, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, 0x7FC0)
+        tl.store(out_ptr + offsets, h.to(tl.int16), mask=mask)
+    else:
+        q = tl.where(finite, q, float("nan"))
+        tl.store(out_ptr + offsets, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
@@ -165,9 +174,10 @@ def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> No
     tiles_c = triton.cdiv(job.row_len, job.tile_cols)
     n_tiles = job.n_mats * triton.cdiv(job.n_rows, job.tile_rows) * tiles_c
     tiles = ELEMENTS // job.tile_cols if job.tile_rows == 1 else TILES_2D
+    bf16 = x.dtype == torch.bfloat16  # passed as int16 bits: Triton's interpreter rounds bf16 subnormals wrongly
     _fake_quantize_kernel[(triton.cdiv(n_tiles, tiles),)](
-        x,
-        out,
+        x.view(torch.int16) if bf16 else x,
+        out.view(torch.int16) if bf16 else out,
         n_tiles,
         job.n_rows,
         job.row_len,
@@ -184,4 +194,5 @@ def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> No
         HAS_PTS=job.per_tensor_scale is not None,
         SCALE_MODE=job.scale_mode,
         STOCHASTIC=job.seed is not None,
+        BF16_BITS=bf16,
     )
