@@ -25,7 +25,7 @@ from suites.formats.test_reference_parity import CASES
 from suites.formats.test_stochastic import _neighbours
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [pytest.param(d, id=i) for d, i in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))]
+DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16, torch.float16)]
 DRAWS = 400
 
 

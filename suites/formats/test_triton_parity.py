@@ -42,7 +42,5 @@ def test_triton_kernel_matches_reference(name: str, case: str, dtype: torch.dtyp
 def test_triton_kernel_two_level_nvfp4() -> None:
     x = CASES["student_t"](get_format("nvfp4"))
     pts = nvfp4_per_tensor_scale(x)
-    got = fake_quantize_fast(
-        x.to(DEVICE), get_format("nvfp4"), 1, pts.to(DEVICE), kernel=fake_quantize_triton
-    ).cpu()
+    got = fake_quantize_fast(x.to(DEVICE), get_format("nvfp4"), 1, pts.to(DEVICE), kernel=fake_quantize_triton).cpu()
     assert_same_bits(got, fake_quantize(x, "nvfp4", per_tensor_scale=pts, backend="reference"), "nvfp4+pts")
