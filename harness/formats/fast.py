@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -36,7 +37,17 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_MODES = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
 """E8M0 shared-exponent rules the kernels implement (codes as in ``fast_kernel.c``)."""
 MAX_TILE = 1024  # elements per tile, fast_kernel.c's MAX_TILE
-CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
+CFLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
+NATIVE = ("-march=native",)  # this CPU's vector units (AVX2/AVX-512): the build is keyed on the CPU
+
+
+def _cpu_key() -> bytes:
+    """What a -march=native build depends on: the machine type and the CPU's feature flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}".encode()
 
 
 @dataclass(frozen=True)
@@ -78,14 +89,17 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler (cc/gcc) on PATH"
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_key()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"fast_kernel-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
+        for flags in ((*CFLAGS, *NATIVE), CFLAGS):  # a compiler without -march=native: the portable build
+            proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+        else:
             Path(tmp).unlink(missing_ok=True)
             return None, f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}"
         os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file

@@ -1,5 +1,7 @@
 /* One-pass fake quantization on CPU (the C fast path of harness.formats): reads and writes the
- * input's own dtype (fp32, bf16, fp16), fp32 only in registers, OpenMP over tiles.
+ * input's own dtype (fp32, bf16, fp16), fp32 only in registers, tiles split over n_threads
+ * POSIX threads (no OpenMP runtime: torch's own would compete with a second one's spinning
+ * workers). Built with -march=native where the compiler has it (fast.py keys the build on the CPU).
  *
  * A tile is tile_rows x tile_cols elements of a row-major (n_mats, n_rows, row_len) tensor:
  * 1 x 32 or 1 x 16 for 1-D blocks, 32 x 32 for mxfp4_2d. Same arithmetic as the reference path
@@ -15,6 +17,8 @@
  *   out = sign(x) q * scale, rounded to the output dtype to nearest even
  */
 #include <math.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -80,17 +84,30 @@ static inline void store_nan(void *out, int dtype, int64_t i) {
     else ((uint16_t *)out)[i] = dtype == 1 ? 0x7FC0 : 0x7E00;
 }
 
-/* ---- Philox4x32-10 (Random123), as harness/formats/philox.py ---- */
-static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]) {
-    uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
+/* ---- Philox4x32-10 (Random123), as harness/formats/philox.py: element n of the block tensor
+ * takes word n % 4 at counter (n / 4, 0, 0, 0); u = (word >> 8) 2^-24. n_counters a multiple
+ * of 4 words' worth; the loops run across counters so they vectorize. ---- */
+static inline void philox_uniforms(uint64_t counter0, int n_counters, uint64_t key, float *u) {
+    uint32_t c0[MAX_TILE / 4], c1[MAX_TILE / 4], c2[MAX_TILE / 4], c3[MAX_TILE / 4];
+    for (int j = 0; j < n_counters; ++j) {
+        uint64_t c = counter0 + (uint64_t)j;
+        c0[j] = (uint32_t)c; c1[j] = (uint32_t)(c >> 32); c2[j] = 0; c3[j] = 0;
+    }
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
     for (int r = 0; r < 10; ++r) {
-        uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2;
-        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
-        c1 = (uint32_t)p1; c3 = (uint32_t)p0; c0 = n0; c2 = n2;
+        for (int j = 0; j < n_counters; ++j) {
+            uint64_t p0 = (uint64_t)0xD2511F53u * c0[j], p1 = (uint64_t)0xCD9E8D57u * c2[j];
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[j] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3[j] ^ k1;
+            c1[j] = (uint32_t)p1; c3[j] = (uint32_t)p0; c0[j] = n0; c2[j] = n2;
+        }
         k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
     }
-    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+    for (int j = 0; j < n_counters; ++j) {
+        u[4 * j] = (float)(c0[j] >> 8) * 5.9604644775390625e-08f;
+        u[4 * j + 1] = (float)(c1[j] >> 8) * 5.9604644775390625e-08f;
+        u[4 * j + 2] = (float)(c2[j] >> 8) * 5.9604644775390625e-08f;
+        u[4 * j + 3] = (float)(c3[j] >> 8) * 5.9604644775390625e-08f;
+    }
 }
 
 /* ---- the tile ---- */
@@ -141,45 +158,41 @@ static inline void scales_of(float amax, const params_t *p, float *multiplier, f
     *scale = has_pts ? p->per_tensor_scale * stored : stored;
 }
 
-/* One tile (tile index `tile`); TR, TC, DTYPE, SR are compile-time constants after inlining. */
+/* One tile: first element at `base`, `rows` x `cols` of it inside the tensor, `u` its uniforms
+ * when stochastic; TR, TC, DTYPE, SR are compile-time constants after inlining.
+ * amax and finiteness come from one integer max of |x|'s bits (non-negative floats order as
+ * their bits; NaN and Inf are the bit patterns >= 0x7F800000), which vectorizes. */
 static inline __attribute__((always_inline)) void do_tile(const void *x, void *out, const params_t *p,
-                                                         int64_t tile, const int TR, const int TC,
-                                                         const int DTYPE, const int SR) {
-    const int64_t tiles_c = (p->row_len + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
-    const int64_t mat = tile / (tiles_r * tiles_c), tr = (tile / tiles_c) % tiles_r, tc = tile % tiles_c;
-    const int64_t r0 = tr * TR, c0 = tc * TC;
-    const int rows = (int)(p->n_rows - r0 < TR ? p->n_rows - r0 : TR);
-    const int cols = (int)(p->row_len - c0 < TC ? p->row_len - c0 : TC);
-    const int64_t base = (mat * p->n_rows + r0) * p->row_len + c0;
+                                                         const float *u, int64_t base, int rows, int cols,
+                                                         const int TR, const int TC, const int DTYPE,
+                                                         const int SR) {
     float buf[MAX_TILE];
-    float amax = 0.0f;
-    int finite = 1;
-    for (int r = 0; r < TR; ++r)
-        for (int c = 0; c < TC; ++c) {
-            float v = (r < rows && c < cols) ? load(x, DTYPE, base + r * p->row_len + c) : 0.0f;
-            float a = fabsf(v);
-            finite &= a <= 3.4028234663852886e38f; /* NaN and Inf fail */
-            amax = a > amax ? a : amax;
-            buf[r * TC + c] = v;
-        }
-    if (!finite) {
+    if (rows == TR && cols == TC) {
+        for (int r = 0; r < TR; ++r)
+            for (int c = 0; c < TC; ++c) buf[r * TC + c] = load(x, DTYPE, base + r * p->row_len + c);
+    } else { /* partial tile: zero padding leaves the amax unchanged */
+        for (int i = 0; i < TR * TC; ++i) buf[i] = 0.0f;
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; ++c) buf[r * TC + c] = load(x, DTYPE, base + r * p->row_len + c);
+    }
+    int32_t amax_bits = 0;
+    for (int i = 0; i < TR * TC; ++i) {
+        int32_t a = (int32_t)(bits_of(buf[i]) & 0x7FFFFFFFu);
+        amax_bits = a > amax_bits ? a : amax_bits;
+    }
+    if (amax_bits >= 0x7F800000) { /* NaN or Inf in the tile */
         for (int r = 0; r < rows; ++r)
             for (int c = 0; c < cols; ++c) store_nan(out, DTYPE, base + r * p->row_len + c);
         return;
     }
     float multiplier, scale;
-    scales_of(amax, p, &multiplier, &scale);
+    scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale);
     if (SR) {
-        const uint64_t counter0 = (uint64_t)tile * (uint64_t)(TR * TC) / 4;
-        for (int i = 0; i < TR * TC; i += 4) {
-            uint32_t w[4];
-            philox4x32_10(counter0 + (uint64_t)(i / 4), p->seed, w);
-            for (int j = 0; j < 4; ++j) {
-                float v = buf[i + j] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
-                float n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
-                n += (float)(w[j] >> 8) * 5.9604644775390625e-08f < t - n ? 1.0f : 0.0f;
-                buf[i + j] = finish(n, step, p->max_value, v, scale);
-            }
+        for (int i = 0; i < TR * TC; ++i) {
+            float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
+            float n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
+            n += u[i] < t - n ? 1.0f : 0.0f;
+            buf[i] = finish(n, step, p->max_value, v, scale);
         }
     } else {
         for (int i = 0; i < TR * TC; ++i) {
@@ -187,13 +200,47 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
             buf[i] = finish((t + 8388608.0f) - 8388608.0f, step, p->max_value, v, scale);
         }
     }
-    for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
+    if (rows == TR && cols == TC) {
+        for (int r = 0; r < TR; ++r)
+            for (int c = 0; c < TC; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
+    } else {
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
+    }
 }
 
+typedef struct {
+    const void *x;
+    void *out;
+    const params_t *p;
+    int64_t begin, end;
+} range_t;
+
+/* tiles [begin, end) in order, strip by strip (a strip: TR rows of one matrix), no division per
+ * tile; stochastic: the uniforms of up to MAX_TILE elements' worth of consecutive tiles at once
+ * (their Philox counters are consecutive), so the generator's loops are long enough to vectorize */
 #define LOOP(TR, TC, DTYPE, SR)                                                                    \
-    _Pragma("omp parallel for schedule(static) num_threads(p->n_threads)")                        \
-    for (int64_t t = 0; t < n_tiles; ++t) do_tile(x, out, p, t, TR, TC, DTYPE, SR);
+    {                                                                                              \
+        const int64_t tiles_c = (p->row_len + (TC) - 1) / (TC), tiles_r = (p->n_rows + (TR) - 1) / (TR); \
+        int64_t t = r->begin, tc = t % tiles_c, strip = t / tiles_c, u_first = -1;                 \
+        const int64_t group = MAX_TILE / ((TR) * (TC));                                            \
+        float u[MAX_TILE];                                                                         \
+        for (; t < r->end; tc = 0, ++strip) {                                                      \
+            const int64_t r0 = (strip % tiles_r) * (TR);                                           \
+            const int rows = (int)(p->n_rows - r0 < (TR) ? p->n_rows - r0 : (TR));                 \
+            const int64_t row_base = ((strip / tiles_r) * p->n_rows + r0) * p->row_len;            \
+            for (; tc < tiles_c && t < r->end; ++tc, ++t) {                                        \
+                const int cols = (int)(p->row_len - tc * (TC) < (TC) ? p->row_len - tc * (TC) : (TC)); \
+                if ((SR) && (u_first < 0 || t >= u_first + group)) {                               \
+                    const int64_t n = r->end - t < group ? r->end - t : group;                     \
+                    u_first = t;                                                                   \
+                    philox_uniforms((uint64_t)t * ((TR) * (TC) / 4), (int)(n * (TR) * (TC) / 4), p->seed, u); \
+                }                                                                                  \
+                do_tile(r->x, r->out, p, (SR) ? u + (t - u_first) * (TR) * (TC) : NULL,             \
+                        row_base + tc * (TC), rows, cols, TR, TC, DTYPE, SR);                      \
+            }                                                                                      \
+        }                                                                                          \
+    }
 
 #define BY_DTYPE(TR, TC, SR)                                                                       \
     switch (p->dtype) {                                                                            \
@@ -202,15 +249,44 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
     default: LOOP(TR, TC, 2, SR) break;                                                            \
     }
 
-/* Specialised instances for the registry's tile shapes, a generic one for any other
- * (tile_rows * tile_cols <= MAX_TILE, a multiple of 4 when stochastic). */
-void fake_quantize_tiles(const void *x, void *out, const params_t *p) {
-    const int64_t n_tiles = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows) *
-                            ((p->row_len + p->tile_cols - 1) / p->tile_cols);
+/* Tiles [begin, end): specialised instances for the registry's tile shapes, a generic one for
+ * any other (tile_rows * tile_cols <= MAX_TILE, a multiple of 4 when stochastic). */
+static void run_range(const range_t *r) {
+    const params_t *p = r->p;
     if (p->tile_rows == 1 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(1, 32, 0) }
     else if (p->tile_rows == 1 && p->tile_cols == 32) { BY_DTYPE(1, 32, 1) }
     else if (p->tile_rows == 1 && p->tile_cols == 16 && !p->stochastic) { BY_DTYPE(1, 16, 0) }
     else if (p->tile_rows == 32 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(32, 32, 0) }
     else if (p->stochastic) { BY_DTYPE(p->tile_rows, p->tile_cols, 1) }
     else { BY_DTYPE(p->tile_rows, p->tile_cols, 0) }
+}
+
+static void *thread_main(void *arg) {
+    run_range((const range_t *)arg);
+    return NULL;
+}
+
+#define MAX_THREADS 64
+#define MIN_ELEMENTS_PER_THREAD 65536 /* below this a thread costs more than it saves */
+
+void fake_quantize_tiles(const void *x, void *out, const params_t *p) {
+    const int64_t per_tile = (int64_t)p->tile_rows * p->tile_cols;
+    const int64_t n_tiles = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows) *
+                            ((p->row_len + p->tile_cols - 1) / p->tile_cols);
+    int64_t n = n_tiles * per_tile / MIN_ELEMENTS_PER_THREAD;
+    n = n < p->n_threads ? n : p->n_threads;
+    n = n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+    range_t ranges[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 0; i < n; ++i) {
+        range_t rg = {x, out, p, n_tiles * i / n, n_tiles * (i + 1) / n};
+        ranges[i] = rg;
+    }
+    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, thread_main, &ranges[i]) == 0;
+    run_range(&ranges[0]);
+    for (int64_t i = 1; i < n; ++i) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else run_range(&ranges[i]); /* no thread to be had: do its share here */
+    }
 }
