@@ -16,6 +16,7 @@ whether its first 256 rows equal the CPU reference path bit for bit (same genera
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -73,11 +74,9 @@ def measure(
         x = base.to(device, DTYPES[dtype])
         clone_ms = median_ms(x.clone, device)
         for name in formats:
-
-            def run(gen=torch.Generator().manual_seed(0)):
-                return fake_quantize(x, name, generator=gen)
-
-            ms = median_ms(run, device)
+            ms = median_ms(
+                functools.partial(fake_quantize, x, name, generator=torch.Generator().manual_seed(0)), device
+            )
             equal = None
             if check:
                 got = fake_quantize(x, name, generator=torch.Generator().manual_seed(0))[:CHECK_ROWS].cpu()
@@ -96,7 +95,7 @@ def measure(
                     gb_per_s=2 * x.numel() * x.element_size() / ms / 1e6,
                     ratio_to_clone=ms / clone_ms,
                     bits_equal_cpu_reference=equal,
-                    torchao_ratio_to_clone=median_ms(lambda: ao(x), device) / clone_ms if ao else None,
+                    torchao_ratio_to_clone=median_ms(functools.partial(ao, x), device) / clone_ms if ao else None,
                 )
             )
     return rows
