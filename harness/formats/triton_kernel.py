@@ -121,12 +121,13 @@ def _fake_quantize_kernel(
     BF16_BITS: tl.constexpr,
 ):
     tiles_c = (row_len + TC - 1) // TC
-    t = tl.program_id(0).to(tl.int64) * TILES + tl.arange(0, TILES)  # global tile (block) indices
+    t = tl.program_id(0) * TILES + tl.arange(0, TILES)  # global tile (block) indices, int32
     if TR == 1:  # [tiles, cols]: consecutive blocks of rows
         col = (t % tiles_c)[:, None] * TC + tl.arange(0, TC)[None, :]
-        offsets = (t // tiles_c)[:, None] * row_len + col
+        offsets = (t // tiles_c).to(tl.int64)[:, None] * row_len + col
         mask = (t < n_tiles)[:, None] & (col < row_len)
-        counter = t[:, None] * (TC // 4) + tl.arange(0, TC // 4)[None, :]  # Philox: element n -> n // 4
+        # Philox counters (element n -> counter n // 4), 64-bit
+        counter = t.to(tl.int64)[:, None] * (TC // 4) + tl.arange(0, TC // 4)[None, :]
     else:  # [rows, tiles, cols]: TILES neighbouring tiles of one strip
         tiles_r = (n_rows + TR - 1) // TR
         r = tl.arange(0, TR)[:, None, None]
@@ -134,9 +135,9 @@ def _fake_quantize_kernel(
         strip = t // tiles_c  # mat * tiles_r + tile row
         row = (strip % tiles_r)[None, :, None] * TR + r
         col = (t % tiles_c)[None, :, None] * TC + c
-        offsets = ((strip // tiles_r)[None, :, None] * n_rows + row) * row_len + col
+        offsets = ((strip // tiles_r).to(tl.int64)[None, :, None] * n_rows + row) * row_len + col
         mask = (t < n_tiles)[None, :, None] & (row < n_rows) & (col < row_len)
-        counter = t[None, :, None] * (TR * TC // 4) + r * (TC // 4) + tl.arange(0, TC // 4)[None, None, :]
+        counter = t.to(tl.int64)[None, :, None] * (TR * TC // 4) + r * (TC // 4) + tl.arange(0, TC // 4)[None, None, :]
     if BF16_BITS:  # bf16 as int16 bits: widening is a shift (exact, subnormals included)
         x = (tl.load(x_ptr + offsets, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
