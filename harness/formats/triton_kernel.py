@@ -35,7 +35,9 @@ def _exp2_int(e):
 
 
 @triton.jit
-def _round_to_grid(v, noise, emin, mbits: tl.constexpr, max_value, STOCHASTIC: tl.constexpr):
+def _round_to_grid(
+    v, noise, emin: tl.constexpr, mbits: tl.constexpr, max_value: tl.constexpr, STOCHASTIC: tl.constexpr
+):
     """Round onto the element grid (ties to even, or up with probability ``frac`` when
     ``noise`` < ``frac``), saturate, keep the sign. The grid step is 2**k, k = max(floor_log2|v|,
     emin) - mbits, so ``|v| * 2**-k`` is exact (no division)."""
@@ -53,7 +55,16 @@ def _round_to_grid(v, noise, emin, mbits: tl.constexpr, max_value, STOCHASTIC: t
 
 
 @triton.jit
-def _scales(amax, per_tensor_scale, MBITS, EMAX, MAX_VALUE, E4M3_SCALE, HAS_PTS, SCALE_MODE):
+def _scales(
+    amax,
+    per_tensor_scale,
+    MBITS: tl.constexpr,
+    EMAX: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    E4M3_SCALE: tl.constexpr,
+    HAS_PTS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+):
     """(multiplier, dequantization scale) of blocks with max ``amax`` (see fast_kernel.c)."""
     if E4M3_SCALE:
         raw = tl.math.div_rn(amax, MAX_VALUE)  # IEEE division, as on CPU
