@@ -42,6 +42,16 @@ def median_ms(fn: Callable[[], object], device: torch.device, rounds: int = 7) -
     return statistics.median(timeit.repeat(fn, number=1, repeat=rounds)) * 1e3
 
 
+def paired_ms(fn: Callable[[], object], x: torch.Tensor, rounds: int = 7) -> tuple[float, float]:
+    """(median ms of ``fn()``, median ms of ``x.clone()``). On CPU the two alternate round by
+    round, so a shared machine's load changes both alike; on CUDA each is ``do_bench``ed."""
+    if x.device.type == "cuda":
+        return median_ms(fn, x.device), median_ms(x.clone, x.device)
+    fn()
+    pairs = [(timeit.timeit(fn, number=1), timeit.timeit(x.clone, number=1)) for _ in range(rounds)]
+    return statistics.median(p[0] for p in pairs) * 1e3, statistics.median(p[1] for p in pairs) * 1e3
+
+
 @dataclass(frozen=True)
 class Row:
     format: str
@@ -65,6 +75,10 @@ def _torchao(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return lambda x: torchao_fake_quantize(x, name)
 
 
+def _ratio(ms: float, clone_ms: float) -> float:
+    return ms / clone_ms
+
+
 def measure(
     size: int, device: torch.device, formats: list[str], dtypes: list[str], *, check: bool, torchao: bool
 ) -> list[Row]:
@@ -72,11 +86,9 @@ def measure(
     base = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
     for dtype in dtypes:
         x = base.to(device, DTYPES[dtype])
-        clone_ms = median_ms(x.clone, device)
         for name in formats:
-            ms = median_ms(
-                functools.partial(fake_quantize, x, name, generator=torch.Generator().manual_seed(0)), device
-            )
+            run = functools.partial(fake_quantize, x, name, generator=torch.Generator().manual_seed(0))
+            ms, clone_ms = paired_ms(run, x)
             equal = None
             if check:
                 got = fake_quantize(x, name, generator=torch.Generator().manual_seed(0))[:CHECK_ROWS].cpu()
@@ -95,7 +107,7 @@ def measure(
                     gb_per_s=2 * x.numel() * x.element_size() / ms / 1e6,
                     ratio_to_clone=ms / clone_ms,
                     bits_equal_cpu_reference=equal,
-                    torchao_ratio_to_clone=median_ms(functools.partial(ao, x), device) / clone_ms if ao else None,
+                    torchao_ratio_to_clone=_ratio(*paired_ms(functools.partial(ao, x), x)) if ao else None,
                 )
             )
     return rows
