@@ -130,6 +130,8 @@ def supports(fmt: Format, x: torch.Tensor, scale_mode: str = "floor") -> str:
     if fmt.block_size > MAX_TILE or (fmt.stochastic and fmt.block_size % 4):
         return f"{fmt.name}: blocks of {fmt.block_size} elements have no fast kernel"
     if x.device.type == "cuda":
+        if any(d & (d - 1) for d in fmt.block_shape):
+            return f"{fmt.name}: the Triton kernel needs power-of-two block dims, not {fmt.block_shape}"
         return _triton_reason()
     if x.device.type != "cpu":
         return f"no fast path for {x.device.type} tensors"

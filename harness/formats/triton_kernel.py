@@ -3,10 +3,10 @@ path's arithmetic (``fast_kernel.c``: same formulas, same fp32 operation order, 
 Philox4x32-10 stream for stochastic rounding), so GPU and CPU results are bit-identical. It reads
 and writes the input's dtype (fp32 only in registers): one read, one write.
 
-1-D formats: each program takes ``ELEMENTS // block`` consecutive blocks of the row-major
+1-D formats: each program takes ``BYTES_1D`` of consecutive blocks of the row-major
 ``(rows, row_len)`` tensor, as a ``[blocks, block]`` array. 2-D tiles: each program takes
-``TILES_2D`` neighbouring tiles of one strip of ``tile_rows`` rows, as a ``[rows, tiles, cols]``
-array, and reduces the amax over rows and cols.
+``BYTES_2D`` of neighbouring tiles of one strip of ``tile_rows`` rows, as a ``[rows, tiles,
+cols]`` array, and reduces the amax over rows and cols.
 
 Rounding to nearest even uses ``(t + 2**23) - 2**23``, exact for the ``0 <= t < 2**(mbits+1)``
 that element rounding produces; divisions by powers of two are exact multiplications, the others
@@ -22,8 +22,9 @@ import triton.language as tl
 
 from harness.formats.fast import TileJob
 
-ELEMENTS = 2048  # elements per program, 1-D formats
-TILES_2D = 4  # tiles per program, 2-D formats
+BYTES_1D = 4096  # input bytes per program, 1-D formats: 1024 fp32 or 2048 bf16/fp16 elements
+BYTES_2D = 8192  # input bytes per program, 2-D tiles: two 32x32 fp32 tiles or four bf16/fp16 ones
+# (the best of the launch shapes swept on an H200 at 8192x8192, 2026-11-26; README, GPU section)
 
 
 @triton.jit
@@ -40,17 +41,19 @@ def _round_to_grid(
 ):
     """Round onto the element grid (ties to even, or up with probability ``frac`` when
     ``noise`` < ``frac``), saturate, keep the sign. The grid step is 2**k, k = max(floor_log2|v|,
-    emin) - mbits, so ``|v| * 2**-k`` is exact (no division)."""
+    emin) - mbits; both 2**k and 2**-k are normal floats for every element grid (k is within
+    [emin - mbits, 127 - mbits]), built from the biased exponent ``k + 127`` with two shifts,
+    so ``|v| * 2**-k`` is exact (no division)."""
     bits = v.to(tl.int32, bitcast=True)
-    a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    k = tl.maximum(((bits >> 23) & 0xFF) - 127, emin) - mbits
-    t = a * _exp2_int(-k)
+    a_bits = bits & 0x7FFFFFFF
+    biased_k = tl.maximum(a_bits >> 23, emin + 127) - mbits
+    t = a_bits.to(tl.float32, bitcast=True) * ((254 - biased_k) << 23).to(tl.float32, bitcast=True)
     if STOCHASTIC:
         n = t.to(tl.int32).to(tl.float32)  # floor: t >= 0
         n = n + tl.where(noise < t - n, 1.0, 0.0)
     else:
         n = (t + 8388608.0) - 8388608.0  # round half to even (fp32 RNE add)
-    q = tl.minimum(n * _exp2_int(k), max_value)
+    q = tl.minimum(n * (biased_k << 23).to(tl.float32, bitcast=True), max_value)
     return (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
@@ -153,15 +156,15 @@ def _fake_quantize_kernel(
         x = (tl.load(x_ptr + offsets, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    a = tl.abs(x)
-    ok = tl.where(a < float("inf"), 1, 0)  # NaN and Inf both fail a < inf
-    a = tl.where(a < float("inf"), a, 0.0)
+    # amax and finiteness from one integer max of |x|'s bits (non-negative floats order as their
+    # bits; NaN and Inf are the patterns >= 0x7F800000)
+    a_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if TR == 1:
-        finite = tl.min(ok, axis=1) > 0
-        amax = tl.max(a, axis=1)
+        amax_bits = tl.max(a_bits, axis=1)
     else:
-        finite = tl.min(tl.min(ok, axis=2), axis=0) > 0
-        amax = tl.max(tl.max(a, axis=2), axis=0)
+        amax_bits = tl.max(tl.max(a_bits, axis=2), axis=0)
+    finite = amax_bits < 0x7F800000
+    amax = amax_bits.to(tl.float32, bitcast=True)
     multiplier, scale = _scales(amax, per_tensor_scale, MBITS, EMAX, MAX_VALUE, E4M3_SCALE, HAS_PTS, SCALE_MODE)
     if TR == 1:
         multiplier, scale, finite = multiplier[:, None], scale[:, None], finite[:, None]
@@ -185,7 +188,8 @@ def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> No
     :func:`harness.formats.fast.fake_quantize_fast`)."""
     tiles_c = triton.cdiv(job.row_len, job.tile_cols)
     n_tiles = job.n_mats * triton.cdiv(job.n_rows, job.tile_rows) * tiles_c
-    tiles = ELEMENTS // job.tile_cols if job.tile_rows == 1 else TILES_2D
+    per_tile = job.tile_rows * job.tile_cols * x.element_size()
+    tiles = 1 << max(0, ((BYTES_1D if job.tile_rows == 1 else BYTES_2D) // per_tile).bit_length() - 1)  # a power of 2
     bf16 = x.dtype == torch.bfloat16  # passed as int16 bits: Triton's interpreter rounds bf16 subnormals wrongly
     _fake_quantize_kernel[(triton.cdiv(n_tiles, tiles),)](
         x.view(torch.int16) if bf16 else x,
