@@ -12,6 +12,7 @@ from tabulate import tabulate
 from harness.baselines import (
     BaselineError,
     baseline_path,
+    check_values,
     comparison_table,
     paired_gate_table,
     read_baseline_file,
@@ -119,7 +120,8 @@ class BaselineCheck:
         metrics = {k: float(v) for k, v in metrics.items()}
         items = {k: [float(x) for x in v] for k, v in (items or {}).items()}
         try:
-            stored, stored_items = read_baseline_file(self.path)
+            check_values(case_id, metrics, items)
+            stored, stored_items = read_baseline_file(self.path, getattr(self._config, "harness_model_identity", None))
         except BaselineError as err:
             pytest.fail(str(err), pytrace=False)
         if self.update:
@@ -171,7 +173,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         if items:
             item_updates.setdefault(path, {})[case_id] = items
     for path, cases in updates.items():
-        write_baselines(path, cases, item_updates.get(path))
+        write_baselines(path, cases, item_updates.get(path), getattr(session.config, "harness_model_identity", None))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

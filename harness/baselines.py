@@ -1,6 +1,11 @@
 """Stored baselines (design §8): ``baselines/<model>/<device>/<suite>.json`` holding
-``{case_id: {metric: value}}`` plus provenance.  Every run is compared with per-metric
-tolerances; files are rewritten only on request, atomically, and never silently replaced."""
+``{case_id: {metric: value}}`` plus provenance and the identity of the model the numbers came
+from.  Every run is compared with per-metric tolerances; files are rewritten only on request,
+under a file lock (read, merge, replace), atomically, and never silently replaced.
+
+Non-finite values: NaN is a failure, never a baseline (writing one is refused, comparing one
+fails); +Inf and -Inf (an exact SQNR) are stored as the strings ``"inf"`` and ``"-inf"`` and
+are within tolerance only of the same infinity."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tabulate import tabulate
 
 import harness
@@ -34,8 +40,9 @@ class Tolerance:
     value: float
 
     def allows(self, old: float, new: float) -> bool:
-        if math.isnan(old) or math.isnan(new):
-            return math.isnan(old) and math.isnan(new)
+        """NaN is never allowed (not even against NaN); an infinity only against the same one."""
+        if math.isnan(old) or math.isnan(new) or math.isinf(old) or math.isinf(new):
+            return not math.isnan(old) and old == new
         bound = self.value if self.kind == "abs" else self.value * abs(old)
         return abs(new - old) <= bound + 1e-12
 
@@ -102,27 +109,85 @@ def baseline_path(root: Path, model: str, device: str, suite: str) -> Path:
     return root / model / device / f"{suite}.json"
 
 
-def read_baseline_file(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+_INFINITIES = {"inf": math.inf, "-inf": -math.inf}
+
+
+def _number(value: object, where: str) -> float:
+    """A stored value: a JSON number (not a bool, not a string such as "1.5") or "inf"/"-inf"."""
+    if isinstance(value, str) and value in _INFINITIES:
+        return _INFINITIES[value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f'{where} is {value!r}, not a number (a JSON number, or "inf"/"-inf")')
+    return float(value)
+
+
+def _encode(value: float) -> float | str:
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def _object(value: object, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} is {type(value).__name__}, not an object")
+    return value
+
+
+def check_values(case: str, metrics: dict[str, float], items: dict[str, list[float]] | None = None) -> None:
+    """BaselineError when a metric or per-item value is NaN: a failure, never a baseline."""
+    bad = [k for k, v in metrics.items() if math.isnan(v)]
+    bad += [k for k, v in (items or {}).items() if any(math.isnan(x) for x in v)]
+    if bad:
+        raise BaselineError(
+            f"{case}: {', '.join(sorted(set(bad)))} is NaN: the run failed (a NaN is never stored as a baseline)"
+        )
+
+
+def read_baseline_file(
+    path: Path, identity: dict[str, object] | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """``(cases, items)`` of a baseline file, read once: ``{case: {metric: value}}`` and the
     per-item values of the metrics judged by a paired test, ``{case: {metric: [value per item]}}``
-    (both {} if the file does not exist); BaselineError if it is corrupt."""
+    (both {} if the file does not exist); BaselineError if it is corrupt (any value that is not
+    a number) or, when ``identity`` is given, if the file holds numbers of another model."""
+    cases, items, _ = _read(path, identity)
+    return cases, items
+
+
+def _read(path: Path, identity: dict[str, object] | None) -> tuple[dict, dict, dict[str, object]]:
+    """:func:`read_baseline_file` plus the model identity the file records ({} if none)."""
     if not path.exists():
-        return {}, {}
+        return {}, {}, {}
     try:
-        doc = json.loads(path.read_text())
+        doc = _object(json.loads(path.read_text()), "the file")
         if doc.get("schema_version") != SCHEMA_VERSION or not isinstance(doc.get("cases"), dict):
             raise ValueError(f"expected schema_version {SCHEMA_VERSION} and a 'cases' object")
-        cases = {case: {k: float(v) for k, v in metrics.items()} for case, metrics in doc["cases"].items()}
-        items = {
-            case: {k: [float(x) for x in v] for k, v in metrics.items()}
-            for case, metrics in doc.get("items", {}).items()
+        cases = {
+            case: {k: _number(v, f"cases.{case}.{k}") for k, v in _object(metrics, f"cases.{case}").items()}
+            for case, metrics in doc["cases"].items()
         }
-        return cases, items
+        items: dict[str, dict[str, list[float]]] = {}
+        for case, metrics in _object(doc.get("items", {}), "items").items():
+            items[case] = {}
+            for k, v in _object(metrics, f"items.{case}").items():
+                if not isinstance(v, list):
+                    raise ValueError(f"items.{case}.{k} is {type(v).__name__}, not a list of numbers")
+                items[case][k] = [_number(x, f"items.{case}.{k}[{i}]") for i, x in enumerate(v)]
+        stored = _object(doc.get("model", {}), "model")
     except (ValueError, AttributeError, TypeError) as err:
         raise BaselineError(
             f"{path}: corrupted baseline file ({err}). It is never replaced automatically: restore it "
             "from git, or delete it and recreate it with --update-baselines"
         ) from err
+    if identity is not None and stored and stored != identity:
+        raise BaselineError(
+            f"{path} holds the baselines of another model ({_describe(stored)}); the model under test "
+            f"is {_describe(identity)}. Pass the model these baselines belong to, or another --baselines-dir; "
+            "to start this model's baselines, delete the file and run with --update-baselines"
+        )
+    return cases, items, stored
+
+
+def _describe(identity: dict[str, object]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in identity.items())
 
 
 def read_baselines(path: Path) -> dict[str, dict[str, float]]:
@@ -131,31 +196,48 @@ def read_baselines(path: Path) -> dict[str, dict[str, float]]:
 
 
 def write_baselines(
-    path: Path, updates: dict[str, dict[str, float]], items: dict[str, dict[str, list[float]]] | None = None
+    path: Path,
+    updates: dict[str, dict[str, float]],
+    items: dict[str, dict[str, list[float]]] | None = None,
+    identity: dict[str, object] | None = None,
 ) -> None:
-    """Merge ``updates`` (and per-item ``items``) into the file, other cases kept, atomically."""
-    stored_cases, stored_items = read_baseline_file(path)
-    cases = stored_cases | updates
-    stored_items = stored_items | (items or {})
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "harness_version": harness.__version__,
-        "torch_version": torch.__version__,
-        "cases": dict(sorted(cases.items())),
-    }
-    if stored_items:
-        doc["items"] = dict(sorted(stored_items.items()))
+    """Merge ``updates`` (and per-item ``items``) into the file, other cases kept, atomically.
+
+    Read, merge and replace happen under ``<file>.lock``, so concurrent writers lose nothing;
+    the temporary file is removed on any error, and ones left by a killed writer are removed by
+    the next write.  ``identity`` (:func:`harness.models.model_identity`) is recorded; a file of
+    another model is refused (BaselineError).  NaN values are refused (:func:`check_values`)."""
+    for case, metrics in updates.items():
+        check_values(case, metrics, (items or {}).get(case))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with FileLock(f"{path}.lock"):
+        for stale in path.parent.glob(f"{path.name}.*.tmp"):  # left by a killed writer; we hold the lock
+            stale.unlink(missing_ok=True)
+        stored_cases, stored_items, stored_identity = _read(path, identity)
+        cases = stored_cases | updates
+        stored_items = stored_items | (items or {})
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "harness_version": harness.__version__,
+            "torch_version": torch.__version__,
+        }
+        if identity or stored_identity:
+            doc["model"] = identity or stored_identity
+        doc["cases"] = {c: {k: _encode(v) for k, v in m.items()} for c, m in sorted(cases.items())}
+        if stored_items:
+            doc["items"] = {
+                c: {k: [_encode(x) for x in v] for k, v in m.items()} for c, m in sorted(stored_items.items())
+            }
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=2, sort_keys=False, allow_nan=False)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def comparison_table(old: dict[str, float], new: dict[str, float]) -> tuple[bool, str]:

@@ -11,10 +11,21 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from harness.baselines import BaselineError
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
 from harness.formats import FORMATS, list_formats
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL
+from harness.validate import (
+    check_compare_to,
+    check_scan_doc,
+    check_scan_options,
+    count_arg,
+    device_arg,
+    output_dir_arg,
+    output_file_arg,
+    share_arg,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,10 +97,14 @@ def _eval_loss(args: argparse.Namespace) -> int:
 
 
 def _eval_gsm8k(args: argparse.Namespace) -> int:
-    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table, load_per_item
+    from harness.data import load_gsm8k
+    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table, local_gsm8k_dir
     from harness.inject import QuantInjector
     from harness.models import load_model
 
+    compare_to = check_compare_to(args.compare_to, args.task, args.limit) if args.compare_to else None
+    if local_gsm8k_dir(args.gsm8k_dir) is not None:  # a bad file is named before the model loads
+        load_gsm8k("test", args.limit, args.gsm8k_dir)
     model, tok = load_model(
         args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
     )
@@ -117,8 +132,8 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
     pairs = []
     if args.format != "none" and "reference" in runs:
         pairs.append(("reference", runs["reference"].per_item))
-    if args.compare_to:
-        pairs.append((args.compare_to, load_per_item(args.compare_to)))
+    if compare_to is not None:
+        pairs.append((args.compare_to, compare_to))
     comparisons = {}
     for label, items in pairs:
         cmps = compare_results(items, under_test.per_item)
@@ -158,6 +173,7 @@ def _scan(args: argparse.Namespace) -> int:
     from harness.srdd.criteria import Thresholds
     from harness.srdd.run import scan_model
 
+    check_scan_options(args.attribution, args.eval_items, args.instability_runs)
     thresholds = Thresholds(
         args.sqnr_threshold,
         args.deadzone_threshold,
@@ -205,7 +221,7 @@ def _compare(args: argparse.Namespace) -> int:
     docs = []
     for path in (args.a, args.b):
         try:
-            docs.append(json.loads(Path(path).read_text()))
+            docs.append(check_scan_doc(json.loads(Path(path).read_text()), path))
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: not a readable scan JSON ({err})") from err
     print(compare_scans(*docs))
@@ -263,6 +279,12 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     config = _aqn_config(args)
     config.schedule(args.steps)
     strategies = args.strategies.split(",")
+    if args.output and Path(args.output).suffix == ".json":
+        raise ValueError(
+            f"--output {args.output}: the markdown goes there and the JSON beside it, as .json; use a .md name"
+        )
+    train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
+    evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
     model, tok = load_model(args.model, device=args.device)
     layers = [name for name, _ in scan.decoder_layers(model)]
     result = scan.ScanResult()
@@ -277,8 +299,8 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     comparison = compare_strategies(
         model,
         tok,
-        load_gsm8k("train", args.train_items, args.gsm8k_dir),
-        load_gsm8k("test", args.eval_items, args.gsm8k_dir),
+        train,
+        evaluation,
         fmt=args.format,
         config=config,
         strategies=strategies,
@@ -302,8 +324,8 @@ def _model_options(p: argparse.ArgumentParser, gsm8k_help: str = "GSM8K folder (
     """The options every command that loads a model shares."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--batch-size", type=count_arg(1), default=8)
     p.add_argument("--gsm8k-dir", default=None, help=gsm8k_help)
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -318,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(loss)
     loss.add_argument("--format", required=True, choices=list_formats())
     loss.add_argument("--point", default="weight", choices=POINTS)
-    loss.add_argument("--items", type=int, default=32, help="first N GSM8K test items (default 32)")
+    loss.add_argument("--items", type=count_arg(1), default=32, help="first N GSM8K test items (default 32)")
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
     loss.set_defaults(run=_eval_loss)
@@ -328,21 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--format", default="none", choices=["none", *list_formats()], help="none: the model as it is")
     gs.add_argument("--point", default="weight", choices=POINTS)
     gs.add_argument("--task", default="gsm8k", choices=list(GSM8K_TASKS), help="gsm8k (exact match) or gsm8k_bpb")
-    gs.add_argument("--limit", type=int, default=None, help="first N test items (default: all 1319)")
-    gs.add_argument("--num-fewshot", type=int, default=None, help="default: the task's (5 for gsm8k, 0 for bpb)")
-    gs.add_argument("--max-gen-toks", type=int, default=None, help="generation cap (default: the task's, 256)")
+    gs.add_argument("--limit", type=count_arg(1), default=None, help="first N test items (default: all 1319)")
+    gs.add_argument(
+        "--num-fewshot", type=count_arg(0), default=None, help="default: the task's (5 for gsm8k, 0 for bpb)"
+    )
+    gs.add_argument("--max-gen-toks", type=count_arg(1), default=None, help="generation cap (default: the task's, 256)")
     gs.add_argument("--no-reference", action="store_true", help="skip the unquantized run and its comparison")
     gs.add_argument("--compare-to", help="a previous --output JSON: paired comparison on the same items")
     gs.add_argument("--seed", type=int, default=0, help="few-shot sampling and stochastic formats")
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
-    gs.add_argument("--output", help="write metrics, per-item results and samples as JSON")
+    gs.add_argument("--output", type=output_file_arg, help="write metrics, per-item results and samples as JSON")
     gs.set_defaults(run=_eval_gsm8k)
 
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
     _model_options(sc)
     sc.add_argument("--format", required=True, choices=list_formats())
     sc.add_argument("--point", default="weight", choices=POINTS)
-    sc.add_argument("--prompts", type=int, default=32, help="calibration texts from GSM8K train (default 32)")
+    sc.add_argument("--prompts", type=count_arg(1), default=32, help="calibration texts from GSM8K train (default 32)")
     sc.add_argument("--sqnr-threshold", type=float, default=20.0)
     sc.add_argument("--deadzone-threshold", type=float, default=0.05)
     sc.add_argument("--saturation-threshold", type=float, default=0.01)
@@ -351,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--gain-ratio-threshold", type=float, default=0.9)
     sc.add_argument(
         "--eval-items",
-        type=int,
+        type=count_arg(0),
         default=16,
         help="GSM8K test items for attribution and verification (0: skip both; default 16)",
     )
@@ -359,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
     sc.add_argument(
         "--instability-runs",
-        type=int,
+        type=count_arg(0),
         default=None,
         help="runs of the instability scan (default: 5 for stochastic formats, else 2)",
     )
-    sc.add_argument("--output", help="write the scan JSON here")
-    sc.add_argument("--report-dir", help="write summary.md, results.json and PNG plots here")
+    sc.add_argument("--output", type=output_file_arg, help="write the scan JSON here")
+    sc.add_argument("--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here")
     sc.set_defaults(run=_scan)
 
     aqn = commands.add_parser("aqn", help="AQN noise: pre-flight collapse check, strategy comparison")
@@ -377,27 +401,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=DEFAULT_MODEL)
         p.add_argument("--format", default="mxfp4", choices=list_formats())
         p.add_argument("--config", default="qerl-default", help="a named configuration or a JSON file")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", type=device_arg)
         p.add_argument("--gsm8k-dir", default=None)
         p.set_defaults(run=run)
         if name == "preflight":
             p.add_argument("--point", default="weight", choices=POINTS)
-            p.add_argument("--items", type=int, default=16, help="GSM8K test items (default 16)")
+            p.add_argument("--items", type=count_arg(1), default=16, help="GSM8K test items (default 16)")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("--strategies", default="none,global,targeted,healthy")
-            p.add_argument("--seeds", type=int, default=3)
-            p.add_argument("--steps", type=int, default=20)
-            p.add_argument("--train-items", type=int, default=256)
-            p.add_argument("--eval-items", type=int, default=32)
+            p.add_argument("--seeds", type=count_arg(1), default=3)
+            p.add_argument("--steps", type=count_arg(1), default=20)
+            p.add_argument("--train-items", type=count_arg(1), default=256)
+            p.add_argument("--eval-items", type=count_arg(1), default=32)
             p.add_argument(
                 "--targeted-share",
-                type=float,
+                type=share_arg,
                 default=0.3,
                 help="when every layer is problematic, target this share of the worst (default 0.3)",
             )
-            p.add_argument("--output", help="write the markdown table here (and the JSON beside it)")
+            p.add_argument(
+                "--output", type=output_file_arg, help="write the markdown table here (and the JSON beside it)"
+            )
 
     cmp = commands.add_parser("compare", help="compare two scan JSONs layer by layer (A vs B)")
     cmp.add_argument("a")
@@ -411,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as err:  # bad input: a clear message, no traceback
+    except (ValueError, BaselineError) as err:  # bad input: a clear message, no traceback
         parser.exit(2, f"error: {err}\n")
+    except OSError as err:  # a file the run could not read or write: named, no traceback
+        parser.exit(1, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -44,18 +44,23 @@ def gsm8k_dir(explicit: str | os.PathLike | None = None) -> Path:
 def load_gsm8k(
     split: str = "test", limit: int | None = None, data_dir: str | os.PathLike | None = None
 ) -> list[Gsm8kItem]:
-    """The first ``limit`` items of a split, in file order; a malformed line is an error naming
-    the file and the line number."""
+    """The first ``limit`` items of a split, in file order.  A line that is not UTF-8 or not a
+    ``{question, answer}`` JSON object, and a file without any item, are errors naming the file
+    (and the line)."""
     if split not in SPLITS:
         raise ValueError(f"unknown GSM8K split {split!r}; valid splits: {', '.join(SPLITS)}")
     path = gsm8k_dir(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise ValueError(f"GSM8K split file {path} does not exist")
     items: list[Gsm8kItem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(items) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -65,4 +70,6 @@ def load_gsm8k(
                 raise ValueError(
                     f"{path}:{lineno}: malformed GSM8K line ({err!r}); expected {{question, answer}}"
                 ) from err
+    if not items and limit != 0:
+        raise ValueError(f"{path} holds no GSM8K item (expected one {{question, answer}} JSON object a line)")
     return items

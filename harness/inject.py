@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ from torch.nn.utils import parametrize
 from harness.formats import fake_quantize, get_format
 
 POINTS = ("weight", "input", "both")
+
+# Per Linear, the injectors active on it, innermost last: only the innermost one quantizes it.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[QuantInjector]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,17 @@ class StraightThrough(torch.autograd.Function):
 class _Quantizer:
     """Fake-quantizes one module's weight or input and shows it to the injector's observer."""
 
-    def __init__(self, injector: QuantInjector, fmt: str, name: str) -> None:
+    def __init__(self, injector: QuantInjector, fmt: str, name: str, module: nn.Module) -> None:
         self.injector = injector
         self.fmt = fmt
         self.name = name
+        self.module = weakref.ref(module)
 
     @property
     def active(self) -> bool:
-        return self.injector.active_for(self.name)
+        """On for this module, and this injector is the innermost one active on it."""
+        stack = _ACTIVE.get(self.module(), [])
+        return bool(stack) and stack[-1] is self.injector and self.injector.active_for(self.name)
 
     def __call__(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         q = fake_quantize(x.detach(), self.fmt, axis=-1, generator=self.injector.generator)
@@ -100,7 +107,12 @@ class QuantInjector:
     the very same Parameter object is put back on exit, also when the body raises, and every hook
     is removed.  A tied ``lm_head`` (sharing its weight with the input embedding) is quantized
     where it is used as ``lm_head`` only; the embedding lookup keeps the original values, and
-    ``notes`` says so.  ``modules`` lists what was touched.
+    ``notes`` says so.  ``modules`` lists what was touched (reset on every ``with``: one object
+    can be entered again after it exits).
+
+    Nesting: an injector entered inside another one wins on the modules both touch (the inner
+    format replaces the outer one, it is not applied on top of it); when the inner one exits the
+    outer one quantizes those modules again.  A model without any ``nn.Linear`` is a ValueError.
     """
 
     def __init__(
@@ -128,7 +140,8 @@ class QuantInjector:
         self.modules: list[InjectedModule] = []
         self.notes: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._parametrized: list[nn.Module] = []
+        self._parametrized: list[tuple[nn.Module, _WeightParametrization]] = []
+        self._touched: list[nn.Module] = []
         self._active: Callable[[str], bool] = lambda name: True
 
     def active_for(self, name: str) -> bool:
@@ -153,6 +166,11 @@ class QuantInjector:
         """``(name, module, format)`` of every Linear this injector quantizes (nothing applied)."""
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                f"{type(self.model).__name__} has no nn.Linear module: QuantInjector quantizes the weights "
+                "or inputs of nn.Linear layers only"
+            )
         if self.targets is None:
             chosen = [(n, m) for n, m in linears if m is not output]
         else:
@@ -177,22 +195,24 @@ class QuantInjector:
         return selected
 
     def __enter__(self) -> QuantInjector:
-        if self._hooks or self._parametrized:
+        if self._touched:
             raise RuntimeError("this QuantInjector is already active; it is not re-entrant")
+        self.modules, self.notes = [], []
         try:
             embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             for name, module, fmt in self.select():
-                quantizer = _Quantizer(self, fmt, name)
+                quantizer = _Quantizer(self, fmt, name, module)
+                _ACTIVE.setdefault(module, []).append(self)
+                self._touched.append(module)
                 if self.point in ("weight", "both"):
                     if embedding is not None and module.weight is getattr(embedding, "weight", None):
                         self.notes.append(
                             f"{name}.weight is tied to the input embedding: {name} uses {fmt} weights, "
                             "the embedding lookup keeps the original weights"
                         )
-                    parametrize.register_parametrization(
-                        module, "weight", _WeightParametrization(quantizer), unsafe=True
-                    )
-                    self._parametrized.append(module)
+                    parametrization = _WeightParametrization(quantizer)
+                    parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+                    self._parametrized.append((module, parametrization))
                 if self.point in ("input", "both"):
                     self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
                 self.modules.append(InjectedModule(name, tuple(module.weight.shape), fmt, self.point))
@@ -205,11 +225,20 @@ class QuantInjector:
         self._restore()
 
     def _restore(self) -> None:
+        """Remove this injector's hooks and parametrizations only (an enclosing injector's stay)."""
         for handle in self._hooks:
             handle.remove()
-        for module in self._parametrized:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        self._hooks, self._parametrized = [], []
+        for module, parametrization in self._parametrized:
+            chain = module.parametrizations["weight"]
+            if len(chain) == 1:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            else:
+                del chain[next(i for i, p in enumerate(chain) if p is parametrization)]
+        for module in self._touched:
+            stack = _ACTIVE.get(module, [])
+            if self in stack:
+                stack.remove(self)
+        self._hooks, self._parametrized, self._touched = [], [], []
 
 
 def _input_hook(quantizer: _Quantizer):

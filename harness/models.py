@@ -3,16 +3,17 @@ or a seeded tiny random Llama/Qwen2 for fast tests.  ``load_model`` returns ``(m
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from harness.cache import cached_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -41,6 +42,43 @@ TINY = ("tiny-llama", "tiny-qwen2")
 def model_key(spec: str) -> str:
     """Short name used for baselines and reports: the embedded name or the directory's name."""
     return spec if spec in EMBEDDED or spec in TINY else Path(spec).resolve().name
+
+
+# The config keys that fix a model's architecture and shapes (what the identity hashes: other keys
+# such as transformers_version or _name_or_path change without the model changing).
+IDENTITY_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+)
+IDENTITY_WEIGHT_VALUES = 4096  # values hashed from the first and the last parameter
+
+
+def model_identity(model: nn.Module) -> dict[str, object]:
+    """What a baseline file records about the model its numbers came from: the architecture,
+    the layer count, and sha256 (first 16 hex digits) of the architecture-defining config keys
+    (:data:`IDENTITY_CONFIG_KEYS`) and of the first 4096 values, as fp32, of the model's first
+    and last parameters.  Equal for the same weights in any directory, on any device."""
+    config = getattr(model, "config", None)
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    shape = {k: getattr(config, k, None) for k in IDENTITY_CONFIG_KEYS}
+    weights = hashlib.sha256()
+    params = list(model.parameters())
+    for p in (params[0], params[-1]) if params else ():
+        weights.update(p.detach().reshape(-1)[:IDENTITY_WEIGHT_VALUES].to("cpu", torch.float32).numpy().tobytes())
+    return {
+        "architecture": arch,
+        "layers": getattr(config, "num_hidden_layers", None),
+        "config_sha256": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16],
+        "weights_sha256": weights.hexdigest()[:16],
+    }
 
 
 def cache_dir() -> Path:
@@ -81,16 +119,37 @@ def _check_local_dir(spec: str, trust_remote_code: bool) -> Path:
     config = path / "config.json"
     if not config.is_file():
         raise ValueError(f"model {spec!r}: {path} has no config.json, so it is not a Hugging Face model directory")
-    doc = json.loads(config.read_text())
+    try:
+        doc = json.loads(config.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"model {spec!r}: {config} is not a valid config.json ({err})") from None
     arch = doc.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in arch):
-        raise ValueError(f"model {spec!r}: architectures {arch} in {config} are not a causal LM (*ForCausalLM)")
+    # without architectures (a GGUF conversion), a model_type transformers loads as a causal LM
+    causal = any(a.endswith("ForCausalLM") for a in arch) or (not arch and doc.get("model_type") in _causal_lm_types())
+    if not causal:
+        raise ValueError(
+            f"model {spec!r}: architectures {arch} (model_type {doc.get('model_type')!r}) in {config} "
+            "are not a causal LM (*ForCausalLM)"
+        )
     if doc.get("auto_map") and not trust_remote_code:
         raise ValueError(
             f"model {spec!r} ships its own modelling code (auto_map in {config}); rerun with --trust-remote-code "
             "(load_model(..., trust_remote_code=True)) if you trust it"
         )
+    if not any(path.glob("*.safetensors")):
+        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise ValueError(
+            f"model {spec!r}: {path} has no *.safetensors weights (found: {found}); the harness loads safetensors only"
+        )
     return path
+
+
+def _causal_lm_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object]:
@@ -120,30 +179,29 @@ def _embedded_dir(name: str) -> Path:
         )
     gguf = Path(next(iter(spec.submodule_search_locations))) / emb.gguf_file
     target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
-    if not (target / "model.safetensors").is_file():
-        _convert_gguf(gguf, target)
-    return target
+    return cached_dir(target, lambda directory: _convert_gguf(gguf, directory), f"the conversion of {name}")
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    from safetensors.torch import save_model
+def _convert_gguf(gguf: Path, directory: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights below are plain dequantized fp32
-        config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # shared (tied) tensors stored once
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_converted(model, tok, directory)
+
+
+def save_converted(model: nn.Module, tok, directory: Path) -> None:
+    """``model`` and ``tok`` as a plain HF directory (config with ``architectures``, tokenizer,
+    ``model.safetensors``): what the model cache holds, loadable as ``--model directory``."""
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain dequantized fp32
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"))  # shared (tied) tensors stored once
 
 
 def byte_tokenizer():

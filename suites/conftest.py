@@ -6,15 +6,18 @@ import pytest
 import torch
 
 from harness.data import load_gsm8k
-from harness.models import load_model
+from harness.models import load_model, model_identity
 
 LOSS_ITEMS = 32  # design §7: n >= 32, never 5
 
 
 @pytest.fixture(scope="session")
 def lm(pytestconfig: pytest.Config, device: torch.device):
-    """(model, tokenizer) of ``--model`` (default: the embedded SmolLM2-135M), fp32, eval mode."""
-    return load_model(pytestconfig.getoption("--model"), device=device)
+    """(model, tokenizer) of ``--model`` (default: the embedded SmolLM2-135M), fp32, eval mode;
+    its identity is what the baseline files record and check (harness.baselines)."""
+    model, tok = load_model(pytestconfig.getoption("--model"), device=device)
+    pytestconfig.harness_model_identity = model_identity(model)
+    return model, tok
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from harness.baselines import (
     read_baselines,
     write_baselines,
 )
+from harness.models import load_model, model_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,8 @@ def test_write_merges_cases_and_read_round_trips(tmp_path: Path) -> None:
     assert read_baselines(path) == {"a": {"loss": 1.0}, "b": {"loss": 2.0}}
     doc = json.loads(path.read_text())
     assert doc["schema_version"] == 1 and "torch_version" in doc and "created" in doc
-    assert [p.name for p in path.parent.iterdir()] == ["suite.json"]  # no temp file left
+    # no temp file left; the lock file stays (removing a lock file others may hold open is a race)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["suite.json", "suite.json.lock"]
 
 
 def test_corrupted_file_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -129,3 +131,39 @@ def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pyteste
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*NOT COMPARABLE*"])
     assert read_baseline_file(stored)[1]["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_identities() -> tuple[str, str]:
+    """JSON identities of tiny-llama and tiny-qwen2, computed before pytester snapshots sys.modules
+    (modules first imported inside a pytester case are dropped after it, breaking transformers)."""
+    return tuple(json.dumps(model_identity(load_model(name)[0])) for name in ("tiny-llama", "tiny-qwen2"))
+
+
+def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
+    tiny_identities: tuple[str, str], project: pytest.Pytester, monkeypatch
+) -> None:
+    """The probe of issue 15: a tiny-qwen2 under tiny-llama's name is refused, not compared; a NaN
+    metric fails its case in both modes and is not written."""
+    project.path.joinpath("suite", "test_id.py").write_text(
+        "import json, math, os\n"
+        "def test_case(baseline, request):\n"
+        "    # what the suites' `lm` fixture does with the model it loads\n"
+        "    request.config.harness_model_identity = json.loads(os.environ['IDENTITY'])\n"
+        "    baseline.check('mxfp4-w4a16-fp32', {'loss': 2.30})\n"
+        "def test_nan(baseline):\n"
+        "    baseline.check('nan-case', {'loss': math.nan})\n"
+    )
+    llama, qwen = tiny_identities
+    monkeypatch.setenv("IDENTITY", llama)
+    result = project.runpytest_subprocess("suite/test_id.py", "--update-baselines")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*nan-case: loss is NaN: the run failed (a NaN is never stored as a baseline)*"])
+    stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
+    doc = json.loads(stored.read_text())
+    assert doc["model"]["architecture"] == "LlamaForCausalLM" and list(doc["cases"]) == ["mxfp4-w4a16-fp32"]
+
+    monkeypatch.setenv("IDENTITY", qwen)
+    result = project.runpytest_subprocess("suite/test_id.py", "-k", "test_case")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*suite.json holds the baselines of another model (architecture LlamaForCausalLM*"])

@@ -88,6 +88,7 @@ class NoiseInjector:
 
     def __enter__(self) -> NoiseInjector:
         seen: set[int] = set()
+        self.targets, self._params = [], []  # one object can be entered again
         for name, module in self.model.named_modules():
             kind = self._wanted(name, module)
             if not kind:

@@ -3,13 +3,15 @@ writing the input's own dtype (fp32, bf16, fp16; fp32 only in registers), bit-id
 reference tensor path, for every format: 1-D blocks, ``mxfp4_2d``'s 32x32 tiles, and
 ``mxfp4_sr``'s stochastic rounding from the same Philox4x32-10 stream (:mod:`harness.formats.philox`).
 
-CPU tensors take the C kernel (``fast_kernel.c``, OpenMP over tiles), compiled once per machine
-with the system C compiler into the harness cache (``$HARNESS_CACHE_DIR/kernels``, default
-``~/.cache/harness/kernels``) and loaded with ctypes: no torch headers, so building takes about a
-second. Without a compiler the reference path is used and :func:`unavailable_reason` says why.
-CUDA tensors take the Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic).
-Both kernels are parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile
-shape, the scale kind (E8M0 / E4M3) and the E8M0 shared-exponent rule (:data:`SCALE_MODES`).
+CPU tensors take the C kernel (``fast_kernel.c``, POSIX threads over tiles), compiled once per
+machine with the system C compiler into the harness cache (``$HARNESS_CACHE_DIR/kernels``,
+default ``~/.cache/harness/kernels``), its sha256 recorded beside it and checked before every
+load (:mod:`harness.cache`), and loaded with ctypes: no torch headers, so building takes about a
+second. Without a compiler, or when neither the cache nor a temporary directory can hold the
+build, the reference path is used and :func:`unavailable_reason` says why. CUDA tensors take the
+Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic). Both kernels are
+parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile shape, the scale
+kind (E8M0 / E4M3) and the E8M0 shared-exponent rule (:data:`SCALE_MODES`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from harness.cache import cached_dir, notice
 from harness.formats import philox
 from harness.formats.registry import Format
 from harness.formats.scales import E8M0Scale
@@ -37,6 +39,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_MODES = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
 """E8M0 shared-exponent rules the kernels implement (codes as in ``fast_kernel.c``)."""
 MAX_TILE = 1024  # elements per tile, fast_kernel.c's MAX_TILE
+LIBRARY = "fast_kernel.so"
 CFLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
 NATIVE = ("-march=native",)  # this CPU's vector units (AVX2/AVX-512): the build is keyed on the CPU
 
@@ -84,29 +87,37 @@ class _CParams(ctypes.Structure):
 
 @functools.cache
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not)."""
+    """(the loaded library, "") or (None, why not).  The build is cached, atomic and verified
+    by :func:`harness.cache.cached_dir`: a truncated or planted ``.so`` is rebuilt, never loaded."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc/gcc) on PATH"
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_key()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"fast_kernel-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        for flags in ((*CFLAGS, *NATIVE), CFLAGS):  # a compiler without -march=native: the portable build
-            proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-            if proc.returncode == 0:
-                break
-        else:
-            Path(tmp).unlink(missing_ok=True)
-            return None, f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}"
-        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
-    lib = ctypes.CDLL(str(target))
+    try:
+        built = cached_dir(kernel_dir(), lambda d: _compile(compiler, d), "the C kernel")
+        lib = ctypes.CDLL(str(built / LIBRARY))
+    except (OSError, RuntimeError) as err:
+        notice(f"warning: the C fast path is off, fake_quantize uses the reference path ({err})")
+        return None, str(err)
     lib.fake_quantize_tiles.restype = None
     lib.fake_quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
     return lib, ""
+
+
+def kernel_dir() -> Path:
+    """The cache directory of this source, these flags and this CPU (-march=native):
+    ``kernels/fast_kernel-<sha256[:16]>``."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_key()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"fast_kernel-{digest}"
+
+
+def _compile(compiler: str, directory: Path) -> None:
+    for flags in ((*CFLAGS, *NATIVE), CFLAGS):  # a compiler without -march=native: the portable build
+        proc = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(directory / LIBRARY), "-lm"], capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            return
+    raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}")
 
 
 def unavailable_reason() -> str:

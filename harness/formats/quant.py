@@ -20,6 +20,12 @@ from harness.formats.registry import FORMATS, Format, get_format
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# The per-tensor scales p for which the two-level NVFP4 recipe is finite in fp32: the smallest
+# dequantization scale p * 2**-6 (E4M3's smallest normal block scale) is a normal fp32 number,
+# so 1 / p and the multiplier (1 / p) / s stay finite; the largest value, 6 * 448 * p, is finite.
+PER_TENSOR_SCALE_MIN = 2.0 ** (-126 + 6)
+PER_TENSOR_SCALE_MAX = torch.finfo(torch.float32).max / (448.0 * 6.0)
+
 
 @dataclass(frozen=True)
 class QuantizedTensor:
@@ -73,8 +79,12 @@ def _check_input(
                 f"formats with a per-tensor scale: {', '.join(with_pts)}"
             )
         scale = torch.as_tensor(per_tensor_scale, dtype=torch.float32, device=x.device)
-        if scale.numel() != 1 or not bool(torch.isfinite(scale).all() & (scale > 0).all()):
-            raise ValueError(f"per_tensor_scale must be one finite positive number, got {per_tensor_scale!r}")
+        if scale.numel() != 1 or not bool(((scale >= PER_TENSOR_SCALE_MIN) & (scale <= PER_TENSOR_SCALE_MAX)).all()):
+            raise ValueError(
+                "per_tensor_scale must be one finite positive number in "
+                f"[{PER_TENSOR_SCALE_MIN:.4g}, {PER_TENSOR_SCALE_MAX:.4g}] (where the two-level NVFP4 recipe "
+                f"stays finite), got {per_tensor_scale!r}"
+            )
         scale = scale.reshape(())
     shape = tuple(x.shape) if ndim else (1,)
     return BlockLayout(shape, fmt.block_shape, axis % len(shape)), scale
@@ -150,6 +160,10 @@ def fake_quantize(
     path (:mod:`harness.formats.fast`) where it applies, ``"reference"`` the tensor-op path here,
     ``"fast"`` insists on the fast path; None: ``"auto"`` unless :func:`default_backend` says
     otherwise.  ``x`` is never modified.
+
+    The output is detached from autograd (no gradient flows through rounding): to train through
+    it, use :class:`harness.inject.QuantInjector` with ``straight_through=True`` (or
+    ``harness.inject.StraightThrough.apply(x, fake_quantize(x, ...))``).
     """
     backend = _check_backend(backend) if backend is not None else _default_backend[-1]
     fmt = get_format(name)
@@ -222,5 +236,10 @@ def representable_max(
 
 def nvfp4_per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """NVFP4's second-level fp32 scale ``amax(|x|) / (448 * 6)`` (torchao's recipe), so that
-    the largest block scale lands on E4M3's maximum."""
-    return x.detach().abs().amax().to(torch.float32) / (448.0 * 6.0)
+    the largest block scale lands on E4M3's maximum.  ``amax`` is over the finite values (NaN
+    and Inf make their own blocks NaN anyway), and the result is clamped to
+    [PER_TENSOR_SCALE_MIN, PER_TENSOR_SCALE_MAX]: an all-zero or tiny tensor gets the smallest
+    usable scale instead of 0 or a scale whose reciprocal overflows."""
+    finite = x.detach().to(torch.float32).nan_to_num(0.0, 0.0, 0.0).abs()
+    amax = finite.amax() if finite.numel() else finite.new_zeros(())
+    return (amax / (448.0 * 6.0)).clamp(PER_TENSOR_SCALE_MIN, PER_TENSOR_SCALE_MAX)

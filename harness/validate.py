@@ -1,0 +1,135 @@
+"""Checks of user input done before any model is loaded or any item evaluated (issue 15): counts,
+devices, output paths and comparison files.  Each failure is a one-line message naming the bad
+value and what would be valid; the CLI turns them into exit code 2 without a traceback.
+
+The ``*_arg`` functions are argparse ``type=`` converters (argparse reports their
+``ArgumentTypeError`` as ``argument --items: ...`` and exits 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+class UsageError(ValueError):
+    """Bad input found before any work: the CLI prints ``error: <message>`` and exits 2."""
+
+
+def count_arg(minimum: int) -> Callable[[str], int]:
+    """An integer ``>= minimum`` (``--items 0`` / ``-3`` are refused before any work)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (valid: an integer >= {minimum})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range (valid: an integer >= {minimum})")
+        return value
+
+    convert.__name__ = f"integer >= {minimum}"
+    return convert
+
+
+def share_arg(text: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (valid: a fraction in (0, 1])") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (valid: a fraction in (0, 1])")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` with N a visible CUDA device."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    valid = "cpu" + (f", cuda, cuda:0..cuda:{count - 1}" if count else " (no CUDA device is visible here)")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid devices: {valid}") from None
+    if device.type == "cpu":
+        return text
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; valid devices: {valid}")
+    if count == 0 or (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available; valid devices: {valid}")
+    return text
+
+
+def _writable_dir(directory: Path, what: str) -> None:
+    """``directory`` (existing or to be created) can take new files: its nearest existing
+    ancestor is a directory we can create a file in (tried, not guessed from permission bits)."""
+    ancestor = directory
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"{what}: {ancestor} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{what}: cannot write in {ancestor} ({err.strerror})") from None
+
+
+def output_file_arg(text: str) -> str:
+    """A file the run can write at its end: not a directory, in a writable (or creatable) folder;
+    an existing file is replaced."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory (valid: a file path)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not writable")
+    _writable_dir(path.parent, repr(text))
+    return text
+
+
+def output_dir_arg(text: str) -> str:
+    """A directory the run can write its report into: existing or creatable, not a file."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file (valid: a directory, existing or new)")
+    _writable_dir(path, repr(text))
+    return text
+
+
+def check_compare_to(path: str, task: str, limit: int | None) -> dict[str, list[float]]:
+    """The per-item values of an ``eval gsm8k --output`` JSON, refused unless it is a run of
+    the same task on the same items (the same ``--limit``)."""
+    from harness.eval.gsm8k import TASKS, load_per_item
+
+    per_item = load_per_item(path)
+    settings = json.loads(Path(path).read_text()).get("settings") or {}
+    theirs = (settings.get("task"), settings.get("limit"))
+    if theirs != (TASKS[task], limit):
+        raise UsageError(
+            f"--compare-to {path} is a run of task {theirs[0]} with --limit {theirs[1]}; this run is task "
+            f"{TASKS[task]} with --limit {limit}: a paired comparison needs the same items"
+        )
+    return per_item
+
+
+def check_scan_doc(doc: object, path: str) -> dict:
+    """A scan JSON (``scan --output``): an object with model, format, point, layers and summary."""
+    needed = ("model", "format", "point", "layers", "summary")
+    missing = [k for k in needed if k not in doc] if isinstance(doc, dict) else list(needed)
+    if missing:
+        raise UsageError(f"{path} is not a scan JSON (`scan --output`): missing {', '.join(missing)}")
+    return doc
+
+
+def check_scan_options(attribution: bool, eval_items: int, instability_runs: int | None) -> None:
+    """Scan options that contradict each other: attribution needs evaluation items; the
+    instability scan needs 0 (skip) or >= 2 runs (a spread of one run is undefined)."""
+    if attribution and eval_items == 0:
+        raise UsageError("--attribution needs evaluation items: --eval-items is 0 (valid: --eval-items >= 1)")
+    if instability_runs == 1:
+        raise UsageError("--instability-runs 1 gives no spread (valid: 0 to skip, or an integer >= 2)")
