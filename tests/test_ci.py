@@ -61,3 +61,17 @@ def test_ci_entry_point_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     assert re.search(r"^make test\s+#", readme, re.M), "the README's quick start lost its test command"
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
+
+
+def test_gpu_check_is_valid_bash_and_names_existing_suites() -> None:
+    """ci/gpu-check.sh (run by hand on a GPU box, never in CPU CI) parses, is executable, and
+    every suite path and benchmark module it names exists."""
+    script = ROOT / "ci" / "gpu-check.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    paths = re.findall(r"\bsuites/[\w./]+", text)
+    modules = re.findall(r"-m (benchmarks\.\w+)", text)
+    assert paths and modules
+    assert all((ROOT / p).exists() for p in paths), paths
+    assert all((ROOT / (m.replace(".", "/") + ".py")).exists() for m in modules), modules

@@ -1,14 +1,17 @@
-"""The CPU fast path of :func:`harness.formats.fake_quantize`: one pass over memory per block in
-C (``fast_kernel.c``, OpenMP over blocks), bit-identical to the reference tensor path.
+"""The fast paths of :func:`harness.formats.fake_quantize`: one pass over memory, reading and
+writing the input's own dtype (fp32, bf16, fp16; fp32 only in registers), bit-identical to the
+reference tensor path, for every format: 1-D blocks, ``mxfp4_2d``'s 32x32 tiles, and
+``mxfp4_sr``'s stochastic rounding from the same Philox4x32-10 stream (:mod:`harness.formats.philox`).
 
-The kernel is compiled once per machine with the system C compiler into the harness cache
-(``$HARNESS_CACHE_DIR/kernels``, default ``~/.cache/harness/kernels``), its sha256 recorded
-beside it and checked before every load (:mod:`harness.cache`), and loaded with ctypes: no torch
-headers, so building takes about a second. Without a compiler, or when neither the cache nor a
-temporary directory can hold the build, the reference path is used and
-:func:`unavailable_reason` says why. CUDA tensors take the Triton kernel
-(:mod:`harness.formats.triton_kernel`, same arithmetic). Both cover the deterministic formats
-with 1-D blocks (all but ``mxfp4_sr`` and ``mxfp4_2d``).
+CPU tensors take the C kernel (``fast_kernel.c``, POSIX threads over tiles), compiled once per
+machine with the system C compiler into the harness cache (``$HARNESS_CACHE_DIR/kernels``,
+default ``~/.cache/harness/kernels``), its sha256 recorded beside it and checked before every
+load (:mod:`harness.cache`), and loaded with ctypes: no torch headers, so building takes about a
+second. Without a compiler, or when neither the cache nor a temporary directory can hold the
+build, the reference path is used and :func:`unavailable_reason` says why. CUDA tensors take the
+Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic). Both kernels are
+parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile shape, the scale
+kind (E8M0 / E4M3) and the E8M0 shared-exponent rule (:data:`SCALE_MODES`).
 """
 
 from __future__ import annotations
@@ -17,20 +20,69 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness.cache import cached_dir, notice
+from harness.formats import philox
 from harness.formats.registry import Format
 from harness.formats.scales import E8M0Scale
 from harness.models import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SCALE_MODES = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
+"""E8M0 shared-exponent rules the kernels implement (codes as in ``fast_kernel.c``)."""
+MAX_TILE = 1024  # elements per tile, fast_kernel.c's MAX_TILE
 LIBRARY = "fast_kernel.so"
-CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
+CFLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
+NATIVE = ("-march=native",)  # this CPU's vector units (AVX2/AVX-512): the build is keyed on the CPU
+
+
+def _cpu_key() -> bytes:
+    """What a -march=native build depends on: the machine type and the CPU's feature flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}".encode()
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """What both kernels are told: a row-major ``(n_mats, n_rows, row_len)`` tensor cut into
+    ``tile_rows x tile_cols`` tiles (``1 x block`` for 1-D formats), the element grid, the scale
+    and, for stochastic rounding, the Philox key (None: round to nearest even)."""
+
+    n_mats: int
+    n_rows: int
+    row_len: int
+    tile_rows: int
+    tile_cols: int
+    emin: int
+    mbits: int
+    emax: int
+    max_value: float
+    e4m3_scale: bool
+    scale_mode: int
+    per_tensor_scale: float | None
+    seed: int | None
+
+
+class _CParams(ctypes.Structure):
+    _fields_ = [
+        ("n_mats", ctypes.c_int64), ("n_rows", ctypes.c_int64), ("row_len", ctypes.c_int64),
+        ("tile_rows", ctypes.c_int32), ("tile_cols", ctypes.c_int32), ("dtype", ctypes.c_int32),
+        ("emin", ctypes.c_int32), ("mbits", ctypes.c_int32), ("emax", ctypes.c_int32),
+        ("max_value", ctypes.c_float), ("scale_kind", ctypes.c_int32), ("scale_mode", ctypes.c_int32),
+        ("per_tensor_scale", ctypes.c_float), ("stochastic", ctypes.c_int32), ("seed", ctypes.c_uint64),
+        ("n_threads", ctypes.c_int32),
+    ]  # fmt: skip
 
 
 @functools.cache
@@ -46,26 +98,26 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError) as err:
         notice(f"warning: the C fast path is off, fake_quantize uses the reference path ({err})")
         return None, str(err)
-    lib.fake_quantize_rows.restype = None
-    lib.fake_quantize_rows.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-    ]  # fmt: skip
+    lib.fake_quantize_tiles.restype = None
+    lib.fake_quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
     return lib, ""
 
 
 def kernel_dir() -> Path:
-    """The cache directory of this source and these flags: ``kernels/fast_kernel-<sha256[:16]>``."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    """The cache directory of this source, these flags and this CPU (-march=native):
+    ``kernels/fast_kernel-<sha256[:16]>``."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_key()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"fast_kernel-{digest}"
 
 
 def _compile(compiler: str, directory: Path) -> None:
-    proc = subprocess.run(
-        [compiler, *CFLAGS, str(SOURCE), "-o", str(directory / LIBRARY), "-lm"], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}")
+    for flags in ((*CFLAGS, *NATIVE), CFLAGS):  # a compiler without -march=native: the portable build
+        proc = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(directory / LIBRARY), "-lm"], capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            return
+    raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}")
 
 
 def unavailable_reason() -> str:
@@ -82,43 +134,73 @@ def _triton_reason() -> str:
     return ""
 
 
-def supports(fmt: Format, x: torch.Tensor) -> str:
+def supports(fmt: Format, x: torch.Tensor, scale_mode: str = "floor") -> str:
     """Empty when ``fmt`` on ``x`` can take a fast path (C on CPU, Triton on CUDA), else why not."""
-    if fmt.stochastic:
-        return f"{fmt.name} rounds stochastically with a torch.Generator (reference path only)"
-    if len(fmt.block_shape) != 1:
-        return f"{fmt.name} uses 2-D tiles (reference path only)"
+    if scale_mode not in SCALE_MODES:
+        return f"scale mode {scale_mode!r} has no fast path (kernels have: {', '.join(SCALE_MODES)})"
+    if fmt.block_size > MAX_TILE or (fmt.stochastic and fmt.block_size % 4):
+        return f"{fmt.name}: blocks of {fmt.block_size} elements have no fast kernel"
     if x.device.type == "cuda":
+        if any(d & (d - 1) for d in fmt.block_shape):
+            return f"{fmt.name}: the Triton kernel needs power-of-two block dims, not {fmt.block_shape}"
         return _triton_reason()
     if x.device.type != "cpu":
         return f"no fast path for {x.device.type} tensors"
     return unavailable_reason()
 
 
-def fake_quantize_c_rows(
-    rows: torch.Tensor, out: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None
-) -> None:
-    """The C kernel on contiguous fp32 ``rows`` (blocks along the last dim), into ``out``."""
+def fake_quantize_c(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
+    """The C kernel on contiguous CPU ``x`` into ``out`` (same dtype)."""
     lib, _ = _build()
-    row_len = rows.shape[-1]
-    elem = fmt.element
-    lib.fake_quantize_rows(
-        rows.data_ptr(), out.data_ptr(), rows.numel() // row_len, row_len, fmt.block_shape[0],
-        elem.emin, elem.mbits, elem.emax, elem.max_value, 0 if isinstance(fmt.scale, E8M0Scale) else 1,
-        float(per_tensor_scale) if per_tensor_scale is not None else 0.0, torch.get_num_threads(),
+    params = _CParams(
+        job.n_mats, job.n_rows, job.row_len, job.tile_rows, job.tile_cols, DTYPE_CODES[x.dtype],
+        job.emin, job.mbits, job.emax, job.max_value, int(job.e4m3_scale), job.scale_mode,
+        job.per_tensor_scale or 0.0, job.seed is not None, job.seed or 0, torch.get_num_threads(),
     )  # fmt: skip
+    lib.fake_quantize_tiles(x.data_ptr(), out.data_ptr(), ctypes.byref(params))
 
 
 def fake_quantize_fast(
-    x: torch.Tensor, fmt: Format, axis: int, per_tensor_scale: torch.Tensor | None, kernel=None
+    x: torch.Tensor,
+    fmt: Format,
+    axis: int,
+    per_tensor_scale: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    *,
+    scale_mode: str = "floor",
+    kernel=None,
 ) -> torch.Tensor:
-    """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`):
-    the blocks' axis is moved last and made contiguous fp32, ``kernel(rows, out, fmt, scale)``
-    fills ``out``, and the result goes back to ``x``'s layout and dtype. ``kernel`` defaults to
-    the device's: the Triton kernel for CUDA tensors, the C kernel for CPU tensors."""
-    if kernel is None and x.device.type == "cuda":
-        from harness.formats.triton_kernel import fake_quantize_triton_rows as kernel
-    rows = x.detach().to(torch.float32).movedim(axis, -1).contiguous()
-    out = torch.empty_like(rows)
-    (kernel or fake_quantize_c_rows)(rows, out, fmt, per_tensor_scale)
-    return out.movedim(-1, axis).to(x.dtype).contiguous()
+    """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`).
+    1-D blocks: the blocks' axis is moved last (a copy only when it is not last already); 2-D
+    tiles: the last two dims. ``kernel(x, out, job)`` fills ``out`` in ``x``'s dtype; it defaults
+    to the device's: Triton for CUDA tensors, C for CPU tensors. ``mxfp4_sr`` draws its Philox key
+    from ``generator`` (see :func:`harness.formats.philox.draw_seed`)."""
+    if kernel is None:
+        if x.device.type == "cuda":
+            from harness.formats.triton_kernel import fake_quantize_triton as kernel
+        else:
+            kernel = fake_quantize_c
+    two_d = len(fmt.block_shape) == 2
+    src = x.detach() if two_d else x.detach().movedim(axis, -1)
+    src = src.contiguous()
+    row_len = src.shape[-1]
+    n_rows = src.shape[-2] if two_d else src.numel() // row_len
+    elem = fmt.element
+    job = TileJob(
+        n_mats=src.numel() // (n_rows * row_len),
+        n_rows=n_rows,
+        row_len=row_len,
+        tile_rows=fmt.block_shape[0] if two_d else 1,
+        tile_cols=fmt.block_shape[-1],
+        emin=elem.emin,
+        mbits=elem.mbits,
+        emax=elem.emax,
+        max_value=elem.max_value,
+        e4m3_scale=not isinstance(fmt.scale, E8M0Scale),
+        scale_mode=SCALE_MODES[scale_mode],
+        per_tensor_scale=float(per_tensor_scale) if per_tensor_scale is not None else None,
+        seed=philox.draw_seed(generator, x.device) if fmt.stochastic else None,
+    )
+    out = torch.empty_like(src)
+    kernel(src, out, job)
+    return out if two_d else out.movedim(-1, axis).contiguous()

@@ -1,19 +1,42 @@
-/* One-pass fake quantization of fp32 rows in 1-D blocks (the CPU fast path of harness.formats).
+/* One-pass fake quantization on CPU (the C fast path of harness.formats): reads and writes the
+ * input's own dtype (fp32, bf16, fp16), fp32 only in registers, tiles split over n_threads
+ * POSIX threads (no OpenMP runtime: torch's own would compete with a second one's spinning
+ * workers). Built with -march=native where the compiler has it (fast.py keys the build on the CPU).
  *
- * Same arithmetic as the reference path (harness/formats/elements.py, scales.py, quant.py), in
- * the same order, in fp32 with IEEE semantics (built with -fno-fast-math -ffp-contract=off), so
- * the results are bit-identical:
- *   amax   = max |x| over the block (NaN or Inf anywhere: the whole block is NaN)
- *   E8M0   e = clamp(floor_log2(amax) - emax_elem, -127, 127); stored = 2^e; multiplier = 2^-e
+ * A tile is tile_rows x tile_cols elements of a row-major (n_mats, n_rows, row_len) tensor:
+ * 1 x 32 or 1 x 16 for 1-D blocks, 32 x 32 for mxfp4_2d. Same arithmetic as the reference path
+ * (harness/formats/elements.py, scales.py, quant.py, philox.py), in the same order, in fp32 with
+ * IEEE semantics (built with -fno-fast-math -ffp-contract=off), so the results are bit-identical:
+ *   amax   = max |x| over the tile (NaN or Inf anywhere: the whole tile is NaN)
+ *   E8M0   e = clamp(shared_exponent(amax, scale_mode), -127, 127); scale 2^e, multiplier 2^-e
  *   E4M3   stored = E4M3_RNE(clamp(amax / elem_max [/ p], 2^-6, 448)); multiplier = 1/stored
  *          (or (1/p)/stored); dequantization scale p * stored
- *   element: a = |x * multiplier|; step = max(2^floor_log2(a), 2^emin) * 2^-mbits;
- *            q = min(rint(a / step) * step, elem_max) with the sign of x * multiplier
- *   out = q * scale
+ *   element: a = |x * multiplier|; k = max(floor_log2(a), emin) - mbits; t = a * 2^-k (exact);
+ *            n = rint(t) (ties to even; (t + 2^23) - 2^23), or stochastically floor(t) + (u < t -
+ *            floor(t)) with u the element's Philox4x32-10 uniform; q = min(n * 2^k, elem_max)
+ *   out = sign(x) q * scale, rounded to the output dtype to nearest even
  */
 #include <math.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+typedef struct {
+    int64_t n_mats, n_rows, row_len;
+    int32_t tile_rows, tile_cols;
+    int32_t dtype;      /* 0 fp32, 1 bf16, 2 fp16 */
+    int32_t emin, mbits, emax;
+    float max_value;
+    int32_t scale_kind; /* 0 E8M0, 1 E4M3 */
+    int32_t scale_mode; /* E8M0 shared exponent: 0 floor, 1 ceil, 2 even, 3 rceil */
+    float per_tensor_scale; /* <= 0: none */
+    int32_t stochastic;
+    uint64_t seed;
+    int32_t n_threads;
+} params_t;
+
+#define MAX_TILE 1024
 
 static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -24,60 +47,246 @@ static inline float exp2_int(int e) {
     return float_of(1u << (e + 149));
 }
 
-static inline int floor_log2(float a) { return (int)((bits_of(a) >> 23) & 0xFF) - 127; }
-
-/* round |v| onto the element grid (ties to even), saturate, restore the sign */
-static inline float round_to_grid(float v, int emin, int mbits, float max_value) {
-    float a = fabsf(v);
-    float binade = float_of(bits_of(a) & 0x7F800000u);
-    float floor_step = exp2_int(emin);
-    float step = (binade < floor_step ? floor_step : binade) * exp2_int(-mbits);
-    float q = nearbyintf(a / step) * step;
-    if (q > max_value) q = max_value;
-    return copysignf(q, v);
+/* ---- dtype conversions (exact widening; narrowing to nearest even, as torch's .to()) ---- */
+static inline float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
+static inline uint16_t float_to_bf16(float f) { /* finite or Inf input (NaN is written directly) */
+    uint32_t u = bits_of(f);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+/* F. Giesen's half <-> float conversions (public domain), exact / round to nearest even */
+static inline float fp16_to_float(uint16_t h) {
+    uint32_t o = (uint32_t)(h & 0x7FFF) << 13, exp = o & 0x0F800000u;
+    o += (uint32_t)(127 - 15) << 23;
+    if (exp == 0x0F800000u) o += (uint32_t)(128 - 16) << 23; /* Inf/NaN */
+    else if (exp == 0) { o += 1u << 23; o = bits_of(float_of(o) - float_of(113u << 23)); } /* subnormal */
+    return float_of(o | ((uint32_t)(h & 0x8000) << 16));
+}
+static inline uint16_t float_to_fp16(float f) { /* finite or Inf input */
+    uint32_t u = bits_of(f), sign = (u >> 16) & 0x8000u, h;
+    u &= 0x7FFFFFFFu;
+    if (u >= 0x47800000u) h = 0x7C00; /* >= 2^16 or Inf: Inf */
+    else if (u < 0x38800000u) h = bits_of(float_of(u) + 0.5f) - 0x3F000000u; /* subnormal: FPU rounds */
+    else h = (u + 0xC8000FFFu + ((u >> 13) & 1u)) >> 13;
+    return (uint16_t)(h | sign);
+}
+static inline float load(const void *x, int dtype, int64_t i) {
+    if (dtype == 0) return ((const float *)x)[i];
+    if (dtype == 1) return bf16_to_float(((const uint16_t *)x)[i]);
+    return fp16_to_float(((const uint16_t *)x)[i]);
+}
+static inline void store(void *out, int dtype, int64_t i, float v) {
+    if (dtype == 0) ((float *)out)[i] = v;
+    else if (dtype == 1) ((uint16_t *)out)[i] = float_to_bf16(v);
+    else ((uint16_t *)out)[i] = float_to_fp16(v);
+}
+static inline void store_nan(void *out, int dtype, int64_t i) {
+    if (dtype == 0) ((float *)out)[i] = NAN;
+    else ((uint16_t *)out)[i] = dtype == 1 ? 0x7FC0 : 0x7E00;
 }
 
-/* x, out: n_rows x row_len fp32, blocks of `block` along the row (a partial last block is
- * zero-padded, which leaves its amax unchanged). scale_kind 0: E8M0, 1: E4M3 (NVFP4).
- * per_tensor_scale <= 0: none. */
-void fake_quantize_rows(const float *x, float *out, int64_t n_rows, int64_t row_len, int64_t block,
-                        int emin, int mbits, int emax, float max_value, int scale_kind,
-                        float per_tensor_scale, int n_threads) {
-    const int64_t blocks_per_row = (row_len + block - 1) / block;
-    const int64_t n_blocks = n_rows * blocks_per_row;
-    const int has_pts = per_tensor_scale > 0.0f;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const int64_t row = b / blocks_per_row, start = (b % blocks_per_row) * block;
-        const int64_t len = row_len - start < block ? row_len - start : block;
-        const float *xb = x + row * row_len + start;
-        float *ob = out + row * row_len + start;
-        float amax = 0.0f;
-        int finite = 1;
-        for (int64_t i = 0; i < len; ++i) {
-            float a = fabsf(xb[i]);
-            finite &= isfinite(a) != 0;
-            amax = a > amax ? a : amax;
+/* ---- Philox4x32-10 (Random123), as harness/formats/philox.py: element n of the block tensor
+ * takes word n % 4 at counter (n / 4, 0, 0, 0); u = (word >> 8) 2^-24. n_counters a multiple
+ * of 4 words' worth; the loops run across counters so they vectorize. ---- */
+static inline void philox_uniforms(uint64_t counter0, int n_counters, uint64_t key, float *u) {
+    uint32_t c0[MAX_TILE / 4], c1[MAX_TILE / 4], c2[MAX_TILE / 4], c3[MAX_TILE / 4];
+    for (int j = 0; j < n_counters; ++j) {
+        uint64_t c = counter0 + (uint64_t)j;
+        c0[j] = (uint32_t)c; c1[j] = (uint32_t)(c >> 32); c2[j] = 0; c3[j] = 0;
+    }
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    for (int r = 0; r < 10; ++r) {
+        for (int j = 0; j < n_counters; ++j) {
+            uint64_t p0 = (uint64_t)0xD2511F53u * c0[j], p1 = (uint64_t)0xCD9E8D57u * c2[j];
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[j] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3[j] ^ k1;
+            c1[j] = (uint32_t)p1; c3[j] = (uint32_t)p0; c0[j] = n0; c2[j] = n2;
         }
-        if (!finite) {
-            for (int64_t i = 0; i < len; ++i) ob[i] = NAN;
-            continue;
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    for (int j = 0; j < n_counters; ++j) {
+        u[4 * j] = (float)(c0[j] >> 8) * 5.9604644775390625e-08f;
+        u[4 * j + 1] = (float)(c1[j] >> 8) * 5.9604644775390625e-08f;
+        u[4 * j + 2] = (float)(c2[j] >> 8) * 5.9604644775390625e-08f;
+        u[4 * j + 3] = (float)(c3[j] >> 8) * 5.9604644775390625e-08f;
+    }
+}
+
+/* ---- the tile ---- */
+static inline int e8m0_exponent(float amax, const params_t *p) {
+    uint32_t ab = bits_of(amax);
+    int e;
+    switch (p->scale_mode) {
+    case 1: e = (int)(ab >> 23) - 127 + ((ab & 0x7FFFFFu) != 0) - p->emax; break;
+    case 2: e = (int)((ab + (1u << (22 - p->mbits))) >> 23) - 127 - p->emax; break;
+    case 3: {
+        uint32_t db = bits_of(amax / p->max_value);
+        e = (db & 0x7F800000u) == 0 ? -127 : (int)(db >> 23) - 127 + ((db & 0x7FFFFFu) != 0);
+        break;
+    }
+    default: e = (int)(ab >> 23) - 127 - p->emax;
+    }
+    return e < -127 ? -127 : (e > 127 ? 127 : e);
+}
+
+/* grid value of |v| (before saturation): t = |v| 2^-k and the step 2^k, k = max(floor_log2|v|, emin) - mbits */
+static inline float grid_t(float v, int emin, int mbits, float *step) {
+    uint32_t ab = bits_of(v) & 0x7FFFFFFFu;
+    int e = (int)(ab >> 23) - 127;
+    int k = (e < emin ? emin : e) - mbits;
+    *step = float_of((uint32_t)(127 + k) << 23);
+    return float_of(ab) * float_of((uint32_t)(127 - k) << 23);
+}
+static inline float finish(float n, float step, float max_value, float v, float scale) {
+    float q = n * step;
+    q = q < max_value ? q : max_value;
+    return float_of(bits_of(q) | (bits_of(v) & 0x80000000u)) * scale;
+}
+
+static inline void scales_of(float amax, const params_t *p, float *multiplier, float *scale) {
+    if (p->scale_kind == 0) {
+        int e = e8m0_exponent(amax, p);
+        *multiplier = exp2_int(-e);
+        *scale = exp2_int(e);
+        return;
+    }
+    int has_pts = p->per_tensor_scale > 0.0f;
+    float raw = amax / p->max_value;
+    if (has_pts) raw = raw / p->per_tensor_scale;
+    raw = raw < 0.015625f ? 0.015625f : (raw > 448.0f ? 448.0f : raw);
+    float step, t = grid_t(raw, -6, 3, &step); /* E4M3: emin -6, 3 mantissa bits */
+    float stored = finish((t + 8388608.0f) - 8388608.0f, step, 448.0f, raw, 1.0f);
+    *multiplier = has_pts ? (1.0f / p->per_tensor_scale) / stored : 1.0f / stored;
+    *scale = has_pts ? p->per_tensor_scale * stored : stored;
+}
+
+/* One tile: first element at `base`, `rows` x `cols` of it inside the tensor, `u` its uniforms
+ * when stochastic; TR, TC, DTYPE, SR are compile-time constants after inlining.
+ * amax and finiteness come from one integer max of |x|'s bits (non-negative floats order as
+ * their bits; NaN and Inf are the bit patterns >= 0x7F800000), which vectorizes. */
+static inline __attribute__((always_inline)) void do_tile(const void *x, void *out, const params_t *p,
+                                                         const float *u, int64_t base, int rows, int cols,
+                                                         const int TR, const int TC, const int DTYPE,
+                                                         const int SR) {
+    float buf[MAX_TILE];
+    if (rows == TR && cols == TC) {
+        for (int r = 0; r < TR; ++r)
+            for (int c = 0; c < TC; ++c) buf[r * TC + c] = load(x, DTYPE, base + r * p->row_len + c);
+    } else { /* partial tile: zero padding leaves the amax unchanged */
+        for (int i = 0; i < TR * TC; ++i) buf[i] = 0.0f;
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; ++c) buf[r * TC + c] = load(x, DTYPE, base + r * p->row_len + c);
+    }
+    int32_t amax_bits = 0;
+    for (int i = 0; i < TR * TC; ++i) {
+        int32_t a = (int32_t)(bits_of(buf[i]) & 0x7FFFFFFFu);
+        amax_bits = a > amax_bits ? a : amax_bits;
+    }
+    if (amax_bits >= 0x7F800000) { /* NaN or Inf in the tile */
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; ++c) store_nan(out, DTYPE, base + r * p->row_len + c);
+        return;
+    }
+    float multiplier, scale;
+    scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale);
+    if (SR) {
+        for (int i = 0; i < TR * TC; ++i) {
+            float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
+            float n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
+            n += u[i] < t - n ? 1.0f : 0.0f;
+            buf[i] = finish(n, step, p->max_value, v, scale);
         }
-        float multiplier, scale;
-        if (scale_kind == 0) {
-            int e = floor_log2(amax) - emax;
-            e = e < -127 ? -127 : (e > 127 ? 127 : e);
-            multiplier = exp2_int(-e);
-            scale = exp2_int(e);
-        } else {
-            float raw = amax / max_value;
-            if (has_pts) raw = raw / per_tensor_scale;
-            raw = raw < 0.015625f ? 0.015625f : (raw > 448.0f ? 448.0f : raw);
-            float stored = round_to_grid(raw, -6, 3, 448.0f); /* E4M3: emin -6, 3 mantissa bits */
-            multiplier = has_pts ? (1.0f / per_tensor_scale) / stored : 1.0f / stored;
-            scale = has_pts ? per_tensor_scale * stored : stored;
+    } else {
+        for (int i = 0; i < TR * TC; ++i) {
+            float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
+            buf[i] = finish((t + 8388608.0f) - 8388608.0f, step, p->max_value, v, scale);
         }
-        for (int64_t i = 0; i < len; ++i)
-            ob[i] = round_to_grid(xb[i] * multiplier, emin, mbits, max_value) * scale;
+    }
+    if (rows == TR && cols == TC) {
+        for (int r = 0; r < TR; ++r)
+            for (int c = 0; c < TC; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
+    } else {
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
+    }
+}
+
+typedef struct {
+    const void *x;
+    void *out;
+    const params_t *p;
+    int64_t begin, end;
+} range_t;
+
+/* tiles [begin, end) in order, strip by strip (a strip: TR rows of one matrix), no division per
+ * tile; stochastic: the uniforms of up to MAX_TILE elements' worth of consecutive tiles at once
+ * (their Philox counters are consecutive), so the generator's loops are long enough to vectorize */
+#define LOOP(TR, TC, DTYPE, SR)                                                                    \
+    {                                                                                              \
+        const int64_t tiles_c = (p->row_len + (TC) - 1) / (TC), tiles_r = (p->n_rows + (TR) - 1) / (TR); \
+        int64_t t = r->begin, tc = t % tiles_c, strip = t / tiles_c, u_first = -1;                 \
+        const int64_t group = MAX_TILE / ((TR) * (TC));                                            \
+        float u[MAX_TILE];                                                                         \
+        for (; t < r->end; tc = 0, ++strip) {                                                      \
+            const int64_t r0 = (strip % tiles_r) * (TR);                                           \
+            const int rows = (int)(p->n_rows - r0 < (TR) ? p->n_rows - r0 : (TR));                 \
+            const int64_t row_base = ((strip / tiles_r) * p->n_rows + r0) * p->row_len;            \
+            for (; tc < tiles_c && t < r->end; ++tc, ++t) {                                        \
+                const int cols = (int)(p->row_len - tc * (TC) < (TC) ? p->row_len - tc * (TC) : (TC)); \
+                if ((SR) && (u_first < 0 || t >= u_first + group)) {                               \
+                    const int64_t n = r->end - t < group ? r->end - t : group;                     \
+                    u_first = t;                                                                   \
+                    philox_uniforms((uint64_t)t * ((TR) * (TC) / 4), (int)(n * (TR) * (TC) / 4), p->seed, u); \
+                }                                                                                  \
+                do_tile(r->x, r->out, p, (SR) ? u + (t - u_first) * (TR) * (TC) : NULL,             \
+                        row_base + tc * (TC), rows, cols, TR, TC, DTYPE, SR);                      \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+#define BY_DTYPE(TR, TC, SR)                                                                       \
+    switch (p->dtype) {                                                                            \
+    case 0: LOOP(TR, TC, 0, SR) break;                                                             \
+    case 1: LOOP(TR, TC, 1, SR) break;                                                             \
+    default: LOOP(TR, TC, 2, SR) break;                                                            \
+    }
+
+/* Tiles [begin, end): specialised instances for the registry's tile shapes, a generic one for
+ * any other (tile_rows * tile_cols <= MAX_TILE, a multiple of 4 when stochastic). */
+static void run_range(const range_t *r) {
+    const params_t *p = r->p;
+    if (p->tile_rows == 1 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(1, 32, 0) }
+    else if (p->tile_rows == 1 && p->tile_cols == 32) { BY_DTYPE(1, 32, 1) }
+    else if (p->tile_rows == 1 && p->tile_cols == 16 && !p->stochastic) { BY_DTYPE(1, 16, 0) }
+    else if (p->tile_rows == 32 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(32, 32, 0) }
+    else if (p->stochastic) { BY_DTYPE(p->tile_rows, p->tile_cols, 1) }
+    else { BY_DTYPE(p->tile_rows, p->tile_cols, 0) }
+}
+
+static void *thread_main(void *arg) {
+    run_range((const range_t *)arg);
+    return NULL;
+}
+
+#define MAX_THREADS 64
+#define MIN_ELEMENTS_PER_THREAD 65536 /* below this a thread costs more than it saves */
+
+void fake_quantize_tiles(const void *x, void *out, const params_t *p) {
+    const int64_t per_tile = (int64_t)p->tile_rows * p->tile_cols;
+    const int64_t n_tiles = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows) *
+                            ((p->row_len + p->tile_cols - 1) / p->tile_cols);
+    int64_t n = n_tiles * per_tile / MIN_ELEMENTS_PER_THREAD;
+    n = n < p->n_threads ? n : p->n_threads;
+    n = n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+    range_t ranges[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 0; i < n; ++i) {
+        range_t rg = {x, out, p, n_tiles * i / n, n_tiles * (i + 1) / n};
+        ranges[i] = rg;
+    }
+    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, thread_main, &ranges[i]) == 0;
+    run_range(&ranges[0]);
+    for (int64_t i = 1; i < n; ++i) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else run_range(&ranges[i]); /* no thread to be had: do its share here */
     }
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.formats import fast
+from harness.formats import fast, philox
 from harness.formats.blocks import BlockLayout
 from harness.formats.elements import decode, encode, round_to_grid
 from harness.formats.registry import FORMATS, Format, get_format
@@ -98,7 +98,7 @@ def _quantize_blocks(
     stored, multiplier = fmt.scale.block_scale(amax, fmt.element, per_tensor_scale)
     noise = None
     if fmt.stochastic:
-        noise = torch.rand(blocks.shape, generator=generator, device=blocks.device, dtype=torch.float32)
+        noise = philox.uniform(tuple(blocks.shape), philox.draw_seed(generator, blocks.device), blocks.device)
     q = round_to_grid(blocks * multiplier, fmt.element, noise)
     stored = torch.where(torch.isfinite(amax), stored, torch.nan)
     return q, stored
@@ -171,7 +171,7 @@ def fake_quantize(
     if backend != "reference" and x.dim() > 0 and x.numel() > 0:
         why_not = fast.supports(fmt, x)
         if not why_not:
-            return fast.fake_quantize_fast(x, fmt, layout.axis, pts)
+            return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
         if backend == "fast":
             raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
     blocks = _blocks(x, layout)

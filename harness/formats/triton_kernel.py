@@ -1,7 +1,12 @@
 """The CUDA fast path of :func:`harness.formats.fake_quantize`: a Triton kernel with the C fast
-path's arithmetic (``fast_kernel.c``: same formulas, same fp32 operation order), so GPU and CPU
-results are bit-identical. Each program takes ``BLOCKS`` quantization blocks of a row-major
-``(rows, row_len)`` fp32 tensor: one read, one write.
+path's arithmetic (``fast_kernel.c``: same formulas, same fp32 operation order, the same
+Philox4x32-10 stream for stochastic rounding), so GPU and CPU results are bit-identical. It reads
+and writes the input's dtype (fp32 only in registers): one read, one write.
+
+1-D formats: each program takes ``BYTES_1D`` of consecutive blocks of the row-major
+``(rows, row_len)`` tensor, as a ``[blocks, block]`` array. 2-D tiles: each program takes
+``BYTES_2D`` of neighbouring tiles of one strip of ``tile_rows`` rows, as a ``[rows, tiles,
+cols]`` array, and reduces the amax over rows and cols.
 
 Rounding to nearest even uses ``(t + 2**23) - 2**23``, exact for the ``0 <= t < 2**(mbits+1)``
 that element rounding produces; divisions by powers of two are exact multiplications, the others
@@ -15,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from harness.formats.registry import Format
-from harness.formats.scales import E8M0Scale
+from harness.formats.fast import TileJob
 
-BLOCKS_PER_PROGRAM = 64
+BYTES_1D = 4096  # input bytes per program, 1-D formats: 1024 fp32 or 2048 bf16/fp16 elements
+BYTES_2D = 8192  # input bytes per program, 2-D tiles: two 32x32 fp32 tiles or four bf16/fp16 ones
+# (the best of the launch shapes swept on an H200 at 8192x8192, 2026-11-26; README, GPU section)
 
 
 @triton.jit
@@ -30,49 +36,45 @@ def _exp2_int(e):
 
 
 @triton.jit
-def _round_to_grid(v, emin: tl.constexpr, mbits: tl.constexpr, max_value: tl.constexpr):
-    """Round onto the element grid, ties to even, saturate, keep the sign. The grid step is
-    2**k, k = max(floor_log2|v|, emin) - mbits, so ``|v| * 2**-k`` is exact (no division)."""
+def _round_to_grid(
+    v, noise, emin: tl.constexpr, mbits: tl.constexpr, max_value: tl.constexpr, STOCHASTIC: tl.constexpr
+):
+    """Round onto the element grid (ties to even, or up with probability ``frac`` when
+    ``noise`` < ``frac``), saturate, keep the sign. The grid step is 2**k, k = max(floor_log2|v|,
+    emin) - mbits; both 2**k and 2**-k are normal floats for every element grid (k is within
+    [emin - mbits, 127 - mbits]), built from the biased exponent ``k + 127`` with two shifts,
+    so ``|v| * 2**-k`` is exact (no division)."""
     bits = v.to(tl.int32, bitcast=True)
-    a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    k = tl.maximum(((bits >> 23) & 0xFF) - 127, emin) - mbits
-    t = a * _exp2_int(-k)
-    n = (t + 8388608.0) - 8388608.0  # round half to even (fp32 RNE add)
-    q = tl.minimum(n * _exp2_int(k), max_value)
+    a_bits = bits & 0x7FFFFFFF
+    biased_k = tl.maximum(a_bits >> 23, emin + 127) - mbits
+    t = a_bits.to(tl.float32, bitcast=True) * ((254 - biased_k) << 23).to(tl.float32, bitcast=True)
+    if STOCHASTIC:
+        n = t.to(tl.int32).to(tl.float32)  # floor: t >= 0
+        n = n + tl.where(noise < t - n, 1.0, 0.0)
+    else:
+        n = (t + 8388608.0) - 8388608.0  # round half to even (fp32 RNE add)
+    q = tl.minimum(n * (biased_k << 23).to(tl.float32, bitcast=True), max_value)
     return (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _fake_quantize_kernel(
-    x_ptr,
-    out_ptr,
-    n_blocks,
-    row_len,
+def _scales(
+    amax,
     per_tensor_scale,
-    BLOCK: tl.constexpr,
-    BLOCKS: tl.constexpr,
-    EMIN: tl.constexpr,
     MBITS: tl.constexpr,
     EMAX: tl.constexpr,
     MAX_VALUE: tl.constexpr,
     E4M3_SCALE: tl.constexpr,
     HAS_PTS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
 ):
-    blocks_per_row = (row_len + BLOCK - 1) // BLOCK
-    b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    col = (b % blocks_per_row)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    offsets = (b // blocks_per_row)[:, None].to(tl.int64) * row_len + col
-    mask = (b < n_blocks)[:, None] & (col < row_len)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    a = tl.abs(x)
-    finite = tl.min(tl.where(a < float("inf"), 1, 0), axis=1) > 0  # NaN and Inf both fail a < inf
-    amax = tl.max(tl.where(a < float("inf"), a, 0.0), axis=1)
+    """(multiplier, dequantization scale) of blocks with max ``amax`` (see fast_kernel.c)."""
     if E4M3_SCALE:
         raw = tl.math.div_rn(amax, MAX_VALUE)  # IEEE division, as on CPU
         if HAS_PTS:
             raw = tl.math.div_rn(raw, per_tensor_scale)
         raw = tl.minimum(tl.maximum(raw, 0.015625), 448.0)
-        stored = _round_to_grid(raw, -6, 3, 448.0)
+        stored = _round_to_grid(raw, 0.0, -6, 3, 448.0, False)
         if HAS_PTS:
             multiplier = tl.math.div_rn(tl.math.div_rn(1.0, per_tensor_scale), stored)
             scale = per_tensor_scale * stored
@@ -80,37 +82,133 @@ def _fake_quantize_kernel(
             multiplier = tl.math.div_rn(1.0, stored)
             scale = stored
     else:
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
+        ab = amax.to(tl.int32, bitcast=True)
+        if SCALE_MODE == 1:  # ceil
+            e = ((ab >> 23) & 0xFF) - 127 + tl.where((ab & 0x7FFFFF) != 0, 1, 0) - EMAX
+        elif SCALE_MODE == 2:  # even
+            e = (((ab + (1 << (22 - MBITS))) >> 23) & 0xFF) - 127 - EMAX
+        elif SCALE_MODE == 3:  # rceil
+            db = tl.math.div_rn(amax, MAX_VALUE).to(tl.int32, bitcast=True)
+            inexact = tl.where((db & 0x7FFFFF) != 0, 1, 0)
+            e = tl.where((db & 0x7F800000) == 0, -127, ((db >> 23) & 0xFF) - 127 + inexact)
+        else:  # floor
+            e = ((ab >> 23) & 0xFF) - 127 - EMAX
         e = tl.minimum(tl.maximum(e, -127), 127)
         multiplier = _exp2_int(-e)
         scale = _exp2_int(e)
-    q = _round_to_grid(x * multiplier[:, None], EMIN, MBITS, MAX_VALUE) * scale[:, None]
-    q = tl.where(finite[:, None], q, float("nan"))
-    tl.store(out_ptr + offsets, q, mask=mask)
+    return multiplier, scale
 
 
-def fake_quantize_triton_rows(
-    rows: torch.Tensor, out: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None
-) -> None:
-    """The Triton kernel on contiguous fp32 ``rows`` (blocks along the last dim), into ``out``
-    (called through :func:`harness.formats.fast.fake_quantize_fast`)."""
-    row_len = rows.shape[-1]
-    block = fmt.block_shape[0]
-    n_blocks = (rows.numel() // row_len) * triton.cdiv(row_len, block)
-    elem = fmt.element
-    grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
-    _fake_quantize_kernel[grid](
-        rows,
-        out,
-        n_blocks,
-        row_len,
-        float(per_tensor_scale) if per_tensor_scale is not None else 1.0,
-        BLOCK=block,
-        BLOCKS=BLOCKS_PER_PROGRAM,
-        EMIN=elem.emin,
-        MBITS=elem.mbits,
-        EMAX=elem.emax,
-        MAX_VALUE=elem.max_value,
-        E4M3_SCALE=not isinstance(fmt.scale, E8M0Scale),
-        HAS_PTS=per_tensor_scale is not None,
+@triton.jit
+def _uniform(seed, counter):
+    """Philox4x32-10 uniforms in [0, 1) of the elements ``4 * counter + (0, 1, 2, 3)``, shape
+    ``(*counter.shape, 2, 2)`` with ``[..., k, j]`` = word ``2k + j``: reshaped row-major, word
+    ``w`` of counter ``c`` lands on element ``4c + w``."""
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, 10)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return (words >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _fake_quantize_kernel(
+    x_ptr,
+    out_ptr,
+    n_tiles,
+    n_rows,
+    row_len,
+    per_tensor_scale,
+    seed,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+    TILES: tl.constexpr,
+    EMIN: tl.constexpr,
+    MBITS: tl.constexpr,
+    EMAX: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    E4M3_SCALE: tl.constexpr,
+    HAS_PTS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    tiles_c = (row_len + TC - 1) // TC
+    t = tl.program_id(0) * TILES + tl.arange(0, TILES)  # global tile (block) indices, int32
+    if TR == 1:  # [tiles, cols]: consecutive blocks of rows
+        col = (t % tiles_c)[:, None] * TC + tl.arange(0, TC)[None, :]
+        offsets = (t // tiles_c).to(tl.int64)[:, None] * row_len + col
+        mask = (t < n_tiles)[:, None] & (col < row_len)
+        # Philox counters (element n -> counter n // 4), 64-bit
+        counter = t.to(tl.int64)[:, None] * (TC // 4) + tl.arange(0, TC // 4)[None, :]
+    else:  # [rows, tiles, cols]: TILES neighbouring tiles of one strip
+        tiles_r = (n_rows + TR - 1) // TR
+        r = tl.arange(0, TR)[:, None, None]
+        c = tl.arange(0, TC)[None, None, :]
+        strip = t // tiles_c  # mat * tiles_r + tile row
+        row = (strip % tiles_r)[None, :, None] * TR + r
+        col = (t % tiles_c)[None, :, None] * TC + c
+        offsets = ((strip // tiles_r).to(tl.int64)[None, :, None] * n_rows + row) * row_len + col
+        mask = (t < n_tiles)[None, :, None] & (row < n_rows) & (col < row_len)
+        counter = t.to(tl.int64)[None, :, None] * (TR * TC // 4) + r * (TC // 4) + tl.arange(0, TC // 4)[None, None, :]
+    if BF16_BITS:  # bf16 as int16 bits: widening is a shift (exact, subnormals included)
+        x = (tl.load(x_ptr + offsets, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # amax and finiteness from one integer max of |x|'s bits (non-negative floats order as their
+    # bits; NaN and Inf are the patterns >= 0x7F800000)
+    a_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if TR == 1:
+        amax_bits = tl.max(a_bits, axis=1)
+    else:
+        amax_bits = tl.max(tl.max(a_bits, axis=2), axis=0)
+    finite = amax_bits < 0x7F800000
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    multiplier, scale = _scales(amax, per_tensor_scale, MBITS, EMAX, MAX_VALUE, E4M3_SCALE, HAS_PTS, SCALE_MODE)
+    if TR == 1:
+        multiplier, scale, finite = multiplier[:, None], scale[:, None], finite[:, None]
+    else:
+        multiplier, scale, finite = multiplier[None, :, None], scale[None, :, None], finite[None, :, None]
+    noise = 0.0
+    if STOCHASTIC:
+        noise = tl.reshape(_uniform(seed, counter), x.shape)
+    q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC) * scale
+    if BF16_BITS:  # to nearest even, as torch's .to(torch.bfloat16); 0x7FC0 is its NaN
+        u = q.to(tl.int32, bitcast=True)
+        h = tl.where(finite, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, 0x7FC0)
+        tl.store(out_ptr + offsets, h.to(tl.int16), mask=mask)
+    else:
+        q = tl.where(finite, q, float("nan"))
+        tl.store(out_ptr + offsets, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
+    """The Triton kernel on contiguous ``x`` into ``out`` (same dtype; called through
+    :func:`harness.formats.fast.fake_quantize_fast`)."""
+    tiles_c = triton.cdiv(job.row_len, job.tile_cols)
+    n_tiles = job.n_mats * triton.cdiv(job.n_rows, job.tile_rows) * tiles_c
+    per_tile = job.tile_rows * job.tile_cols * x.element_size()
+    tiles = 1 << max(0, ((BYTES_1D if job.tile_rows == 1 else BYTES_2D) // per_tile).bit_length() - 1)  # a power of 2
+    bf16 = x.dtype == torch.bfloat16  # passed as int16 bits: Triton's interpreter rounds bf16 subnormals wrongly
+    _fake_quantize_kernel[(triton.cdiv(n_tiles, tiles),)](
+        x.view(torch.int16) if bf16 else x,
+        out.view(torch.int16) if bf16 else out,
+        n_tiles,
+        job.n_rows,
+        job.row_len,
+        job.per_tensor_scale if job.per_tensor_scale is not None else 1.0,
+        job.seed if job.seed is not None else 0,
+        TR=job.tile_rows,
+        TC=job.tile_cols,
+        TILES=tiles,
+        EMIN=job.emin,
+        MBITS=job.mbits,
+        EMAX=job.emax,
+        MAX_VALUE=job.max_value,
+        E4M3_SCALE=job.e4m3_scale,
+        HAS_PTS=job.per_tensor_scale is not None,
+        SCALE_MODE=job.scale_mode,
+        STOCHASTIC=job.seed is not None,
+        BF16_BITS=bf16,
     )

@@ -15,7 +15,7 @@ from suites.formats.conftest import assert_same_bits
 from suites.formats.test_reference_parity import CASES, DTYPES
 
 pytest.importorskip("triton", reason="triton is not installed: the CUDA fast path is not available here")
-from harness.formats.triton_kernel import fake_quantize_triton_rows
+from harness.formats.triton_kernel import fake_quantize_triton
 
 ONE_D = format_params(where=lambda f: not f.stochastic and len(f.block_shape) == 1)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,7 +34,7 @@ def test_triton_kernel_matches_reference(name: str, case: str, dtype: torch.dtyp
     fmt = get_format(name)
     x = CASES[case](fmt).to(dtype)
     for axis in (1, 0):
-        got = fake_quantize_fast(x.to(DEVICE), fmt, axis, None, kernel=fake_quantize_triton_rows).cpu()
+        got = fake_quantize_fast(x.to(DEVICE), fmt, axis, None, kernel=fake_quantize_triton).cpu()
         assert_same_bits(got, fake_quantize(x, name, axis=axis, backend="reference"), f"{name}/{case}/axis{axis}")
 
 
@@ -42,7 +42,5 @@ def test_triton_kernel_matches_reference(name: str, case: str, dtype: torch.dtyp
 def test_triton_kernel_two_level_nvfp4() -> None:
     x = CASES["student_t"](get_format("nvfp4"))
     pts = nvfp4_per_tensor_scale(x)
-    got = fake_quantize_fast(
-        x.to(DEVICE), get_format("nvfp4"), 1, pts.to(DEVICE), kernel=fake_quantize_triton_rows
-    ).cpu()
+    got = fake_quantize_fast(x.to(DEVICE), get_format("nvfp4"), 1, pts.to(DEVICE), kernel=fake_quantize_triton).cpu()
     assert_same_bits(got, fake_quantize(x, "nvfp4", per_tensor_scale=pts, backend="reference"), "nvfp4+pts")

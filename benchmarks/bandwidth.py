@@ -1,0 +1,155 @@
+"""The bandwidth table of ``fake_quantize``: per format and dtype, the time of one call on a
+square tensor, the bytes it moves per second (input read plus output written) and its ratio to
+``x.clone()`` of the same tensor timed in the same run (a copy is the memory-bound floor a
+one-pass kernel can reach, so the ratio compares machines).
+
+Timing: on CUDA ``triton.testing.do_bench`` (synchronised with CUDA events, L2 flushed between
+runs, median); on CPU the median of ``timeit`` rounds. With ``--check`` each CUDA row also says
+whether its first 256 rows equal the CPU reference path bit for bit (same generator seed).
+
+    python -m benchmarks.bandwidth --device cuda --size 8192 --check
+    python -m benchmarks.bandwidth --device cpu --size 4096 --torchao
+
+(asv ignores this module: it defines no ``time_*``/``track_*`` benchmarks.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import timeit
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from harness.formats import fake_quantize, list_formats
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECK_ROWS = 256
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, rounds: int = 7) -> float:
+    """Median milliseconds of one ``fn()`` call, synchronised on CUDA."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up (first call builds the C kernel)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=rounds)) * 1e3
+
+
+def paired_ms(fn: Callable[[], object], x: torch.Tensor, rounds: int = 7) -> tuple[float, float]:
+    """(median ms of ``fn()``, median ms of ``x.clone()``). On CPU the two alternate round by
+    round, so a shared machine's load changes both alike; on CUDA each is ``do_bench``ed."""
+    if x.device.type == "cuda":
+        return median_ms(fn, x.device), median_ms(x.clone, x.device)
+    fn()
+    pairs = [(timeit.timeit(fn, number=1), timeit.timeit(x.clone, number=1)) for _ in range(rounds)]
+    return statistics.median(p[0] for p in pairs) * 1e3, statistics.median(p[1] for p in pairs) * 1e3
+
+
+@dataclass(frozen=True)
+class Row:
+    format: str
+    dtype: str
+    ms: float
+    clone_ms: float
+    gb_per_s: float
+    ratio_to_clone: float
+    bits_equal_cpu_reference: bool | None = None
+    torchao_ratio_to_clone: float | None = None
+
+
+def _torchao(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchao's cast + dequantize of ``name`` (the suites' parity reference), None without it."""
+    try:
+        from suites.formats.test_torchao_parity import TORCHAO_ELEMENT, torchao_fake_quantize
+    except BaseException:  # torchao missing: pytest.importorskip raises Skipped (a BaseException)
+        return None
+    if name not in TORCHAO_ELEMENT and name != "nvfp4":
+        return None
+    return lambda x: torchao_fake_quantize(x, name)
+
+
+def _ratio(ms: float, clone_ms: float) -> float:
+    return ms / clone_ms
+
+
+def measure(
+    size: int, device: torch.device, formats: list[str], dtypes: list[str], *, check: bool, torchao: bool
+) -> list[Row]:
+    rows = []
+    base = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    for dtype in dtypes:
+        x = base.to(device, DTYPES[dtype])
+        for name in formats:
+            run = functools.partial(fake_quantize, x, name, generator=torch.Generator().manual_seed(0))
+            ms, clone_ms = paired_ms(run, x)
+            equal = None
+            if check:
+                got = fake_quantize(x, name, generator=torch.Generator().manual_seed(0))[:CHECK_ROWS].cpu()
+                want = fake_quantize(
+                    x[:CHECK_ROWS].cpu(), name, generator=torch.Generator().manual_seed(0), backend="reference"
+                )
+                bits = {4: torch.int32, 2: torch.int16}[x.element_size()]
+                equal = torch.equal(got.view(bits), want.view(bits))
+            ao = _torchao(name) if torchao else None
+            rows.append(
+                Row(
+                    format=name,
+                    dtype=dtype,
+                    ms=ms,
+                    clone_ms=clone_ms,
+                    gb_per_s=2 * x.numel() * x.element_size() / ms / 1e6,
+                    ratio_to_clone=ms / clone_ms,
+                    bits_equal_cpu_reference=equal,
+                    torchao_ratio_to_clone=_ratio(*paired_ms(functools.partial(ao, x), x)) if ao else None,
+                )
+            )
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    """One line per format, one column pair (x clone, GB/s) per dtype."""
+    dtypes = list(dict.fromkeys(r.dtype for r in rows))
+    head = "| format | " + " | ".join(f"{d} x clone | {d} GB/s" for d in dtypes) + " |"
+    lines = [head, "|" + " --- |" * (1 + 2 * len(dtypes))]
+    for name in dict.fromkeys(r.format for r in rows):
+        cells = []
+        for d in dtypes:
+            r = next(r for r in rows if r.format == name and r.dtype == d)
+            mark = "" if r.bits_equal_cpu_reference in (None, True) else " (bits differ!)"
+            ao = f" (torchao {r.torchao_ratio_to_clone:.2f}x)" if r.torchao_ratio_to_clone else ""
+            cells += [f"{r.ratio_to_clone:.2f}x{ao}{mark}", f"{r.gb_per_s:.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    clones = ", ".join(f"{d} {next(r.clone_ms for r in rows if r.dtype == d):.3f} ms" for d in dtypes)
+    return "\n".join(lines) + f"\n\nclone: {clones}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, default=8192, help="the tensor is size x size (default 8192)")
+    p.add_argument("--formats", nargs="+", default=list_formats(), choices=list_formats(), metavar="FORMAT")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--check", action="store_true", help="compare each result with the CPU reference path")
+    p.add_argument("--torchao", action="store_true", help="time torchao's cast + dequantize beside it")
+    p.add_argument("--json", help="also write the rows here (JSON lines)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows = measure(args.size, device, args.formats, args.dtypes, check=args.check, torchao=args.torchao)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"fake_quantize, {args.size}x{args.size}, {name}, time / clone of the same tensor and GB/s read+written")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(asdict(r)) + "\n" for r in rows)
+    return 0 if all(r.bits_equal_cpu_reference in (None, True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The fast kernels themselves, each called directly: the C kernel on CPU and the Triton kernel
+(compiled on CUDA where there is a GPU, in Triton's CPU interpreter otherwise, see conftest.py).
+
+- Bit parity with the reference path for every format, ``mxfp4_2d`` tiles and ``mxfp4_sr``
+  (same generator state, same Philox stream) included, in fp32, bf16 and fp16, on the parity
+  suite's edge cases, partial blocks and a 3-D tensor.
+- The Philox4x32-10 stream against Random123's published known-answer vectors.
+- Stochastic rounding statistics on each kernel: only the two neighbouring grid points, an
+  unbiased mean, seeds reproduce, successive calls with one generator differ.
+- The E8M0 scale modes (torchao's ``ScaleCalculationMode``) against torchao itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.formats import fake_quantize, get_format
+from harness.formats.fast import SCALE_MODES, fake_quantize_c, fake_quantize_fast, unavailable_reason
+from harness.formats.philox import philox4x32
+from harness.testing import format_params
+from suites.formats import data
+from suites.formats.conftest import assert_same_bits
+from suites.formats.test_reference_parity import CASES
+from suites.formats.test_stochastic import _neighbours
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DRAWS = 400
+
+
+def _triton():
+    pytest.importorskip("triton", reason="triton is not installed: the CUDA fast path is not available here")
+    from harness.formats.triton_kernel import fake_quantize_triton
+
+    return fake_quantize_triton
+
+
+@pytest.fixture(params=["c", "triton"])
+def backend(request):
+    """(kernel, device) of the kernel under test (overrides the suite's two-path fixture: this
+    module calls each kernel directly)."""
+    if request.param == "c":
+        if unavailable_reason():
+            pytest.skip(f"C fast path unavailable here: {unavailable_reason()}")
+        return fake_quantize_c, torch.device("cpu")
+    return _triton(), DEVICE
+
+
+def _run(backend, x: torch.Tensor, name: str, seed: int = 0, **kw) -> torch.Tensor:
+    kernel, device = backend
+    g = torch.Generator().manual_seed(seed)
+    return fake_quantize_fast(x.to(device), get_format(name), kw.pop("axis", -1), None, g, kernel=kernel, **kw).cpu()
+
+
+def test_philox_known_answers() -> None:
+    """Random123's kat_vectors for philox4x32_10 (counter words, key words -> output words)."""
+    kat = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, (k0, k1), expected in kat:
+        assert philox4x32(torch.tensor([counter]), k0 | k1 << 32)[0].tolist() == list(expected)
+
+
+PARITY_CASES = {k: CASES[k] for k in ("ties", "edge_magnitudes", "partial_blocks", "nan_inf_blocks")}
+PARITY_CASES["3d"] = lambda fmt: data.normal((3, 37, 45), seed=6)
+
+
+def _parity_params() -> list:
+    """(kernel, format, dtype): the C kernel on everything; the Triton kernel on what
+    test_triton_parity.py (1-D deterministic formats, fp32 and bf16, both axes) leaves out."""
+    out = []
+    for p in format_params():
+        fmt = get_format(p.values[0])
+        for dtype in DTYPES:
+            covered = not fmt.stochastic and len(fmt.block_shape) == 1 and dtype != torch.float16
+            for kernel in ("c",) if covered else ("c", "triton"):
+                out.append(
+                    pytest.param(kernel, p.values[0], dtype, marks=p.marks, id=f"{kernel}-{p.id}-{str(dtype)[6:]}")
+                )
+    return out
+
+
+@pytest.mark.parametrize(("backend", "name", "dtype"), _parity_params(), indirect=["backend"])
+def test_kernel_matches_reference(backend, name: str, dtype: torch.dtype) -> None:
+    """Same bits as ``backend="reference"`` (for ``mxfp4_sr``: from the same generator seed)."""
+    fmt = get_format(name)
+    for case, make in PARITY_CASES.items():
+        x = make(fmt).to(dtype)
+        want = fake_quantize(x, name, generator=torch.Generator().manual_seed(0), backend="reference")
+        assert_same_bits(_run(backend, x, name), want, f"{name}/{case}")
+
+
+@pytest.mark.mxfp4
+@pytest.mark.parametrize("mode", list(SCALE_MODES))
+def test_scale_modes_match_torchao(backend, mode: str) -> None:
+    """Each E8M0 shared-exponent rule equals torchao 0.18's ``to_mx(..., scaling_mode=M)``."""
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    elements = {"mxfp4": torch.float4_e2m1fn_x2, "mxfp8_e4m3": torch.float8_e4m3fn}
+    for name, element in elements.items():
+        for x in (data.normal((16, 256), seed=60), data.student_t((16, 256), seed=61)):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = x.to(dtype)
+                t = mx.MXTensor.to_mx(x, element, 32, scaling_mode=getattr(ScaleCalculationMode, mode.upper()))
+                assert_same_bits(_run(backend, x, name, scale_mode=mode), t.dequantize(dtype), f"{name}/{mode}")
+
+
+@pytest.mark.mxfp4_sr
+def test_stochastic_rounding_statistics(backend) -> None:
+    """DRAWS copies of one (4, 64) tensor in one call draw independent noise (distinct Philox
+    counters): each value is one of the two neighbouring grid points (scaled), with the sign of
+    x, and the mean over copies is within 5 standard errors of x (standard error of a two-point
+    draw: step * sqrt(p(1-p)/DRAWS)); saturated values are deterministic and left out."""
+    x = data.normal((4, 64), seed=51)
+    lo, hi, scale = _neighbours(x)
+    out = _run(backend, x.repeat(DRAWS, 1), "mxfp4_sr", seed=52).reshape(DRAWS, -1, 32)
+    mag = (out / scale).abs()
+    assert ((mag == lo) | (mag == hi)).all()
+    assert (torch.sign(out) * torch.sign(x.reshape(-1, 32)) >= 0).all()
+    inside = x.reshape(-1, 32).abs() / scale <= 6.0
+    step = (hi - lo) * scale
+    p = torch.where(step > 0, (x.reshape(-1, 32).abs() - lo * scale) / step.clamp(min=1e-30), 0.0)
+    se = step * (p * (1 - p) / DRAWS).sqrt()
+    err = (out.mean(0) - x.reshape(-1, 32)).abs()
+    assert (err[inside] <= 5 * se[inside] + 1e-7).all()
+    assert (step[inside] > 0).any() and (err[inside] > 0).any()  # really random, really tested
+
+
+@pytest.mark.mxfp4_sr
+def test_stochastic_rounding_seeds(backend) -> None:
+    """Same seed, same bits; another seed or the next call on one generator, other bits."""
+    kernel, device = backend
+    x = data.normal((16, 64), seed=53)
+    assert torch.equal(_run(backend, x, "mxfp4_sr", seed=1), _run(backend, x, "mxfp4_sr", seed=1))
+    assert not torch.equal(_run(backend, x, "mxfp4_sr", seed=1), _run(backend, x, "mxfp4_sr", seed=2))
+    g = torch.Generator().manual_seed(3)
+    first, second = (fake_quantize_fast(x.to(device), get_format("mxfp4_sr"), -1, None, g, kernel=kernel) for _ in "ab")
+    assert not torch.equal(first, second)
