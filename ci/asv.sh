@@ -7,7 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${HARNESS_VENV:-.venv}/bin/python"
-export HARNESS_GSM8K_DIR="${HARNESS_GSM8K_DIR:-$(cd .. && pwd)/shared/data/gsm8k}"
 "$py" -m asv machine --yes >/dev/null
 tmp="$(mktemp -d)"
 trap 'git worktree prune; rm -rf "$tmp"' EXIT

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from harness.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -41,11 +42,6 @@ TINY = ("tiny-llama", "tiny-qwen2")
 def model_key(spec: str) -> str:
     """Short name used for baselines and reports: the embedded name or the directory's name."""
     return spec if spec in EMBEDDED or spec in TINY else Path(spec).resolve().name
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$HARNESS_CACHE_DIR`` or ``~/.cache/harness``."""
-    return Path(os.environ.get("HARNESS_CACHE_DIR", Path.home() / ".cache" / "harness"))
 
 
 def load_model(

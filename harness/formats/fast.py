@@ -24,7 +24,7 @@ import torch
 
 from harness.formats.registry import Format
 from harness.formats.scales import E8M0Scale
-from harness.models import cache_dir
+from harness.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
