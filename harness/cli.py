@@ -14,9 +14,8 @@ from tabulate import tabulate
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
 from harness.formats import FORMATS, list_formats
 from harness.inject import POINTS
-from harness.models import DEFAULT_MODEL
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from harness.models import DEFAULT_MODEL, DTYPES
+from harness.testing import format_marker
 
 
 def _formats(args: argparse.Namespace) -> int:
@@ -27,7 +26,7 @@ def _formats(args: argparse.Namespace) -> int:
             "x".join(map(str, f.block_shape)),
             f.scale.name,
             f.bits_per_element,
-            f.marker,
+            format_marker(f.name),
             f.description,
         ]
         for f in FORMATS.values()

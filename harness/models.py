@@ -16,6 +16,7 @@ from torch import nn
 from harness.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ import torch
 
 from harness.eval.gsm8k import Gsm8kResult, evaluate_gsm8k
 from harness.inject import QuantInjector
-
-REFERENCE = "reference"
+from harness.testing import REFERENCE
 
 
 @pytest.fixture(scope="session")
