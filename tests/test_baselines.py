@@ -95,10 +95,7 @@ def test_baselines_dir_option_moves_the_store(project: pytest.Pytester) -> None:
     assert read_baselines(project.path / "gates" / "smollm2-135m" / "cpu" / "suite.json") == {
         "mxfp4-w4a16-fp32": {"loss": 2.30}
     }
-    assert not (project.path / "baselines").exists()
-    result = project.runpytest_subprocess("suite")  # the default root has no baseline for it
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([f"*no baseline for case 'mxfp4-w4a16-fp32' in {project.path / 'baselines'}*"])
+    assert not (project.path / "baselines").exists()  # the default root, used by the other tests here
 
 
 def test_tolerance_by_metric_suffix() -> None:
