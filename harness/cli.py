@@ -14,7 +14,8 @@ from harness.baselines import BaselineError
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
 from harness.formats import FORMATS, list_formats
 from harness.inject import POINTS
-from harness.models import DEFAULT_MODEL
+from harness.models import DEFAULT_MODEL, DTYPES
+from harness.testing import format_marker
 from harness.validate import (
     check_compare_to,
     check_scan_options,
@@ -23,8 +24,6 @@ from harness.validate import (
     output_dir_arg,
     output_file_arg,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _formats(args: argparse.Namespace) -> int:
@@ -35,7 +34,7 @@ def _formats(args: argparse.Namespace) -> int:
             "x".join(map(str, f.block_shape)),
             f.scale.name,
             f.bits_per_element,
-            f.marker,
+            format_marker(f.name),
             f.description,
         ]
         for f in FORMATS.values()

@@ -1,11 +1,15 @@
-"""GSM8K calibration and evaluation data, read from local JSONL (never downloaded at run time)."""
+"""GSM8K calibration and evaluation data, read from the JSONL shipped in the package or a local
+folder (never downloaded at run time)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness import paths
 
 GSM8K_ENV = "HARNESS_GSM8K_DIR"
 SPLITS = ("test", "train")
@@ -28,17 +32,26 @@ class Gsm8kItem:
 
 
 def gsm8k_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The GSM8K directory: ``explicit`` (``--gsm8k-dir``), else ``$HARNESS_GSM8K_DIR``."""
+    """The GSM8K directory: ``explicit`` (``--gsm8k-dir``), else ``$HARNESS_GSM8K_DIR``, else the
+    copy shipped inside the package (``harness/datasets/gsm8k``, gzip-compressed JSONL)."""
     value = explicit or os.environ.get(GSM8K_ENV)
     if not value:
-        raise ValueError(
-            f"no GSM8K directory: pass --gsm8k-dir DIR or set {GSM8K_ENV}=DIR "
-            "(a folder with test.jsonl and train.jsonl)"
-        )
+        return paths.data_dir() / "gsm8k"
     path = Path(value).expanduser()
     if not path.is_dir():
         raise ValueError(f"GSM8K directory {str(path)!r} does not exist")
     return path
+
+
+def gsm8k_file(split: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The file of one split in :func:`gsm8k_dir`: ``<split>.jsonl`` or ``<split>.jsonl.gz``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown GSM8K split {split!r}; valid splits: {', '.join(SPLITS)}")
+    folder = gsm8k_dir(data_dir)
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"GSM8K directory {str(folder)!r} has neither {split}.jsonl nor {split}.jsonl.gz")
 
 
 def load_gsm8k(
@@ -47,13 +60,9 @@ def load_gsm8k(
     """The first ``limit`` items of a split, in file order.  A line that is not UTF-8 or not a
     ``{question, answer}`` JSON object, and a file without any item, are errors naming the file
     (and the line)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown GSM8K split {split!r}; valid splits: {', '.join(SPLITS)}")
-    path = gsm8k_dir(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise ValueError(f"GSM8K split file {path} does not exist")
+    path = gsm8k_file(split, data_dir)
     items: list[Gsm8kItem] = []
-    with path.open("rb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if limit is not None and len(items) >= limit:
                 break

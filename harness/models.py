@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,10 @@ import torch
 from torch import nn
 
 from harness.cache import cached_dir
+from harness.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,6 @@ def model_identity(model: nn.Module) -> dict[str, object]:
         "config_sha256": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16],
         "weights_sha256": weights.hexdigest()[:16],
     }
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$HARNESS_CACHE_DIR`` or ``~/.cache/harness``."""
-    return Path(os.environ.get("HARNESS_CACHE_DIR", Path.home() / ".cache" / "harness"))
 
 
 def load_model(

@@ -1,7 +1,9 @@
-"""Helpers the suites use to parameterize over formats with readable ids and format markers."""
+"""Helpers for suites and benchmarks: format parameters with readable ids and format markers,
+seeded test data (Normal, Student-t), bit-exact tensor comparison, the xdist device map."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import pytest
@@ -9,10 +11,20 @@ import torch
 
 from harness.formats import get_format, list_formats
 
+# The pseudo-format of the unquantized model where cases are parameterized over formats.
+REFERENCE = "reference"
+
+
+def format_marker(name: str) -> str:
+    """The pytest marker of a format: its name without the element-type suffix, so the variants
+    that differ only in their element type share one (``mxfp6_e2m3``, ``mxfp6_e3m2`` -> ``mxfp6``;
+    ``mxfp4_sr`` and ``mxfp4_2d`` keep their own). The plugin registers one per registry family."""
+    return re.sub(r"_e\d+m\d+$", "", get_format(name).name)
+
 
 def format_marks(*names: str) -> list[pytest.MarkDecorator]:
     """The pytest markers of the named formats (``-m mxfp4`` selects every case carrying one)."""
-    return [getattr(pytest.mark, m) for m in dict.fromkeys(get_format(n).marker for n in names)]
+    return [getattr(pytest.mark, m) for m in dict.fromkeys(format_marker(n) for n in names)]
 
 
 def format_params(names: Iterable[str] | None = None, *, where=None) -> list:
@@ -36,3 +48,41 @@ def worker_device(worker_id: str, gpu: bool, device_count: int) -> torch.device:
         raise ValueError(f"--gpu needs at least one CUDA device, found {device_count}")
     index = int(worker_id[2:]) if worker_id.startswith("gw") and worker_id[2:].isdigit() else 0
     return torch.device("cuda", index % device_count)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def normal(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """N(0, 1) data, seeded (fp32, CPU)."""
+    return torch.randn(shape, generator=seeded(seed))
+
+
+def student_t(shape: tuple[int, ...], seed: int = 0, df: int = 2) -> torch.Tensor:
+    """Heavy-tailed data like LLM activations: Student-t with ``df`` degrees of freedom,
+    ``z / sqrt(chi2_df / df)`` with ``chi2_df`` a sum of ``df`` squared normals, seeded."""
+    g = seeded(seed)
+    z = torch.randn(shape, generator=g)
+    chi2 = torch.randn((*shape, df), generator=g).pow(2).sum(-1)
+    return z / (chi2 / df).sqrt()
+
+
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality (so -0.0 != +0.0 and NaN == NaN of the same payload), with the
+    first mismatches shown."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, expected.dtype)
+    a = actual.contiguous().view(INT_VIEW[actual.dtype])
+    e = expected.contiguous().view(INT_VIEW[expected.dtype])
+    nan_both = torch.isnan(actual) & torch.isnan(expected)
+    bad = (a != e) & ~nan_both
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        shown = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} values differ, e.g. (index, got, want) {shown}"
+        )

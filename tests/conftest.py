@@ -9,5 +9,5 @@ pytest_plugins = ["pytester"]
 
 @pytest.fixture(scope="session")
 def gsm8k_dir(pytestconfig: pytest.Config) -> Path:
-    """The local GSM8K folder (--gsm8k-dir or $HARNESS_GSM8K_DIR)."""
+    """The GSM8K folder: --gsm8k-dir, $HARNESS_GSM8K_DIR or the copy shipped in the package."""
     return resolve_gsm8k_dir(pytestconfig.getoption("--gsm8k-dir"))

@@ -1,5 +1,5 @@
 """Baseline files: tolerances, atomic merge-writes, corrupted files, and the pytest fixture's
-failure messages (run in a scratch pytest session)."""
+failure messages (run in a scratch pytest session with the plugin and no conftest)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from harness.baselines import (
 )
 from harness.models import load_model, model_identity
 
-ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = "-p harness.pytest_plugin"  # a no-op where the pytest11 entry point loaded it already
 
 
 def test_tolerances() -> None:
@@ -56,10 +56,7 @@ def test_comparison_table_flags_regressions() -> None:
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    pytester.makeconftest(
-        (ROOT / "conftest.py").read_text().replace('Path(__file__).parent / "baselines"', "Path.cwd() / 'baselines'")
-    )
-    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    pytester.makeini(f"[pytest]\naddopts = -p no:cacheprovider {PLUGIN}\n")  # baselines/ beside the ini
     pytester.mkdir("suite")
     pytester.path.joinpath("suite", "test_b.py").write_text(
         "import os\n"
@@ -92,6 +89,15 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*suite.json: corrupted baseline file*"])
     assert stored.read_text() == "[]"
+
+
+def test_baselines_dir_option_moves_the_store(project: pytest.Pytester) -> None:
+    """``--baselines-dir`` (relative to the invocation directory) replaces ``<rootdir>/baselines``."""
+    project.runpytest_subprocess("suite", "--update-baselines", "--baselines-dir", "gates").assert_outcomes(passed=1)
+    assert read_baselines(project.path / "gates" / "smollm2-135m" / "cpu" / "suite.json") == {
+        "mxfp4-w4a16-fp32": {"loss": 2.30}
+    }
+    assert not (project.path / "baselines").exists()  # the default root, used by the other tests here
 
 
 def test_tolerance_by_metric_suffix() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import gzip
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from harness.data import GSM8K_ENV, load_gsm8k
+from harness.data import GSM8K_ENV, Gsm8kItem, gsm8k_file, load_gsm8k
+from harness.paths import data_dir
 
 
 def write(tmp_path: Path, lines: list[str]) -> Path:
@@ -28,12 +30,20 @@ def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
         load_gsm8k("test", data_dir=d)
 
 
-def test_directory_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_directory_from_the_environment_else_the_packaged_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(GSM8K_ENV, str(write(tmp_path, ['{"question": "q", "answer": "a"}'])))
     assert len(load_gsm8k("test")) == 1
     monkeypatch.delenv(GSM8K_ENV)
-    with pytest.raises(ValueError, match="pass --gsm8k-dir DIR or set HARNESS_GSM8K_DIR"):
-        load_gsm8k("test")
+    assert gsm8k_file("test") == data_dir() / "gsm8k" / "test.jsonl.gz"
+    assert load_gsm8k("test", 1)[0].question.startswith("Janet\u2019s ducks lay 16 eggs per day.")
+
+
+def test_gzip_compressed_splits_are_read(tmp_path: Path) -> None:
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"question": "q\u00e9", "answer": "#### 1"}\n')
+    assert load_gsm8k("train", data_dir=tmp_path) == [Gsm8kItem("q\u00e9", "#### 1")]
+    with pytest.raises(ValueError, match=r"has neither test\.jsonl nor test\.jsonl\.gz"):
+        load_gsm8k("test", data_dir=tmp_path)
 
 
 def test_bad_split_and_missing_dir(tmp_path: Path) -> None:
@@ -43,8 +53,14 @@ def test_bad_split_and_missing_dir(tmp_path: Path) -> None:
         load_gsm8k("test", data_dir=tmp_path / "nope")
 
 
-def test_the_configured_copy_is_complete() -> None:
-    """The copy CI and the Makefile point $HARNESS_GSM8K_DIR at: 1319 test and 7473 train items."""
-    if not os.environ.get(GSM8K_ENV):
-        pytest.skip(f"{GSM8K_ENV} is not set (make test and .ci/run set it)")
+def test_the_packaged_copy_is_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy shipped in the package: GSM8K's 1319 test and 7473 train items, byte-identical to
+    openai/grade-school-math's JSONL (the sha256 sums its README records), with its MIT license."""
+    monkeypatch.delenv(GSM8K_ENV, raising=False)
+    folder = data_dir() / "gsm8k"
     assert len(load_gsm8k("test")) == 1319 and len(load_gsm8k("train")) == 7473
+    readme = (folder / "README.md").read_text()
+    for split in ("test", "train"):
+        digest = hashlib.sha256(gzip.decompress((folder / f"{split}.jsonl.gz").read_bytes())).hexdigest()
+        assert f"`{split}.jsonl.gz` | " in readme and digest in readme
+    assert (folder / "LICENSE").read_text().startswith("MIT License")

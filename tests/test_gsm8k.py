@@ -1,5 +1,5 @@
 """The GSM8K tasks through lm-eval without a model: the shipped YAMLs resolve to lm-eval's stock
-task and the local JSONL, and scripted lm-eval ``LM``s with known answers get exactly the scores
+task and the packaged (or a local) GSM8K JSONL, and scripted lm-eval ``LM``s with known answers get exactly the scores
 those answers must get (gold answers: exact match 1; a fixed wrong number: 0; a log-likelihood
 of -ln 2 per byte: 1 bit per byte)."""
 
@@ -12,8 +12,9 @@ import pytest
 import yaml
 from lm_eval.api.model import LM
 
-from harness.data import load_gsm8k
+from harness.data import gsm8k_file, load_gsm8k
 from harness.eval.gsm8k import ITEM_METRICS, compare_results, run_task, stock_task_file, write_tasks
+from harness.paths import data_dir
 
 
 class ScriptedLM(LM):
@@ -43,17 +44,18 @@ def test_written_tasks_include_stock_gsm8k_and_read_local_jsonl(tmp_path: Path, 
     assert gen["include"] == str(stock_task_file("tasks/gsm8k/gsm8k.yaml")) and Path(gen["include"]).is_absolute()
     assert gen["dataset_path"] == "json" and gen["dataset_name"] is None
     files = gen["dataset_kwargs"]["data_files"]
-    assert Path(files["test"]) == (gsm8k_dir / "test.jsonl").resolve() and Path(files["train"]).is_file()
+    assert Path(files["test"]) == gsm8k_file("test", gsm8k_dir).resolve() and Path(files["train"]).is_file()
     assert "\n\n" in gen["generation_kwargs"]["until"] and gen["generation_kwargs"]["max_gen_toks"] == 256
     bpb = yaml.safe_load((out / "harness_gsm8k_bpb.yaml").read_text())
     assert bpb["output_type"] == "loglikelihood_rolling" and bpb["dataset_kwargs"] == gen["dataset_kwargs"]
 
 
-def test_without_a_local_directory_the_stock_hub_dataset_is_kept(tmp_path: Path, monkeypatch) -> None:
+def test_without_a_local_directory_the_packaged_copy_is_read(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("HARNESS_GSM8K_DIR", raising=False)
     gen = yaml.safe_load((write_tasks(tmp_path) / "harness_gsm8k.yaml").read_text())
-    assert "dataset_path" not in gen  # inherited from the stock file: openai/gsm8k
-    assert yaml.safe_load(Path(gen["include"]).read_text())["dataset_path"] == "openai/gsm8k"
+    assert gen["dataset_kwargs"]["data_files"] == {
+        s: str((data_dir() / "gsm8k" / f"{s}.jsonl.gz").resolve()) for s in ("test", "train")
+    }
 
 
 def test_gold_answers_score_one_and_a_wrong_number_zero(gsm8k_dir: Path) -> None:

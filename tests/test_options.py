@@ -1,19 +1,14 @@
-"""The conftest options, run in a scratch pytest session (pytester) with the project's conftest."""
+"""The plugin's options and markers, run in a scratch pytest session (pytester) with no conftest."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    pytester.makeconftest((ROOT / "conftest.py").read_text())
-    pytester.makeini("[pytest]\naddopts = --strict-markers -p no:cacheprovider\nmarkers =\n    gpu: needs CUDA\n")
+    pytester.makeini("[pytest]\naddopts = --strict-markers -p no:cacheprovider -p harness.pytest_plugin\n")
     pytester.makepyfile(
         test_x="""
 import pytest

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import fields, replace
+
 import pytest
 
-from harness.formats import FORMATS, get_format, list_formats
-from harness.testing import format_params
+from harness.formats import FORMATS, Format, get_format, list_formats
+from harness.pytest_plugin import format_markers
+from harness.testing import format_marker, format_params
 
 
 def test_the_eight_formats_of_the_design() -> None:
@@ -29,22 +34,28 @@ def test_bits_per_element() -> None:
 
 
 def test_every_format_marker_is_registered(pytestconfig: pytest.Config) -> None:
+    """Design §9's markers: the format families (generated from the registry by the plugin) and the
+    suite markers, all registered under --strict-markers."""
     registered = {m.split(":")[0] for m in pytestconfig.getini("markers")}
-    assert {f.marker for f in FORMATS.values()} <= registered
-    assert {
-        "mxfp4",
-        "mxfp4_sr",
-        "mxfp4_2d",
-        "mxfp6",
-        "mxfp8",
-        "nvfp4",
-        "srdd",
-        "aqn",
-        "gsm8k",
-        "bench",
-        "slow",
-        "gpu",
-    } <= registered
+    assert {format_marker(n) for n in list_formats()} == {"mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6", "mxfp8", "nvfp4"}
+    suites = {"srdd", "aqn", "gsm8k", "bench", "slow", "gpu"}
+    assert {"mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6", "mxfp8", "nvfp4"} | suites <= registered
+
+
+def test_a_new_format_gets_its_marker_without_a_list_to_edit(monkeypatch: pytest.MonkeyPatch) -> None:
+    fp6 = get_format("mxfp6_e2m3")
+    monkeypatch.setitem(FORMATS, "mxfp6_e1m4", replace(fp6, name="mxfp6_e1m4"))
+    monkeypatch.setitem(FORMATS, "int4_block", replace(fp6, name="int4_block"))
+    markers = format_markers()
+    assert markers["mxfp6"] == "cases of mxfp6_e2m3 and mxfp6_e3m2 and mxfp6_e1m4" and "int4_block" in markers
+
+
+def test_the_registry_carries_no_pytest_names_and_imports_no_model_loader() -> None:
+    assert "marker" not in {f.name for f in fields(Format)}
+    loaded = "sorted(m for m in sys.modules if m.startswith(('harness.models', 'pytest', 'transformers')))"
+    code = f"import sys, harness.formats; print({loaded})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_format_params_carry_ids_and_markers() -> None:

@@ -1,5 +1,5 @@
 """GSM8K through lm-eval (design §7): the package's task YAMLs, built on lm-eval's stock
-``gsm8k.yaml`` by ``include`` and reading local JSONL, evaluated on the in-memory model (with
+``gsm8k.yaml`` by ``include`` and reading the packaged (or a local) GSM8K JSONL, evaluated on the in-memory model (with
 whatever injector is active) as ``HFLM(pretrained=model, tokenizer=tok)``, per-item results kept
 for paired comparisons.
 
@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from harness.batching import prefix_token_id
-from harness.data import GSM8K_ENV, SPLITS, gsm8k_dir
+from harness.data import SPLITS, gsm8k_dir, gsm8k_file
 from harness.eval.stats import PairedComparison, compare_paired
 
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
@@ -43,12 +43,6 @@ def check_task(task: str) -> str:
     return task
 
 
-def local_gsm8k_dir(explicit: str | os.PathLike | None) -> Path | None:
-    """``--gsm8k-dir`` or ``$HARNESS_GSM8K_DIR`` when either is set (validated), else None: the
-    stock hub dataset (needs network)."""
-    return gsm8k_dir(explicit) if explicit or os.environ.get(GSM8K_ENV) else None
-
-
 def stock_task_file(relative: str) -> Path:
     """A file of the installed lm-eval's task tree, e.g. ``tasks/gsm8k/gsm8k.yaml``."""
     import lm_eval
@@ -61,23 +55,18 @@ def stock_task_file(relative: str) -> Path:
 
 def write_tasks(out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
     """Write the package's task YAMLs into ``out_dir``, ready for ``lm_eval --include_path``:
-    ``include: lm_eval:…`` becomes the installed stock file's absolute path, and with a local
-    GSM8K directory the dataset becomes ``json`` over its ``test.jsonl`` (and ``train.jsonl``, the
-    few-shot source, when present)."""
+    ``include: lm_eval:…`` becomes the installed stock file's absolute path, and the dataset
+    becomes ``json`` over the GSM8K test and train files of :func:`harness.data.gsm8k_dir` (the
+    packaged ``.jsonl.gz`` by default; the json loader decompresses them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    local = local_gsm8k_dir(data_dir)
-    if local is not None:
-        files = {s: str((local / f"{s}.jsonl").resolve()) for s in SPLITS if (local / f"{s}.jsonl").is_file()}
-        if "test" not in files:
-            raise ValueError(f"GSM8K directory {str(local)!r} has no test.jsonl")
+    files = {s: str(gsm8k_file(s, data_dir).resolve()) for s in SPLITS}
     for template in sorted(TASK_TEMPLATES.glob("*.yaml")):
         config = yaml.safe_load(template.read_text())
         include = config["include"]
         if include.startswith(STOCK_PREFIX):
             config["include"] = str(stock_task_file(include[len(STOCK_PREFIX) :]))
-        if local is not None:
-            config |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
+        config |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
         (out / template.name).write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
@@ -143,15 +132,15 @@ def run_task(
     """Run one GSM8K task on an lm-eval ``LM`` through ``lm_eval.simple_evaluate``.
 
     ``limit`` takes the first n test items; ``num_fewshot`` defaults to the task's (5 for
-    ``gsm8k``, 0 for ``gsm8k_bpb``); few-shot examples come from train with a fixed seed. With a
-    local GSM8K directory the run is offline (the ``HF_*_OFFLINE`` variables are set)."""
+    ``gsm8k``, 0 for ``gsm8k_bpb``); few-shot examples come from train with a fixed seed. The
+    data is local (:func:`harness.data.gsm8k_dir`), so the run is offline (the ``HF_*_OFFLINE``
+    variables are set)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     check_task(task)
-    local = local_gsm8k_dir(data_dir)
-    if local is not None:
-        os.environ.update(OFFLINE_ENV)
+    local = gsm8k_dir(data_dir)
+    os.environ.update(OFFLINE_ENV)
     with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
         include = write_tasks(tasks_dir or tmp, local)
         raw = lm_eval.simple_evaluate(
@@ -173,7 +162,7 @@ def run_task(
         "limit": limit,
         "n_shot": raw.get("n-shot", {}).get(TASKS[task]),
         "max_gen_toks": max_gen_toks,
-        "data": str(local) if local else "hub: openai/gsm8k",
+        "data": str(local),
         "seed": seed,
         "lm_eval": lm_eval.__version__,
     }

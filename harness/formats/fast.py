@@ -32,7 +32,7 @@ from harness.cache import cached_dir, notice
 from harness.formats import philox
 from harness.formats.registry import Format
 from harness.formats.scales import E8M0Scale
-from harness.models import cache_dir
+from harness.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -13,15 +13,13 @@ from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat
 class Format:
     """A block-scaled low-precision format: element type, block shape, scale encoding.
 
-    ``marker`` is the pytest marker every case of this format carries (``-m mxfp6`` selects
-    both FP6 variants); ``stochastic`` formats round with a ``torch.Generator``'s draws.
+    ``stochastic`` formats round with a ``torch.Generator``'s draws.
     """
 
     name: str
     element: ElementFormat
     block_shape: tuple[int, ...]
     scale: ScaleFormat
-    marker: str
     description: str
     stochastic: bool = False
 
@@ -39,29 +37,25 @@ _MX = E8M0Scale()
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("mxfp4", E2M1, (32,), _MX, "mxfp4", "OCP MXFP4: E2M1 elements, 32-element blocks, E8M0 scale"),
+        Format("mxfp4", E2M1, (32,), _MX, "OCP MXFP4: E2M1 elements, 32-element blocks, E8M0 scale"),
         Format(
             "mxfp4_sr",
             E2M1,
             (32,),
             _MX,
-            "mxfp4_sr",
             "MXFP4 with unbiased stochastic rounding driven by a torch.Generator",
             stochastic=True,
         ),
-        Format(
-            "mxfp4_2d", E2M1, (32, 32), _MX, "mxfp4_2d", "MXFP4 with one E8M0 scale per 32x32 tile of the last two dims"
-        ),
-        Format("mxfp6_e2m3", E2M3, (32,), _MX, "mxfp6", "OCP MXFP6 E2M3, 32-element blocks, E8M0 scale"),
-        Format("mxfp6_e3m2", E3M2, (32,), _MX, "mxfp6", "OCP MXFP6 E3M2, 32-element blocks, E8M0 scale"),
-        Format("mxfp8_e4m3", E4M3, (32,), _MX, "mxfp8", "OCP MXFP8 E4M3, 32-element blocks, E8M0 scale"),
-        Format("mxfp8_e5m2", E5M2, (32,), _MX, "mxfp8", "OCP MXFP8 E5M2, 32-element blocks, E8M0 scale"),
+        Format("mxfp4_2d", E2M1, (32, 32), _MX, "MXFP4 with one E8M0 scale per 32x32 tile of the last two dims"),
+        Format("mxfp6_e2m3", E2M3, (32,), _MX, "OCP MXFP6 E2M3, 32-element blocks, E8M0 scale"),
+        Format("mxfp6_e3m2", E3M2, (32,), _MX, "OCP MXFP6 E3M2, 32-element blocks, E8M0 scale"),
+        Format("mxfp8_e4m3", E4M3, (32,), _MX, "OCP MXFP8 E4M3, 32-element blocks, E8M0 scale"),
+        Format("mxfp8_e5m2", E5M2, (32,), _MX, "OCP MXFP8 E5M2, 32-element blocks, E8M0 scale"),
         Format(
             "nvfp4",
             E2M1,
             (16,),
             E4M3Scale(),
-            "nvfp4",
             "NVFP4: E2M1 elements, 16-element blocks, E4M3 scale (optional fp32 per-tensor scale)",
         ),
     )

@@ -1,4 +1,4 @@
-"""Shared helpers of the formats suite."""
+"""The formats suite's backend fixture: every case on both paths of ``fake_quantize``."""
 
 from __future__ import annotations
 
@@ -12,24 +12,6 @@ if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (
 
 from harness.formats import default_backend
 from harness.formats.fast import unavailable_reason
-
-INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Bit-for-bit equality (so -0.0 != +0.0 and NaN == NaN of the same payload), with the
-    first mismatches shown."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, expected.dtype)
-    a = actual.contiguous().view(INT_VIEW[actual.dtype])
-    e = expected.contiguous().view(INT_VIEW[expected.dtype])
-    nan_both = torch.isnan(actual) & torch.isnan(expected)
-    bad = (a != e) & ~nan_both
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        shown = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} values differ, e.g. (index, got, want) {shown}"
-        )
 
 
 @pytest.fixture(autouse=True, params=["fast", "reference"])

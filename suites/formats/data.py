@@ -1,26 +1,19 @@
-"""Seeded test tensors for the formats suite: the distributions and edge cases the issues name."""
+"""Seeded test tensors for the formats suite: the distributions and edge cases the issues name
+(Normal and Student-t from :mod:`harness.testing`, shared with the asv benchmarks), and the
+parity cases every bit-exactness test runs."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from harness.formats import Format
+from harness.formats import Format, get_format
+from harness.testing import normal, student_t
+from harness.testing import seeded as generator
 
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def normal(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    return torch.randn(shape, generator=generator(seed))
-
-
-def student_t(shape: tuple[int, ...], seed: int = 0, df: float = 2.0) -> torch.Tensor:
-    """Heavy-tailed data (Student-t, df=2): z / sqrt(chi2_df / df), seeded."""
-    g = generator(seed)
-    z = torch.randn(shape, generator=g)
-    chi2 = torch.randn((*shape, int(df)), generator=g).pow(2).sum(-1)
-    return z / (chi2 / df).sqrt()
+__all__ = ["CASES", "DTYPES", "edge_magnitudes", "exact_ties", "normal", "sr_neighbours", "student_t"]
 
 
 def exact_ties(fmt: Format, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -51,3 +44,34 @@ def edge_magnitudes(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     mixed = torch.randn(shape[1:], generator=g) * torch.where(torch.rand(shape[1:], generator=g) < 0.1, 1e5, 1e-30)
     x[-1] = mixed
     return x
+
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+CASES = {
+    "normal": lambda fmt: normal((8, 128)),
+    "student_t": lambda fmt: student_t((8, 128), seed=1),
+    "ties": lambda fmt: exact_ties(fmt, (64, 64), seed=2),
+    "edge_magnitudes": lambda fmt: edge_magnitudes((16, 64), seed=3),
+    "partial_blocks": lambda fmt: normal((70, 45), seed=4),
+    "nan_inf_blocks": lambda fmt: _with_non_finite(normal((64, 64), seed=5)),
+}
+
+
+def _with_non_finite(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0, 3], x[5, 40], x[33, 7], x[40, 63] = math.nan, math.inf, -math.inf, math.nan
+    return x
+
+
+def sr_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 stochastic rounding's two candidates. Per element: the grid points just below and
+    above |x| / scale, and the block scale, from the spec (scale = 2**(floor(log2(amax)) - 2), E2M1 grid)."""
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = torch.exp2((torch.frexp(amax).exponent - 1 - 2).float())
+    grid = torch.tensor(get_format("mxfp4").element.grid())
+    v = (blocks / scale).abs().clamp(max=grid[-1])
+    hi_idx = torch.searchsorted(grid, v).clamp(max=len(grid) - 1)
+    lo_idx = torch.where(grid[hi_idx] == v, hi_idx, hi_idx - 1)
+    return grid[lo_idx], grid[hi_idx], scale

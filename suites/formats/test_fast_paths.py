@@ -18,11 +18,8 @@ import torch
 from harness.formats import fake_quantize, get_format
 from harness.formats.fast import SCALE_MODES, fake_quantize_c, fake_quantize_fast, unavailable_reason
 from harness.formats.philox import philox4x32
-from harness.testing import format_params
+from harness.testing import assert_same_bits, format_params
 from suites.formats import data
-from suites.formats.conftest import assert_same_bits
-from suites.formats.test_reference_parity import CASES
-from suites.formats.test_stochastic import _neighbours
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,7 +65,7 @@ def test_philox_known_answers() -> None:
         assert philox4x32(torch.tensor([counter]), k0 | k1 << 32)[0].tolist() == list(expected)
 
 
-PARITY_CASES = {k: CASES[k] for k in ("ties", "edge_magnitudes", "partial_blocks", "nan_inf_blocks")}
+PARITY_CASES = {k: data.CASES[k] for k in ("ties", "edge_magnitudes", "partial_blocks", "nan_inf_blocks")}
 PARITY_CASES["3d"] = lambda fmt: data.normal((3, 37, 45), seed=6)
 
 
@@ -120,7 +117,7 @@ def test_stochastic_rounding_statistics(backend) -> None:
     x, and the mean over copies is within 5 standard errors of x (standard error of a two-point
     draw: step * sqrt(p(1-p)/DRAWS)); saturated values are deterministic and left out."""
     x = data.normal((4, 64), seed=51)
-    lo, hi, scale = _neighbours(x)
+    lo, hi, scale = data.sr_neighbours(x)
     out = _run(backend, x.repeat(DRAWS, 1), "mxfp4_sr", seed=52).reshape(DRAWS, -1, 32)
     mag = (out / scale).abs()
     assert ((mag == lo) | (mag == hi)).all()

@@ -11,9 +11,8 @@ import torch
 
 from harness.formats import dequantize, fake_quantize, get_format, nvfp4_per_tensor_scale, quantize
 from harness.formats.elements import decode
-from harness.testing import format_params
+from harness.testing import assert_same_bits, format_params
 from suites.formats import data
-from suites.formats.conftest import assert_same_bits
 
 ALL = format_params()
 TORCH_FP8 = {"mxfp8_e4m3": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2}

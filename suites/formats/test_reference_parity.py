@@ -4,34 +4,15 @@ mixed tiny/huge blocks, partial blocks, NaN/Inf blocks, fp32 and bf16."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
-from harness.testing import format_params
-from suites.formats import data
-from suites.formats.conftest import assert_same_bits
+from harness.testing import assert_same_bits, format_params
+from suites.formats.data import CASES, DTYPES
 from suites.formats.reference import reference_fake_quantize
 
 DETERMINISTIC = format_params(where=lambda f: not f.stochastic)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
-
-CASES = {
-    "normal": lambda fmt: data.normal((8, 128)),
-    "student_t": lambda fmt: data.student_t((8, 128), seed=1),
-    "ties": lambda fmt: data.exact_ties(fmt, (64, 64), seed=2),
-    "edge_magnitudes": lambda fmt: data.edge_magnitudes((16, 64), seed=3),
-    "partial_blocks": lambda fmt: data.normal((70, 45), seed=4),
-    "nan_inf_blocks": lambda fmt: _with_non_finite(data.normal((64, 64), seed=5)),
-}
-
-
-def _with_non_finite(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    x[0, 3], x[5, 40], x[33, 7], x[40, 63] = math.nan, math.inf, -math.inf, math.nan
-    return x
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,29 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.formats import fake_quantize, get_format
+from harness.formats import fake_quantize
 from suites.formats import data
 
 pytestmark = pytest.mark.mxfp4_sr
 DRAWS = 400
 
 
-def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per element: the grid points just below and above |x| / scale, and the block scale,
-    from the spec (scale = 2**(floor(log2(amax)) - 2), E2M1 grid)."""
-    blocks = x.reshape(-1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    scale = torch.exp2((torch.frexp(amax).exponent - 1 - 2).float())
-    grid = torch.tensor(get_format("mxfp4").element.grid())
-    v = (blocks / scale).abs().clamp(max=grid[-1])
-    hi_idx = torch.searchsorted(grid, v).clamp(max=len(grid) - 1)
-    lo_idx = torch.where(grid[hi_idx] == v, hi_idx, hi_idx - 1)
-    return grid[lo_idx], grid[hi_idx], scale
-
-
 def test_every_draw_is_one_of_the_two_neighbours() -> None:
     x = data.normal((16, 64), seed=50)
-    lo, hi, scale = _neighbours(x)
+    lo, hi, scale = data.sr_neighbours(x)
     for seed in range(20):
         out = fake_quantize(x, "mxfp4_sr", generator=torch.Generator().manual_seed(seed)).reshape(-1, 32)
         mag = (out / scale).abs()
@@ -40,7 +27,7 @@ def test_mean_of_draws_is_unbiased() -> None:
     """The mean of N draws is within 5 standard errors of x, element by element, where the
     standard error of a two-point draw is step * sqrt(p(1-p)/N)."""
     x = data.normal((8, 64), seed=51)
-    lo, hi, scale = _neighbours(x)
+    lo, hi, scale = data.sr_neighbours(x)
     inside = x.reshape(-1, 32).abs() / scale <= 6.0  # saturated values are deterministic
     g = torch.Generator().manual_seed(52)
     draws = torch.stack([fake_quantize(x, "mxfp4_sr", generator=g) for _ in range(DRAWS)]).reshape(DRAWS, -1, 32)

@@ -11,9 +11,8 @@ import torch
 
 from harness.formats import fake_quantize, get_format
 from harness.formats.elements import E4M3
-from harness.testing import format_params
+from harness.testing import assert_same_bits, format_params
 from suites.formats import data
-from suites.formats.conftest import assert_same_bits
 
 ALL = format_params()
 DETERMINISTIC = format_params(where=lambda f: not f.stochastic)

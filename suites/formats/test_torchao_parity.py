@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
-from harness.testing import format_params
+from harness.testing import assert_same_bits, format_params
 from suites.formats import data
-from suites.formats.conftest import assert_same_bits
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")

@@ -10,9 +10,8 @@ import torch
 
 from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
 from harness.formats.fast import fake_quantize_fast
-from harness.testing import format_params
-from suites.formats.conftest import assert_same_bits
-from suites.formats.test_reference_parity import CASES, DTYPES
+from harness.testing import assert_same_bits, format_params
+from suites.formats.data import CASES, DTYPES
 
 pytest.importorskip("triton", reason="triton is not installed: the CUDA fast path is not available here")
 from harness.formats.triton_kernel import fake_quantize_triton

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -9,8 +10,7 @@ import torch
 
 from harness.eval.gsm8k import Gsm8kResult, evaluate_gsm8k
 from harness.inject import QuantInjector
-
-REFERENCE = "reference"
+from harness.testing import REFERENCE
 
 
 @pytest.fixture(scope="session")
@@ -18,17 +18,13 @@ def gsm8k_run(lm, pytestconfig: pytest.Config) -> Callable[..., Gsm8kResult]:
     """``gsm8k_run(fmt, task, limit, **options)``: the model with ``fmt`` on its weights (W4A16;
     ``"reference"``: no quantization) through lm-eval, evaluated once per session."""
     model, tok = lm
-    memo: dict[tuple, Gsm8kResult] = {}
 
+    @functools.cache  # keyword options in another order are another key: the cases pass them alike
     def run(fmt: str, task: str, limit: int, **options) -> Gsm8kResult:
-        key = (fmt, task, limit, tuple(sorted(options.items())))
-        if key not in memo:
-            kwargs = dict(limit=limit, data_dir=pytestconfig.getoption("--gsm8k-dir"), **options)
-            if fmt == REFERENCE:
-                memo[key] = evaluate_gsm8k(model, tok, task, **kwargs)
-            else:
-                with QuantInjector(model, fmt, "weight", generator=torch.Generator().manual_seed(0)):
-                    memo[key] = evaluate_gsm8k(model, tok, task, **kwargs)
-        return memo[key]
+        kwargs = dict(limit=limit, data_dir=pytestconfig.getoption("--gsm8k-dir"), **options)
+        if fmt == REFERENCE:
+            return evaluate_gsm8k(model, tok, task, **kwargs)
+        with QuantInjector(model, fmt, "weight", generator=torch.Generator().manual_seed(0)):
+            return evaluate_gsm8k(model, tok, task, **kwargs)
 
     return run

@@ -16,9 +16,7 @@ import torch
 from harness.data import load_gsm8k
 from harness.eval.gsm8k import compare_results, evaluate_gsm8k
 from harness.inject import QuantInjector
-from harness.testing import format_marks
-
-from .conftest import REFERENCE
+from harness.testing import REFERENCE, format_marks
 
 pytestmark = pytest.mark.gsm8k
 

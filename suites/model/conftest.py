@@ -3,6 +3,7 @@ quantized evaluations shared by cases and orderings (the model and data: suites/
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -22,12 +23,10 @@ def reference(lm, loss_items):
 def quantized_loss(lm, loss_items, reference) -> Callable[[str, str], LossResult]:
     """``quantized_loss(fmt, point)``: evaluated once per session, then reused."""
     model, tok = lm
-    memo: dict[tuple[str, str], LossResult] = {}
 
+    @functools.cache
     def run(fmt: str, point: str) -> LossResult:
-        if (fmt, point) not in memo:
-            with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(0)) as injector:
-                memo[fmt, point] = evaluate_loss(model, tok, loss_items, injector, reference=reference)
-        return memo[fmt, point]
+        with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(0)) as injector:
+            return evaluate_loss(model, tok, loss_items, injector, reference=reference)
 
     return run

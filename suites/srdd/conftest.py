@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -14,13 +15,12 @@ from harness.srdd.criteria import LayerFinding, Thresholds, layer_findings
 def weight_scan_of(lm) -> Callable[[str], scan.ScanResult]:
     """``weight_scan_of(fmt)``: every target weight of the model against ``fmt`` (memoized)."""
     model, _ = lm
-    memo: dict[str, scan.ScanResult] = {}
 
+    @functools.cache
     def run(fmt: str) -> scan.ScanResult:
-        if fmt not in memo:
-            memo[fmt] = scan.ScanResult()
-            scan.weight_scan(model, fmt, memo[fmt])
-        return memo[fmt]
+        result = scan.ScanResult()
+        scan.weight_scan(model, fmt, result)
+        return result
 
     return run
 
@@ -29,13 +29,12 @@ def weight_scan_of(lm) -> Callable[[str], scan.ScanResult]:
 def input_scan_of(lm, calibration_items) -> Callable[[str], scan.ScanResult]:
     """``input_scan_of(fmt)``: W16A4 activation scan on the 32 calibration texts (memoized)."""
     model, tok = lm
-    memo: dict[str, scan.ScanResult] = {}
 
+    @functools.cache
     def run(fmt: str) -> scan.ScanResult:
-        if fmt not in memo:
-            memo[fmt] = scan.ScanResult()
-            scan.activation_scan(model, tok, calibration_items, fmt, "input", memo[fmt])
-        return memo[fmt]
+        result = scan.ScanResult()
+        scan.activation_scan(model, tok, calibration_items, fmt, "input", result)
+        return result
 
     return run
 

@@ -1,0 +1,56 @@
+"""The house rules of the test folders (README, "Tests and suites"): tests/ holds the harness's own
+tests, which never touch the model under test; suites/ holds what users run against a model or a
+format; no test module imports from a test module or a conftest (shared code lives in the package,
+e.g. harness.testing, or in a suite's helper module such as suites/formats/data.py)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_FILES = sorted([*ROOT.glob("tests/**/*.py"), *ROOT.glob("suites/**/*.py")])
+MODEL_UNDER_TEST = {"lm", "model_under_test"}  # the fixtures of --model
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            modules |= {base} | {f"{base}.{a.name}" if node.module else f"{base}{a.name}" for a in node.names}
+    return modules
+
+
+def forbidden_imports(path: Path) -> set[str]:
+    return {m for m in imported_modules(path) if m.rsplit(".", 1)[-1] == "conftest" or ".test_" in f".{m}"}
+
+
+def test_no_import_from_a_test_module_or_a_conftest() -> None:
+    bad = {p.relative_to(ROOT).as_posix(): found for p in TEST_FILES if (found := forbidden_imports(p))}
+    assert bad == {}, f"move the shared code into a helper module: {bad}"
+
+
+def test_the_harness_own_tests_never_use_the_model_under_test() -> None:
+    users = {}
+    for path in ROOT.glob("tests/**/test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                used = MODEL_UNDER_TEST & {a.arg for a in node.args.args}
+                if used:
+                    users[f"{path.name}::{node.name}"] = used
+    assert users == {}, f"these belong in suites/ (they run against --model): {users}"
+
+
+def test_the_import_rule_catches_what_it_forbids(tmp_path: Path) -> None:
+    sample = tmp_path / "test_x.py"
+    sample.write_text(
+        "from suites.formats.conftest import x\nfrom .test_ref import CASES\nfrom suites.formats import data\n"
+    )
+    assert forbidden_imports(sample) == {
+        "suites.formats.conftest",
+        ".test_ref",
+        ".test_ref.CASES",
+    }
