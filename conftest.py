@@ -18,7 +18,7 @@ from harness.baselines import (
     write_baselines,
 )
 from harness.models import DEFAULT_MODEL, model_key
-from harness.testing import worker_device
+from harness.testing import format_marker_lines, worker_device
 
 BASELINES = Path(__file__).parent / "baselines"
 
@@ -50,6 +50,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    for marker in format_marker_lines():  # a format's marker comes with its registry entry
+        config.addinivalue_line("markers", marker)
     if config.getoption("--gpu") and not torch.cuda.is_available():
         raise pytest.UsageError(
             "--gpu was given but no CUDA device is visible: torch.cuda.is_available() is False "

@@ -7,12 +7,20 @@ from collections.abc import Iterable
 import pytest
 import torch
 
-from harness.formats import get_format, list_formats
+from harness.formats import FORMATS, get_format, list_formats
 
 
 def format_marks(*names: str) -> list[pytest.MarkDecorator]:
     """The pytest markers of the named formats (``-m mxfp4`` selects every case carrying one)."""
     return [getattr(pytest.mark, m) for m in dict.fromkeys(get_format(n).marker for n in names)]
+
+
+def format_marker_lines() -> list[str]:
+    """``"marker: description"`` of every format marker in the registry (for ``--strict-markers``)."""
+    names: dict[str, list[str]] = {}
+    for f in FORMATS.values():
+        names.setdefault(f.marker, []).append(f.name)
+    return [f"{m}: cases of {', '.join(n)}" for m, n in names.items()]
 
 
 def format_params(names: Iterable[str] | None = None, *, where=None) -> list:

@@ -8,7 +8,7 @@ from harness.formats import FORMATS, get_format, list_formats
 from harness.testing import format_params
 
 
-def test_the_eight_formats_of_the_design() -> None:
+def test_the_nine_formats_of_the_design() -> None:
     assert list_formats() == [
         "mxfp4",
         "mxfp4_sr",
@@ -17,6 +17,7 @@ def test_the_eight_formats_of_the_design() -> None:
         "mxfp6_e3m2",
         "mxfp8_e4m3",
         "mxfp8_e5m2",
+        "mxint8",
         "nvfp4",
     ]
 
@@ -26,6 +27,7 @@ def test_bits_per_element() -> None:
     assert get_format("mxfp4_2d").bits_per_element == 4 + 8 / 1024
     assert get_format("nvfp4").bits_per_element == 4.5
     assert get_format("mxfp8_e4m3").bits_per_element == 8.25
+    assert get_format("mxint8").bits_per_element == 8.25  # 8-bit two's complement + E8M0 per 32
 
 
 def test_every_format_marker_is_registered(pytestconfig: pytest.Config) -> None:

@@ -71,12 +71,23 @@ def _triton_reason() -> str:
     return ""
 
 
-def supports(fmt: Format, x: torch.Tensor) -> str:
-    """Empty when ``fmt`` on ``x`` can take a fast path (C on CPU, Triton on CUDA), else why not."""
+def format_reason(fmt: Format) -> str:
+    """Empty when the fast kernels implement ``fmt`` (format and scale mode), else why not."""
     if fmt.stochastic:
         return f"{fmt.name} rounds stochastically with a torch.Generator (reference path only)"
     if len(fmt.block_shape) != 1:
         return f"{fmt.name} uses 2-D tiles (reference path only)"
+    if fmt.scale.mode != "floor":
+        return f"{fmt.name} with scale_mode={fmt.scale.mode!r} (reference path only)"
+    if fmt.element.twos_complement:
+        return f"{fmt.name} has two's-complement elements (reference path only)"
+    return ""
+
+
+def supports(fmt: Format, x: torch.Tensor) -> str:
+    """Empty when ``fmt`` on ``x`` can take a fast path (C on CPU, Triton on CUDA), else why not."""
+    if why := format_reason(fmt):
+        return why
     if x.device.type == "cuda":
         return _triton_reason()
     if x.device.type != "cpu":

@@ -68,3 +68,24 @@ def test_backend_names_and_where_the_fast_path_does_not_apply() -> None:
         fake_quantize(x, "mxfp4_sr", backend="fast")
     with pytest.raises(ValueError, match=r"backend=.fast. cannot run mxfp4_2d here: .*2-D tiles"):
         fake_quantize(x, "mxfp4_2d", backend="fast")
+
+
+@pytest.mark.mxfp4
+@pytest.mark.nvfp4
+@pytest.mark.parametrize("fn", [fake_quantize, quantize], ids=["fake_quantize", "quantize"])
+def test_unknown_scale_mode_lists_the_valid_ones(fn) -> None:
+    with pytest.raises(ValueError, match=r"unknown scale_mode 'round'; valid scale modes: floor, ceil, even, rceil"):
+        fn(torch.ones(32), "mxfp4", scale_mode="round")
+    with pytest.raises(ValueError, match=r"scale_mode 'ceil' applies to E8M0 \(MX\) scales only.*floor"):
+        fn(torch.ones(32), "nvfp4", scale_mode="ceil")
+
+
+@pytest.mark.gpu
+@pytest.mark.mxfp4_sr
+def test_a_cpu_generator_on_cuda_tensors_is_named(device: torch.device) -> None:
+    """The failure of the 2026-11-26 GPU run (a CPU generator driving CUDA tensors) now says
+    what to do; a generator on the tensor's device works."""
+    x = torch.ones(4, 32, device=device)
+    with pytest.raises(ValueError, match=r"generator is on cpu but the tensor on cuda.*torch\.Generator\(device="):
+        fake_quantize(x, "mxfp4_sr", generator=torch.Generator().manual_seed(0))
+    assert fake_quantize(x, "mxfp4_sr", generator=torch.Generator(device).manual_seed(0)).device == x.device

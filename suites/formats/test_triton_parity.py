@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
-from harness.formats.fast import fake_quantize_fast
+from harness.formats.fast import fake_quantize_fast, format_reason
 from harness.testing import format_params
 from suites.formats.conftest import assert_same_bits
 from suites.formats.test_reference_parity import CASES, DTYPES
@@ -17,7 +17,7 @@ from suites.formats.test_reference_parity import CASES, DTYPES
 pytest.importorskip("triton", reason="triton is not installed: the CUDA fast path is not available here")
 from harness.formats.triton_kernel import fake_quantize_triton_rows
 
-ONE_D = format_params(where=lambda f: not f.stochastic and len(f.block_shape) == 1)
+ONE_D = format_params(where=lambda f: not format_reason(f))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
