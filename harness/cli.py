@@ -46,7 +46,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
     model, tok = load_model(
         args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
     )
-    with QuantInjector(model, args.format, args.point, generator=torch.Generator().manual_seed(args.seed)) as inj:
+    with QuantInjector(model, args.format, args.point, seed=args.seed) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
     summary = result.summary()
     cmp = result.comparison()
@@ -108,8 +108,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         runs["reference"] = evaluate_gsm8k(model, tok, args.task, **options)
     if args.format != "none":
         print(f"{args.format} on {args.point}", flush=True)
-        generator = torch.Generator().manual_seed(args.seed)
-        with QuantInjector(model, args.format, args.point, generator=generator):
+        with QuantInjector(model, args.format, args.point, seed=args.seed):
             runs[args.format] = evaluate_gsm8k(model, tok, args.task, **options)
     for name, result in runs.items():
         print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")

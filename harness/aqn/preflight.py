@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from harness.aqn.configs import AQNConfig
@@ -73,7 +72,7 @@ def preflight(
     """``clean``: the noise-free quantized model's ``reference_logprobs`` on ``items`` when the
     caller already has them (several configurations, one quantized model): one pass saved."""
     config.schedule(total_steps=config.num_stages)  # invalid configurations raise before any noise
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
+    with QuantInjector(model, fmt, point, seed=seed) as injector:
         if clean is None:
             clean = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
         with NoiseInjector(model, config.layer_types, include=include, scale=config.scale, seed=seed) as noise:

@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 import harness
@@ -37,7 +36,7 @@ def verify(
     reference = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
 
     def loss(f: str, **kw) -> dict[str, float]:
-        with QuantInjector(model, f, point, generator=torch.Generator().manual_seed(0), **kw) as inj:
+        with QuantInjector(model, f, point, seed=0, **kw) as inj:
             return evaluate_loss(model, tokenizer, items, inj, reference=reference, batch_size=batch_size).summary()
 
     as_is = loss(fmt)

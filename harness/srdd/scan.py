@@ -26,6 +26,7 @@ from harness.data import Gsm8kItem
 from harness.eval.loss import evaluate_loss, reference_logprobs
 from harness.formats import fake_quantize, representable_max
 from harness.inject import QuantInjector
+from harness.rng import DeviceGenerators
 from harness.srdd.metrics import Moments, QuantErrorStats, SpreadStats, gain
 
 GAIN_PROBE_SCALE = 1e-2  # δ = 1e-2 · RMS(h) · N(0, 1)
@@ -129,9 +130,7 @@ def activation_scan(
 
     ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
-    injector = QuantInjector(
-        model, fmt, point, generator=torch.Generator().manual_seed(seed), observer=observe, **select
-    )
+    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe, **select)
     with injector:
         for name, module, _ in injector.select():
             result.module_shapes[name] = tuple(module.weight.shape)
@@ -183,12 +182,16 @@ def gain_scan(
     finally:
         for h in handles:
             h.remove()
-    g = torch.Generator().manual_seed(seed)
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed), **select) as injector:
+    probes = DeviceGenerators(seed)
+    with QuantInjector(model, fmt, point, seed=seed, **select) as injector:
         for name, layer in layers:
             args, kwargs = captured[name]
             hidden = (args[0] if args else kwargs["hidden_states"]).detach()
-            delta = torch.randn(hidden.shape, generator=g).to(hidden) * GAIN_PROBE_SCALE * hidden.pow(2).mean().sqrt()
+            delta = (
+                torch.randn(hidden.shape, generator=probes(hidden.device), device=hidden.device).to(hidden)
+                * GAIN_PROBE_SCALE
+                * hidden.pow(2).mean().sqrt()
+            )
 
             def f(h, args=args, kwargs=kwargs, layer=layer):
                 if args:
@@ -224,8 +227,10 @@ def instability_scan(
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}
-        generator = torch.Generator().manual_seed(seed + 1000 * (r + 1))
-        with QuantInjector(model, fmt, point, generator=generator, **select), _capture_layer_outputs(layers, sink):
+        with (
+            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), **select),
+            _capture_layer_outputs(layers, sink),
+        ):
             _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
         for name, _ in layers:
             outputs[name].append(sink[name][mask.bool()])
@@ -253,7 +258,7 @@ def loss_attribution(
         s = evaluate_loss(model, tokenizer, items, injector, reference=reference, batch_size=batch_size).summary()
         return {"delta_loss": s["loss"] - s["reference_loss"], "kl": s["kl"], "reference_loss": s["reference_loss"]}
 
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
+    with QuantInjector(model, fmt, point, seed=seed) as injector:
         result.attribution.append({"layer": "all", "only": run(injector), "all_but": None})
         for layer in tqdm(layers, desc="attribution", unit="layer", disable=not progress):
             prefix = layer + "."

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from harness.eval.gsm8k import Gsm8kResult, evaluate_gsm8k
 from harness.inject import QuantInjector
@@ -27,7 +26,7 @@ def gsm8k_run(lm, pytestconfig: pytest.Config) -> Callable[..., Gsm8kResult]:
             if fmt == REFERENCE:
                 memo[key] = evaluate_gsm8k(model, tok, task, **kwargs)
             else:
-                with QuantInjector(model, fmt, "weight", generator=torch.Generator().manual_seed(0)):
+                with QuantInjector(model, fmt, "weight", seed=0):
                     memo[key] = evaluate_gsm8k(model, tok, task, **kwargs)
         return memo[key]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from harness.eval.loss import LossResult, evaluate_loss, reference_logprobs
 from harness.inject import QuantInjector
@@ -26,7 +25,7 @@ def quantized_loss(lm, loss_items, reference) -> Callable[[str, str], LossResult
 
     def run(fmt: str, point: str) -> LossResult:
         if (fmt, point) not in memo:
-            with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(0)) as injector:
+            with QuantInjector(model, fmt, point, seed=0) as injector:
                 memo[fmt, point] = evaluate_loss(model, tok, loss_items, injector, reference=reference)
         return memo[fmt, point]
 
