@@ -13,8 +13,10 @@ from harness.baselines import (
     BaselineError,
     baseline_path,
     comparison_table,
+    cpu_fallback,
     paired_gate_table,
     read_baseline_file,
+    tolerance_for,
     write_baselines,
 )
 from harness.models import DEFAULT_MODEL, model_key
@@ -133,6 +135,9 @@ class BaselineCheck:
                 items or None,
             )
             return
+        tolerance, source = tolerance_for, self.path
+        if case_id not in stored and (fallback := cpu_fallback(self.path, case_id)):
+            source, stored, stored_items, tolerance = fallback
         if case_id not in stored:
             gpu = " --gpu" if "cuda" in str(self.path) else ""
             pytest.fail(
@@ -144,12 +149,13 @@ class BaselineCheck:
         ok, table = comparison_table(
             {k: v for k, v in stored[case_id].items() if k not in gated},
             {k: v for k, v in metrics.items() if k not in gated},
+            tolerance,
         )
         if items:
             paired_ok, paired = paired_gate_table(stored_items.get(case_id, {}), items)
             ok, table = ok and paired_ok, f"{table}\n\nper-item, paired against the baseline's items:\n{paired}"
         if not ok:
-            pytest.fail(f"{case_id} moved beyond tolerance against {self.path}:\n{table}", pytrace=False)
+            pytest.fail(f"{case_id} moved beyond tolerance against {source}:\n{table}", pytrace=False)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from tabulate import tabulate
 
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
-from harness.formats import FORMATS, list_formats
+from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL
 
@@ -46,7 +46,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
     model, tok = load_model(
         args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
     )
-    with QuantInjector(model, args.format, args.point, seed=args.seed) as inj:
+    with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
     summary = result.summary()
     cmp = result.comparison()
@@ -56,6 +56,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
                 {
                     "model": args.model,
                     "format": args.format,
+                    "scale_mode": args.scale_mode,
                     "point": args.point,
                     "dtype": args.dtype,
                     "modules": len(inj.modules),
@@ -108,7 +109,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         runs["reference"] = evaluate_gsm8k(model, tok, args.task, **options)
     if args.format != "none":
         print(f"{args.format} on {args.point}", flush=True)
-        with QuantInjector(model, args.format, args.point, seed=args.seed):
+        with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode):
             runs[args.format] = evaluate_gsm8k(model, tok, args.task, **options)
     for name, result in runs.items():
         print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")
@@ -307,6 +308,12 @@ def _model_options(p: argparse.ArgumentParser, gsm8k_help: str = "GSM8K folder (
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+def _scale_mode_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scale-mode", default="floor", choices=SCALE_MODES, help="E8M0 shared-exponent rule (default: floor, OCP)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--point", default="weight", choices=POINTS)
     loss.add_argument("--items", type=int, default=32, help="first N GSM8K test items (default 32)")
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
+    _scale_mode_option(loss)
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
     loss.set_defaults(run=_eval_loss)
 
@@ -333,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--no-reference", action="store_true", help="skip the unquantized run and its comparison")
     gs.add_argument("--compare-to", help="a previous --output JSON: paired comparison on the same items")
     gs.add_argument("--seed", type=int, default=0, help="few-shot sampling and stochastic formats")
+    _scale_mode_option(gs)
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
     gs.add_argument("--output", help="write metrics, per-item results and samples as JSON")
     gs.set_defaults(run=_eval_gsm8k)
