@@ -48,7 +48,10 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
     assert main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"reference_loss", "loss", "kl", "top1_agree", "n", "p_value"} <= out.keys()
-    assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0
+    assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0 and out["scale_mode"] == "floor"
+    assert main([*argv, "--json", "--scale-mode", "ceil"]) == 0
+    ceil = json.loads(capsys.readouterr().out)
+    assert ceil["scale_mode"] == "ceil" and ceil["loss"] != out["loss"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "reference" in text and "underpowered (n < 30)" in text
@@ -62,6 +65,9 @@ def test_eval_loss_bad_input_is_a_clear_error(tmp_path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["eval", "loss", "--format", "mxfp5"])
     assert "invalid choice: 'mxfp5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "loss", "--format", "mxfp4", "--scale-mode", "round"])
+    assert "invalid choice: 'round' (choose from 'floor', 'ceil', 'even', 'rceil')" in capsys.readouterr().err
 
 
 def test_aqn_preflight_and_compare_on_a_tiny_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
