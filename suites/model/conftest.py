@@ -18,15 +18,15 @@ def reference(lm, loss_items):
 
 
 @pytest.fixture(scope="session")
-def quantized_loss(lm, loss_items, reference) -> Callable[[str, str], LossResult]:
-    """``quantized_loss(fmt, point)``: evaluated once per session, then reused."""
+def quantized_loss(lm, loss_items, reference) -> Callable[..., LossResult]:
+    """``quantized_loss(fmt, point, scale_mode="floor")``: evaluated once per session, then reused."""
     model, tok = lm
-    memo: dict[tuple[str, str], LossResult] = {}
+    memo: dict[tuple[str, str, str], LossResult] = {}
 
-    def run(fmt: str, point: str) -> LossResult:
-        if (fmt, point) not in memo:
-            with QuantInjector(model, fmt, point, seed=0) as injector:
-                memo[fmt, point] = evaluate_loss(model, tok, loss_items, injector, reference=reference)
-        return memo[fmt, point]
+    def run(fmt: str, point: str, scale_mode: str = "floor") -> LossResult:
+        if (fmt, point, scale_mode) not in memo:
+            with QuantInjector(model, fmt, point, seed=0, scale_mode=scale_mode) as injector:
+                memo[fmt, point, scale_mode] = evaluate_loss(model, tok, loss_items, injector, reference=reference)
+        return memo[fmt, point, scale_mode]
 
     return run
