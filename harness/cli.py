@@ -7,12 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
 from harness.baselines import BaselineError
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
-from harness.formats import FORMATS, list_formats
+from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL, DTYPES
 from harness.testing import format_marker
@@ -53,7 +52,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
     model, tok = load_model(
         args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
     )
-    with QuantInjector(model, args.format, args.point, generator=torch.Generator().manual_seed(args.seed)) as inj:
+    with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
     summary = result.summary()
     cmp = result.comparison()
@@ -63,6 +62,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
                 {
                     "model": args.model,
                     "format": args.format,
+                    "scale_mode": args.scale_mode,
                     "point": args.point,
                     "dtype": args.dtype,
                     "modules": len(inj.modules),
@@ -95,13 +95,12 @@ def _eval_loss(args: argparse.Namespace) -> int:
 
 def _eval_gsm8k(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
-    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table, local_gsm8k_dir
+    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table
     from harness.inject import QuantInjector
     from harness.models import load_model
 
     compare_to = check_compare_to(args.compare_to, args.task, args.limit) if args.compare_to else None
-    if local_gsm8k_dir(args.gsm8k_dir) is not None:  # a bad file is named before the model loads
-        load_gsm8k("test", args.limit, args.gsm8k_dir)
+    load_gsm8k("test", args.limit, args.gsm8k_dir)  # a bad file is named before the model loads
     model, tok = load_model(
         args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
     )
@@ -120,8 +119,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         runs["reference"] = evaluate_gsm8k(model, tok, args.task, **options)
     if args.format != "none":
         print(f"{args.format} on {args.point}", flush=True)
-        generator = torch.Generator().manual_seed(args.seed)
-        with QuantInjector(model, args.format, args.point, generator=generator):
+        with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode):
             runs[args.format] = evaluate_gsm8k(model, tok, args.task, **options)
     for name, result in runs.items():
         print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")
@@ -353,14 +351,22 @@ def _gate(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _model_options(p: argparse.ArgumentParser, gsm8k_help: str = "GSM8K folder (default: $HARNESS_GSM8K_DIR)") -> None:
+def _model_options(p: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--batch-size", type=count_arg(1), default=8)
-    p.add_argument("--gsm8k-dir", default=None, help=gsm8k_help)
+    p.add_argument(
+        "--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR, else the copy in the package)"
+    )
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _scale_mode_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scale-mode", default="floor", choices=SCALE_MODES, help="E8M0 shared-exponent rule (default: floor, OCP)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--point", default="weight", choices=POINTS)
     loss.add_argument("--items", type=count_arg(1), default=32, help="first N GSM8K test items (default 32)")
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
+    _scale_mode_option(loss)
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
     loss.set_defaults(run=_eval_loss)
 
     gs = evaluate.add_parser("gsm8k", help="GSM8K through lm-eval on the quantized model, vs the reference")
-    _model_options(gs, "GSM8K folder (default: $HARNESS_GSM8K_DIR; neither: the hub dataset)")
+    _model_options(gs)
     gs.add_argument("--format", default="none", choices=["none", *list_formats()], help="none: the model as it is")
     gs.add_argument("--point", default="weight", choices=POINTS)
     gs.add_argument("--task", default="gsm8k", choices=list(GSM8K_TASKS), help="gsm8k (exact match) or gsm8k_bpb")
@@ -391,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--no-reference", action="store_true", help="skip the unquantized run and its comparison")
     gs.add_argument("--compare-to", help="a previous --output JSON: paired comparison on the same items")
     gs.add_argument("--seed", type=int, default=0, help="few-shot sampling and stochastic formats")
+    _scale_mode_option(gs)
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
     gs.add_argument("--output", type=output_file_arg, help="write metrics, per-item results and samples as JSON")
     gs.set_defaults(run=_eval_gsm8k)

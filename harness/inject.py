@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from harness.formats import fake_quantize, get_format
+from harness.rng import DeviceGenerators
 
 POINTS = ("weight", "input", "both")
 
@@ -66,7 +67,10 @@ class _Quantizer:
         return bool(stack) and stack[-1] is self.injector and self.injector.active_for(self.name)
 
     def __call__(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        q = fake_quantize(x.detach(), self.fmt, axis=-1, generator=self.injector.generator)
+        injector = self.injector
+        q = fake_quantize(
+            x.detach(), self.fmt, axis=-1, generator=injector.generator_for(x.device), scale_mode=injector.scale_mode
+        )
         if self.injector.observer is not None:
             self.injector.observer(self.name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
@@ -106,6 +110,9 @@ class QuantInjector:
     ``exclude``: globs to leave alone; ``overrides``: ``{glob: format or None}`` for mixed precision
     (first matching glob wins; None keeps the module in its original precision).
     ``straight_through=True`` lets gradients reach the unquantized weights and inputs (training).
+    ``seed`` drives stochastic formats with one generator per device, made on the device of the
+    tensors it drives (or pass one ``generator`` on the model's device).  ``scale_mode``: the
+    E8M0 shared-exponent rule of every format used (``harness.formats.SCALE_MODES``).
     ``observer(name, kind, x, q, fmt)``, if given, sees every tensor quantized (``kind`` is
     ``"weight"`` or ``"input"``): the SRDD scanner measures exactly what the model quantizes.
 
@@ -132,12 +139,19 @@ class QuantInjector:
         overrides: dict[str, str | None] | None = None,
         straight_through: bool = False,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         observer: Callable[[str, str, torch.Tensor, torch.Tensor, str], None] | None = None,
+        scale_mode: str = "floor",
     ) -> None:
+        if generator is not None and seed is not None:
+            raise ValueError("pass a generator or a seed, not both")
         if point not in POINTS:
             raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
-        for f in [fmt, *(overrides or {}).values()]:
-            if f is not None and not causal_at(f, point):
+        for f in (fmt, *(overrides or {}).values()):
+            if f is None:
+                continue
+            get_format(f).with_scale_mode(scale_mode)
+            if not causal_at(f, point):
                 raise ValueError(
                     f"format {f!r} cannot quantize activations (point {point!r}): its "
                     f"{'x'.join(map(str, get_format(f).block_shape))} tiles of a (tokens x hidden) input would mix "
@@ -147,12 +161,18 @@ class QuantInjector:
         self.model, self.fmt, self.point = model, fmt, point
         self.targets, self.exclude, self.overrides = targets, tuple(exclude), dict(overrides or {})
         self.straight_through, self.generator, self.observer = straight_through, generator, observer
+        self.scale_mode = scale_mode
+        self._generators = DeviceGenerators(seed) if seed is not None else None
         self.modules: list[InjectedModule] = []
         self.notes: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._parametrized: list[tuple[nn.Module, _WeightParametrization]] = []
         self._touched: list[nn.Module] = []
         self._active: Callable[[str], bool] = lambda name: True
+
+    def generator_for(self, device: torch.device) -> torch.Generator | None:
+        """The generator that drives stochastic rounding of tensors on ``device``."""
+        return self._generators(device) if self._generators is not None else self.generator
 
     def active_for(self, name: str) -> bool:
         """Whether the module ``name`` is quantized right now (see :meth:`restricted`)."""

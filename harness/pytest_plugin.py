@@ -28,7 +28,9 @@ from harness.baselines import (
     baseline_path,
     check_values,
     comparison_table,
+    cpu_fallback,
     read_baseline_file,
+    tolerance_for,
     write_baselines,
 )
 from harness.data import Gsm8kItem, load_gsm8k
@@ -221,7 +223,8 @@ class BaselineCheck:
         items = {k: [float(x) for x in v] for k, v in (items or {}).items()}
         try:
             check_values(case_id, metrics, items)
-            stored, stored_items = read_baseline_file(self.path, getattr(self._config, "harness_model_identity", None))
+            identity = getattr(self._config, "harness_model_identity", None)
+            stored, stored_items = read_baseline_file(self.path, identity)
         except BaselineError as err:
             pytest.fail(str(err), pytrace=False)
         if self.update:
@@ -233,6 +236,9 @@ class BaselineCheck:
                 items or None,
             )
             return
+        tolerance, source = tolerance_for, self.path
+        if case_id not in stored and (fallback := cpu_fallback(self.path, case_id, identity)):
+            source, stored, stored_items, tolerance = fallback
         if case_id not in stored:
             gpu = " --gpu" if "cuda" in str(self.path) else ""
             pytest.fail(
@@ -244,6 +250,7 @@ class BaselineCheck:
         ok, table = comparison_table(
             {k: v for k, v in stored[case_id].items() if k not in gated},
             {k: v for k, v in metrics.items() if k not in gated},
+            tolerance,
         )
         if items:
             results, paired = gate_table(stored_items.get(case_id, {}), items)
@@ -252,7 +259,7 @@ class BaselineCheck:
             table = f"{table}\n\nper-item, paired against the baseline's items:\n{paired}"
             print(paired)  # every outcome with its evidence, also when it passes (shown with -rA / -s)
         if not ok:
-            pytest.fail(f"{case_id} moved beyond tolerance against {self.path}:\n{table}", pytrace=False)
+            pytest.fail(f"{case_id} moved beyond tolerance against {source}:\n{table}", pytrace=False)
 
 
 @pytest.fixture

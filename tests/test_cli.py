@@ -28,7 +28,8 @@ def _gsm8k(tmp_path) -> str:
         json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
         for i in range(4)
     ]
-    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    for split in ("test", "train"):  # the lm-eval tasks name both splits' files
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return str(tmp_path)
 
 
@@ -48,12 +49,15 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
     assert main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"reference_loss", "loss", "kl", "top1_agree", "n", "p_value"} <= out.keys()
-    assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0
+    assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0 and out["scale_mode"] == "floor"
     per_item = out["per_item"]  # what `python -m harness gate` reads
     assert set(per_item) == {"reference_loss", "loss", "kl", "top1_agree"} and all(
         len(v) == 4 for v in per_item.values()
     )
     assert sum(per_item["kl"]) > 0 and all(0 <= x <= 1 for x in per_item["top1_agree"])
+    assert main([*argv, "--json", "--scale-mode", "ceil"]) == 0
+    ceil = json.loads(capsys.readouterr().out)
+    assert ceil["scale_mode"] == "ceil" and ceil["loss"] != out["loss"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "reference" in text and "underpowered (n < 30)" in text
@@ -67,6 +71,9 @@ def test_eval_loss_bad_input_is_a_clear_error(tmp_path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["eval", "loss", "--format", "mxfp5"])
     assert "invalid choice: 'mxfp5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "loss", "--format", "mxfp4", "--scale-mode", "round"])
+    assert "invalid choice: 'round' (choose from 'floor', 'ceil', 'even', 'rceil')" in capsys.readouterr().err
 
 
 def test_aqn_preflight_and_compare_on_a_tiny_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

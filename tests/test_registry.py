@@ -13,7 +13,7 @@ from harness.pytest_plugin import format_markers
 from harness.testing import format_marker, format_params
 
 
-def test_the_eight_formats_of_the_design() -> None:
+def test_the_nine_formats_of_the_design() -> None:
     assert list_formats() == [
         "mxfp4",
         "mxfp4_sr",
@@ -22,6 +22,7 @@ def test_the_eight_formats_of_the_design() -> None:
         "mxfp6_e3m2",
         "mxfp8_e4m3",
         "mxfp8_e5m2",
+        "mxint8",
         "nvfp4",
     ]
 
@@ -31,15 +32,17 @@ def test_bits_per_element() -> None:
     assert get_format("mxfp4_2d").bits_per_element == 4 + 8 / 1024
     assert get_format("nvfp4").bits_per_element == 4.5
     assert get_format("mxfp8_e4m3").bits_per_element == 8.25
+    assert get_format("mxint8").bits_per_element == 8.25  # 8-bit two's complement + E8M0 per 32
 
 
 def test_every_format_marker_is_registered(pytestconfig: pytest.Config) -> None:
     """Design §9's markers: the format families (generated from the registry by the plugin) and the
     suite markers, all registered under --strict-markers."""
     registered = {m.split(":")[0] for m in pytestconfig.getini("markers")}
-    assert {format_marker(n) for n in list_formats()} == {"mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6", "mxfp8", "nvfp4"}
+    families = {"mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6", "mxfp8", "mxint8", "nvfp4"}
+    assert {format_marker(n) for n in list_formats()} == families
     suites = {"srdd", "aqn", "gsm8k", "bench", "slow", "gpu"}
-    assert {"mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6", "mxfp8", "nvfp4"} | suites <= registered
+    assert families | suites <= registered
 
 
 def test_a_new_format_gets_its_marker_without_a_list_to_edit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
+from harness.rng import DeviceGenerators
+
 LAYER_TYPES = ("rmsnorm", "linear")
 SCALES = ("absolute", "relative")
 MOE_DEFAULT_TARGET = "*post_attention_layernorm"
@@ -72,7 +74,7 @@ class NoiseInjector:
             include = [MOE_DEFAULT_TARGET]
         self.model, self.layer_types, self.scale = model, tuple(layer_types), scale
         self.include, self.exclude = (list(include) if include is not None else None), tuple(exclude)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators = DeviceGenerators(seed)
         self.targets: list[NoiseTarget] = []
         self._params: list[nn.Parameter] = []
 
@@ -121,10 +123,10 @@ class NoiseInjector:
         try:
             with torch.no_grad():
                 for p, c in zip(self._params, clean):
-                    noise = torch.randn(p.shape, generator=self.generator, dtype=torch.float32)
+                    noise = torch.randn(p.shape, generator=self.generators(p.device), device=p.device)
                     if self.scale == "relative":
-                        noise *= c.float().pow(2).mean().sqrt().cpu()
-                    p.copy_((c.float() + sigma * noise.to(p.device)).to(p.dtype))
+                        noise *= c.float().pow(2).mean().sqrt()
+                    p.copy_((c.float() + sigma * noise).to(p.dtype))
             yield
         finally:
             with torch.no_grad():

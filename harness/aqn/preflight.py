@@ -32,7 +32,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
 from scipy import stats
 from torch import nn
 
@@ -148,7 +147,7 @@ def preflight(
         raise ValueError(f"draws must be >= 2 for a confidence interval, got {draws}")
     scored = preflight_items(items, answer_lines)
     per_draw = []
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed)) as injector:
+    with QuantInjector(model, fmt, point, seed=seed) as injector:
         if clean is None:
             clean = reference_logprobs(model, tokenizer, scored, batch_size=batch_size)
         for d in range(draws):

@@ -1,7 +1,7 @@
 """Block-scaled low-precision formats (OCP MX v1.0, NVFP4) as data, with exact fake and real
 quantization.  ``fake_quantize(x, "mxfp4")`` is the entry point; see ``list_formats()``."""
 
-from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, ElementFormat
+from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, INT8, ElementFormat
 from harness.formats.quant import (
     SUPPORTED_DTYPES,
     QuantizedTensor,
@@ -13,6 +13,7 @@ from harness.formats.quant import (
     representable_max,
 )
 from harness.formats.registry import FORMATS, Format, get_format, list_formats
+from harness.formats.scales import SCALE_MODES
 
 __all__ = [
     "E2M1",
@@ -21,6 +22,8 @@ __all__ = [
     "E4M3",
     "E5M2",
     "FORMATS",
+    "INT8",
+    "SCALE_MODES",
     "SUPPORTED_DTYPES",
     "ElementFormat",
     "Format",

@@ -2,8 +2,12 @@
 
 Every element type is a sign-magnitude minifloat ``(-1)^s * 2^(e - bias) * 1.m`` with
 subnormals ``(-1)^s * 2^(1 - bias) * 0.m`` and no Inf encodings (OCP MX v1.0 §5.3;
-FP8 E4M3 is the OCP "fn" variant with max 448).  All arithmetic here is on fp32 tensors and
-exact: scalings are by powers of two built from bits, rounding is ``torch.round`` (ties to even).
+FP8 E4M3 is the OCP "fn" variant with max 448).  MXINT8's element (§5.4: two's complement
+``k * 2**-6``, ``|k| <= 127``) has exactly the values of the minifloat with 1 exponent bit,
+6 mantissa bits and bias 1 (subnormals ``0..63 * 2**-6``, normals ``64..127 * 2**-6``: one step
+``2**-6`` throughout), so it shares the rounding; only its bit encoding differs.
+All arithmetic here is on fp32 tensors and exact: scalings are by powers of two built from
+bits, rounding is ``torch.round`` (ties to even).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ElementFormat:
     mbits: int
     bias: int
     max_value: float
+    twos_complement: bool = False  # codes are the integer k of k * 2**(emin - mbits), not sign|e|m
 
     @property
     def bits(self) -> int:
@@ -60,6 +65,7 @@ E2M3 = ElementFormat("e2m3", ebits=2, mbits=3, bias=1, max_value=7.5)
 E3M2 = ElementFormat("e3m2", ebits=3, mbits=2, bias=3, max_value=28.0)
 E4M3 = ElementFormat("e4m3", ebits=4, mbits=3, bias=7, max_value=448.0)
 E5M2 = ElementFormat("e5m2", ebits=5, mbits=2, bias=15, max_value=57344.0)
+INT8 = ElementFormat("int8", ebits=1, mbits=6, bias=1, max_value=127 / 64, twos_complement=True)
 
 
 def floor_log2(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +96,8 @@ def round_to_grid(
     Deterministic: to nearest, ties to even.  With ``noise`` (uniform [0, 1) draws of ``v``'s
     shape) it rounds stochastically: up to the next grid point with probability equal to the
     distance from the one below, in units of the grid step, which is unbiased.  Inf and NaN
-    give NaN (the callers turn such a whole block into NaN anyway).
+    give NaN (the callers turn such a whole block into NaN anyway).  Two's-complement elements
+    have no -0: their zeros are +0 (so fake quantization equals decoding the codes).
     """
     a = v.abs()
     # 2**floor(log2|v|) by masking the exponent field (0 for subnormals, Inf for Inf/NaN);
@@ -103,12 +110,15 @@ def round_to_grid(
     else:
         n = torch.floor(t)
         n = n + (noise < (t - n)).to(n.dtype)
-    q = (n * step).clamp(max=elem.max_value)
-    return torch.copysign(q, v)
+    q = torch.copysign((n * step).clamp(max=elem.max_value), v)
+    return q + 0.0 if elem.twos_complement else q  # -0.0 + 0.0 == +0.0
 
 
 def encode(q: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
-    """Bit codes (uint8, ``sign | exponent | mantissa``) of fp32 values already on the grid."""
+    """Bit codes (uint8, ``sign | exponent | mantissa``, or the two's-complement integer ``k`` of
+    ``k * 2**(emin - mbits)``) of fp32 values already on the grid."""
+    if elem.twos_complement:
+        return (q * 2.0 ** (elem.mbits - elem.emin)).to(torch.int32).to(torch.int8).view(torch.uint8)
     a = q.abs()
     e = floor_log2(a).clamp(min=elem.emin)
     normal = a >= 2.0**elem.emin
@@ -122,6 +132,8 @@ def encode(q: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
 
 def decode(codes: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
     """fp32 values of ``elem`` bit codes (inverse of :func:`encode`)."""
+    if elem.twos_complement:
+        return codes.view(torch.int8).to(torch.float32) * 2.0 ** (elem.emin - elem.mbits)
     c = codes.to(torch.int32)
     mantissa = c & ((1 << elem.mbits) - 1)
     exponent_field = (c >> elem.mbits) & ((1 << elem.ebits) - 1)

@@ -203,4 +203,6 @@ def fake_quantize_fast(
     )
     out = torch.empty_like(src)
     kernel(src, out, job)
+    if elem.twos_complement:  # integer codes have no -0: a rounded-to-zero negative is +0 (-0.0 + 0.0 == +0.0)
+        out.add_(0.0)
     return out if two_d else out.movedim(-1, axis).contiguous()

@@ -1,7 +1,8 @@
 """Fake quantization (quantize-dequantize in one step) and real quantization to packed codes.
 
-Semantics: OCP Microscaling Formats v1.0 and torchao's ``MXTensor.to_mx(..., FLOOR)`` /
-``NVFP4Tensor``, except where torchao departs from the spec (a 2**-127 scale is applied as
+Semantics: OCP Microscaling Formats v1.0 and torchao's ``MXTensor.to_mx(..., scaling_mode)`` /
+``NVFP4Tensor`` (``scale_mode=`` picks the E8M0 rule, ``harness.formats.scales.SCALE_MODES``),
+except where torchao departs from the spec (a 2**-127 scale is applied as
 2**-127, and NaN or Inf anywhere in a block makes exactly that block NaN).
 """
 
@@ -108,10 +109,15 @@ def _dequant_scale(stored: torch.Tensor, per_tensor_scale: torch.Tensor | None) 
     return stored if per_tensor_scale is None else per_tensor_scale * stored
 
 
+def _format(name: str, scale_mode: str) -> Format:
+    """The registry entry ``name`` under E8M0 rule ``scale_mode`` (ValueError on bad names)."""
+    return get_format(name).with_scale_mode(scale_mode)
+
+
 def _prepare(
-    x: torch.Tensor, name: str, axis: int, per_tensor_scale: float | torch.Tensor | None
+    x: torch.Tensor, name: str, axis: int, per_tensor_scale: float | torch.Tensor | None, scale_mode: str
 ) -> tuple[Format, BlockLayout, torch.Tensor | None, torch.Tensor]:
-    fmt = get_format(name)
+    fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
     return fmt, layout, pts, _blocks(x, layout)
 
@@ -150,28 +156,31 @@ def fake_quantize(
     generator: torch.Generator | None = None,
     per_tensor_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
+    scale_mode: str = "floor",
 ) -> torch.Tensor:
     """``x`` quantized to format ``name`` and dequantized: same shape and dtype, computed in fp32.
 
     Blocks run along ``axis`` (``mxfp4_2d``: 32x32 tiles of the last two dims).  ``generator``
     drives ``mxfp4_sr`` (same seed, same output; None uses torch's default generator) and is
     ignored by deterministic formats.  ``per_tensor_scale`` is NVFP4's optional second level
-    (see :func:`nvfp4_per_tensor_scale`).  ``backend``: ``"auto"`` takes the bit-identical fast
-    path (:mod:`harness.formats.fast`) where it applies, ``"reference"`` the tensor-op path here,
-    ``"fast"`` insists on the fast path; None: ``"auto"`` unless :func:`default_backend` says
-    otherwise.  ``x`` is never modified.
+    (see :func:`nvfp4_per_tensor_scale`).  ``scale_mode``: the E8M0 shared-exponent rule,
+    ``floor`` (OCP, default), ``ceil``, ``even`` or ``rceil`` (torchao's ``ScaleCalculationMode``,
+    :data:`harness.formats.scales.SCALE_MODES`; E4M3-scaled NVFP4 takes ``floor`` only).
+    ``backend``: ``"auto"`` takes the bit-identical fast path (:mod:`harness.formats.fast`)
+    where it applies, ``"reference"`` the tensor-op path here, ``"fast"`` insists on the fast
+    path; None: ``"auto"`` unless :func:`default_backend` says otherwise.  ``x`` is never modified.
 
     The output is detached from autograd (no gradient flows through rounding): to train through
     it, use :class:`harness.inject.QuantInjector` with ``straight_through=True`` (or
     ``harness.inject.StraightThrough.apply(x, fake_quantize(x, ...))``).
     """
     backend = _check_backend(backend) if backend is not None else _default_backend[-1]
-    fmt = get_format(name)
+    fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
     if backend != "reference" and x.dim() > 0 and x.numel() > 0:
-        why_not = fast.supports(fmt, x)
+        why_not = fast.supports(fmt, x, fmt.scale.mode)
         if not why_not:
-            return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
+            return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator, scale_mode=fmt.scale.mode)
         if backend == "fast":
             raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
     blocks = _blocks(x, layout)
@@ -189,12 +198,14 @@ def quantize(
     axis: int = -1,
     generator: torch.Generator | None = None,
     per_tensor_scale: float | torch.Tensor | None = None,
+    scale_mode: str = "floor",
 ) -> QuantizedTensor:
     """Real quantization: packed uint8 element codes plus E8M0 or E4M3 block scales.
 
-    ``dequantize(quantize(x, ...))`` equals ``fake_quantize(x, ...)`` bit for bit.
+    ``dequantize(quantize(x, ...))`` equals ``fake_quantize(x, ...)`` bit for bit (the scale
+    mode only chooses the stored scales, so dequantization needs no mode).
     """
-    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale)
+    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale, scale_mode)
     q, stored = _quantize_blocks(blocks, fmt, pts, generator)
     finite = ~torch.isnan(stored)
     codes = encode(torch.where(finite, q, 0.0), fmt.element)
@@ -221,12 +232,17 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
 
 
 def representable_max(
-    x: torch.Tensor, name: str, *, axis: int = -1, per_tensor_scale: float | torch.Tensor | None = None
+    x: torch.Tensor,
+    name: str,
+    *,
+    axis: int = -1,
+    per_tensor_scale: float | torch.Tensor | None = None,
+    scale_mode: str = "floor",
 ) -> torch.Tensor:
     """Per element of ``x`` (fp32, same shape): the largest magnitude its block can represent,
     ``element max_value * block scale`` (NaN for blocks holding NaN/Inf).  A value above it is
     clipped by the format: what SRDD's ``saturation_ratio`` counts."""
-    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale)
+    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale, scale_mode)
     amax = blocks.abs().amax(-1, keepdim=True)
     stored, _ = fmt.scale.block_scale(amax, fmt.element, pts)
     stored = torch.where(torch.isfinite(amax), stored, torch.nan)

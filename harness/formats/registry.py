@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, ElementFormat
+from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, INT8, ElementFormat
 from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat
 
 
@@ -13,7 +13,9 @@ from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat
 class Format:
     """A block-scaled low-precision format: element type, block shape, scale encoding.
 
-    ``stochastic`` formats round with a ``torch.Generator``'s draws.
+    ``stochastic`` formats round with a ``torch.Generator``'s draws. ``scale.mode`` is the
+    shared-exponent rule (:meth:`with_scale_mode`); fast paths check it,
+    ``element.twos_complement`` and the block shape before taking a format.
     """
 
     name: str
@@ -31,6 +33,10 @@ class Format:
     def bits_per_element(self) -> float:
         """Storage cost: element bits plus the block scale's bits shared over the block."""
         return self.element.bits + self.scale.bits / self.block_size
+
+    def with_scale_mode(self, mode: str) -> Format:
+        """This format under scale rule ``mode`` (``harness.formats.scales.SCALE_MODES``)."""
+        return self if mode == self.scale.mode else replace(self, scale=self.scale.with_mode(mode))
 
 
 _MX = E8M0Scale()
@@ -51,6 +57,7 @@ FORMATS: dict[str, Format] = {
         Format("mxfp6_e3m2", E3M2, (32,), _MX, "OCP MXFP6 E3M2, 32-element blocks, E8M0 scale"),
         Format("mxfp8_e4m3", E4M3, (32,), _MX, "OCP MXFP8 E4M3, 32-element blocks, E8M0 scale"),
         Format("mxfp8_e5m2", E5M2, (32,), _MX, "OCP MXFP8 E5M2, 32-element blocks, E8M0 scale"),
+        Format("mxint8", INT8, (32,), _MX, "OCP MXINT8: int8 elements k * 2**-6, 32-element blocks, E8M0"),
         Format(
             "nvfp4",
             E2M1,

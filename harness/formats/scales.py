@@ -1,37 +1,91 @@
 """Block scale encodings: how a block's scale is derived from its amax, stored and read back.
 
-``E8M0Scale`` is the OCP MX v1.0 shared exponent (§6.3, "minimally supported" FLOOR rule);
+``E8M0Scale`` is the OCP MX v1.0 shared exponent (§6.3, "minimally supported" FLOOR rule, or
+one of torchao's other ``ScaleCalculationMode`` rules, :data:`SCALE_MODES`);
 ``E4M3Scale`` is NVFP4's FP8 block scale in torchao's convention.  Both return the *stored*
 scale (what the codes hold) and the multiplier applied to ``x`` before rounding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from harness.formats.elements import E4M3, ElementFormat, decode, encode, exp2_int, floor_log2, round_to_grid
+from harness.formats.elements import (
+    E4M3,
+    FP32_EXPONENT_MASK,
+    FP32_MANTISSA_BITS,
+    ElementFormat,
+    decode,
+    encode,
+    exp2_int,
+    floor_log2,
+    round_to_grid,
+)
 
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 E4M3_NAN = 0x7F  # S.1111.111 in OCP FP8 E4M3 ("fn": no Inf)
+FP32_MANTISSA_MASK = (1 << FP32_MANTISSA_BITS) - 1
+
+SCALE_MODES = ("floor", "ceil", "even", "rceil")
+"""E8M0 shared-exponent rules, torchao 0.18's ``ScaleCalculationMode`` (``mx_tensor.to_mx``):
+
+- ``floor`` (OCP MX v1.0 §6.3, the default): ``floor(log2(amax)) - emax_elem``.  Clips the block
+  max when ``amax / 2**floor(log2 amax)`` exceeds the element max's significand.
+- ``ceil``: ``ceil(log2(amax)) - emax_elem`` (never clips; up to one binade coarser).
+- ``even``: ``floor(log2(amax rounded to mbits_elem mantissa bits, half up)) - emax_elem``: moves
+  to the next binade exactly when the max would round past the element's top binade.
+- ``rceil`` (cuBLAS/Blackwell ``cvt.rp.satfinite.ue8m0``): ``ceil(log2(fp32(amax / max_elem)))``.
+"""
+
+
+def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
+    """Exact ``ceil(log2(v))`` of finite fp32 ``v > 0`` from its bits (int32): ``floor_log2`` plus
+    one unless ``v`` is a power of two.  Zero and subnormals give -127 (callers clamp there)."""
+    bits = v.view(torch.int32)
+    inexact = ((bits & FP32_MANTISSA_MASK) != 0).to(torch.int32)
+    return torch.where((bits & FP32_EXPONENT_MASK) == 0, -E8M0_BIAS, floor_log2(v) + inexact)
+
+
+def _shared_exponent(amax: torch.Tensor, elem: ElementFormat, mode: str) -> torch.Tensor:
+    """The unclamped E8M0 exponent of blocks with max ``amax`` under scale ``mode`` (int32)."""
+    if mode == "floor":
+        return floor_log2(amax) - elem.emax
+    if mode == "ceil":
+        # torchao adds one when the mantissa bits are non-zero, subnormal amax included.
+        bits = amax.view(torch.int32)
+        return floor_log2(amax) + ((bits & FP32_MANTISSA_MASK) != 0).to(torch.int32) - elem.emax
+    if mode == "even":
+        # Round amax's mantissa half-up to the element's mbits (a carry bumps the exponent), then floor.
+        bits = amax.view(torch.int32) + (1 << (FP32_MANTISSA_BITS - elem.mbits - 1))
+        return floor_log2((bits & ~FP32_MANTISSA_MASK).view(torch.float32)) - elem.emax
+    return _ceil_log2(amax / elem.max_value)  # rceil: fp32 division, as torchao and cuBLAS
 
 
 @dataclass(frozen=True)
 class E8M0Scale:
-    """Power-of-two scale ``2**(floor(log2(amax)) - emax_elem)``, exponent clamped to
-    [-127, 127] and stored biased by 127 in one byte (255 encodes NaN)."""
+    """Power-of-two scale ``2**(shared exponent)`` (``floor(log2(amax)) - emax_elem`` under the
+    default ``mode``, see :data:`SCALE_MODES`), exponent clamped to [-127, 127] and stored biased
+    by 127 in one byte (255 encodes NaN)."""
 
     name: str = "e8m0"
     bits: int = 8
     nan_code: int = E8M0_NAN
     supports_per_tensor_scale: bool = False
+    mode: str = "floor"
+
+    def with_mode(self, mode: str) -> E8M0Scale:
+        """This scale under shared-exponent rule ``mode``; ValueError naming the valid modes."""
+        if mode not in SCALE_MODES:
+            raise ValueError(f"unknown scale_mode {mode!r}; valid scale modes: {', '.join(SCALE_MODES)}")
+        return replace(self, mode=mode)
 
     def block_scale(
         self, amax: torch.Tensor, elem: ElementFormat, per_tensor_scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = (floor_log2(amax) - elem.emax).clamp(-E8M0_BIAS, E8M0_BIAS)
+        exponent = _shared_exponent(amax, elem, self.mode).clamp(-E8M0_BIAS, E8M0_BIAS)
         # 2**-exponent is exact, so multiplying by it is dividing by the scale, 2**-127 included.
         return exp2_int(exponent), exp2_int(-exponent)
 
@@ -54,6 +108,15 @@ class E4M3Scale:
     bits: int = 8
     nan_code: int = E4M3_NAN
     supports_per_tensor_scale: bool = True
+    mode: str = "floor"  # the E4M3 scale has one rule; "floor" is accepted as the default
+
+    def with_mode(self, mode: str) -> E4M3Scale:
+        if mode != "floor":
+            raise ValueError(
+                f"scale_mode {mode!r} applies to E8M0 (MX) scales only; an E4M3 block scale is rounded to "
+                f"nearest (valid scale_mode here: floor, the default; E8M0 modes: {', '.join(SCALE_MODES)})"
+            )
+        return self
 
     def block_scale(
         self, amax: torch.Tensor, elem: ElementFormat, per_tensor_scale: torch.Tensor | None

@@ -97,7 +97,7 @@ def loss_attribution(
 ) -> list[Attribution]:
     """``[all layers, then each decoder layer alone]`` under ``fmt`` at ``point``."""
     layers = decoder_layers(model)
-    injector = QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed), **select)
+    injector = QuantInjector(model, fmt, point, seed=seed, **select)
     chosen = {m for m, _, _ in injector.select()}
     names = [name for name, _ in layers if any(layer_of(m, [name]) == name for m in chosen)]
     rows = {name: Attribution(name, [], []) for name in ["all", *names]}

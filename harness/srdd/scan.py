@@ -31,6 +31,7 @@ from harness.batching import encode, padded_batches
 from harness.data import Gsm8kItem
 from harness.formats import fake_quantize
 from harness.inject import QuantInjector
+from harness.rng import DeviceGenerators
 from harness.srdd.floors import gaussian_floor
 from harness.srdd.metrics import (
     Moments,
@@ -162,9 +163,7 @@ def activation_scan(
 
     ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
-    injector = QuantInjector(
-        model, fmt, point, generator=torch.Generator().manual_seed(seed), observer=observe, **select
-    )
+    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe, **select)
     selected = injector.select()
     with injector:
         for name, module, _ in selected:
@@ -234,12 +233,17 @@ def gain_scan(
     input_ids, mask = _one_batch(model, tokenizer, items)
     captured = capture_layer_inputs(model, input_ids, mask)
     keep = real_tokens(mask)
-    g = torch.Generator().manual_seed(seed)
-    with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(seed), **select) as injector:
+    probes = DeviceGenerators(seed)
+    with QuantInjector(model, fmt, point, seed=seed, **select) as injector:
         for name, layer in layers:
             hidden = captured[name].hidden
             rms = hidden[keep].pow(2).mean().sqrt()
-            delta = torch.randn(hidden.shape, generator=g).to(hidden) * GAIN_PROBE_SCALE * rms * keep[..., None]
+            delta = (
+                torch.randn(hidden.shape, generator=probes(hidden.device), device=hidden.device).to(hidden)
+                * GAIN_PROBE_SCALE
+                * rms
+                * keep[..., None]
+            )
 
             def f(h, layer=layer, inputs=captured[name]):
                 return inputs.run(layer, h)
@@ -308,8 +312,10 @@ def instability_scan(
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}
-        generator = torch.Generator().manual_seed(seed + 1000 * (r + 1))
-        with QuantInjector(model, fmt, point, generator=generator, **select), _capture_layer_outputs(layers, sink):
+        with (
+            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), **select),
+            _capture_layer_outputs(layers, sink),
+        ):
             _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
         for name, _ in layers:
             outputs[name].append(sink[name][mask.bool()])

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from harness.data import Gsm8kItem
@@ -104,9 +103,8 @@ def verify(
     user_overrides = select.pop("overrides", None) or {}
 
     def loss(overrides: dict[str, str | None]) -> LossResult:
-        generator = torch.Generator().manual_seed(seed)
         merged = {**overrides, **user_overrides}  # first matching glob wins: the proposal's
-        with QuantInjector(model, fmt, point, generator=generator, overrides=merged, **select) as inj:
+        with QuantInjector(model, fmt, point, seed=seed, overrides=merged, **select) as inj:
             return evaluate_loss(model, tokenizer, items, inj, reference=reference, batch_size=batch_size)
 
     rng = random.Random(seed)

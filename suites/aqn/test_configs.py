@@ -71,7 +71,7 @@ def quantized_clean(lm, loss_items):
     """The noise-free MXFP4 (W4A16) model's log-probs on the pre-flight items, shared by every
     configuration's pre-flight (what preflight() computes itself when not given them)."""
     model, tok = lm
-    with QuantInjector(model, "mxfp4", "weight", generator=torch.Generator().manual_seed(0)):
+    with QuantInjector(model, "mxfp4", "weight", seed=0):
         return reference_logprobs(model, tok, preflight_items(loss_items[:PREFLIGHT_ITEMS]))
 
 

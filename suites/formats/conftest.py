@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (see test_triton_parity.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from harness.formats import default_backend
 from harness.formats.fast import unavailable_reason
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without ``--gpu`` the Triton kernel runs in Triton's CPU interpreter (test_triton_parity.py,
+    test_fast_paths.py), also on a GPU machine; set before the kernel module is imported (at collection)."""
+    if not config.getoption("--gpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, params=["fast", "reference"])

@@ -39,7 +39,9 @@ def mx_block(values: list[float], fmt: Format) -> list[float]:
     amax = max(abs(v) for v in values)
     floor_log2 = math.frexp(amax)[1] - 1 if amax > 0 else -1000
     scale = 2.0 ** min(max(floor_log2 - emax_elem, -127), 127)
-    return [_round_to_grid(v / scale, mbits, emin, max_value) * scale for v in values]
+    out = [_round_to_grid(v / scale, mbits, emin, max_value) * scale for v in values]
+    # Integer elements (MXINT8) are two's complement: no -0, so a zero is +0.
+    return [v + 0.0 for v in out] if fmt.element.twos_complement else out
 
 
 def nvfp4_block(values: list[float], fmt: Format, per_tensor_scale: float | None) -> list[float]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness.formats import fake_quantize, get_format, list_formats, quantize
+from suites.formats import data
 
 
 @pytest.mark.parametrize("fn", [fake_quantize, quantize], ids=["fake_quantize", "quantize"])
@@ -64,3 +65,26 @@ def test_backend_names_and_where_the_fast_path_does_not_apply() -> None:
         fake_quantize(x, "mxfp4", backend="triton")
     with pytest.raises(ValueError, match=r"backend=.fast. cannot run mxfp4 here: no fast path for meta tensors"):
         fake_quantize(x.to("meta"), "mxfp4", backend="fast")
+
+
+@pytest.mark.mxfp4
+@pytest.mark.nvfp4
+@pytest.mark.parametrize("fn", [fake_quantize, quantize], ids=["fake_quantize", "quantize"])
+def test_unknown_scale_mode_lists_the_valid_ones(fn) -> None:
+    with pytest.raises(ValueError, match=r"unknown scale_mode 'round'; valid scale modes: floor, ceil, even, rceil"):
+        fn(torch.ones(32), "mxfp4", scale_mode="round")
+    with pytest.raises(ValueError, match=r"scale_mode 'ceil' applies to E8M0 \(MX\) scales only.*floor"):
+        fn(torch.ones(32), "nvfp4", scale_mode="ceil")
+
+
+@pytest.mark.gpu
+@pytest.mark.mxfp4_sr
+def test_a_cpu_generator_drives_cuda_tensors_like_cpu_ones(device: torch.device) -> None:
+    """The failure of the 2026-11-26 GPU run (a CPU generator handed to CUDA tensors): the Philox
+    key is drawn from the generator on its own device, so a CPU generator works on CUDA tensors and
+    gives the very bits it gives on the CPU; a generator on the tensor's device works too."""
+    x = data.normal((4, 64), seed=7)
+    on_cpu = fake_quantize(x, "mxfp4_sr", generator=torch.Generator().manual_seed(0))
+    on_device = fake_quantize(x.to(device), "mxfp4_sr", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(on_device.cpu(), on_cpu)
+    assert fake_quantize(x.to(device), "mxfp4_sr", generator=torch.Generator(device).manual_seed(0)).device == device

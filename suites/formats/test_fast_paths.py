@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ from harness.formats.philox import philox4x32
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# CUDA under --gpu; otherwise the CPU and Triton's interpreter (TRITON_INTERPRET, set by conftest.py)
+DEVICE = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DRAWS = 400
 

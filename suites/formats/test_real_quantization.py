@@ -32,17 +32,21 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name", ALL)
-def test_fake_quantize_is_dequantize_of_quantize(name: str, dtype: torch.dtype) -> None:
+def test_fake_quantize_is_dequantize_of_quantize(name: str, dtype: torch.dtype, device: torch.device) -> None:
+    """On the suite's device; deterministic formats' codes and scales also equal the CPU's."""
     for kind, x in _inputs(name).items():
         x = x.to(dtype)
-        q = quantize(x, name, generator=torch.Generator().manual_seed(7))
-        fake = fake_quantize(x, name, generator=torch.Generator().manual_seed(7))
-        assert_same_bits(dequantize(q), fake, f"{name}/{kind}/{dtype}")
+        q = quantize(x.to(device), name, generator=torch.Generator(device).manual_seed(7))
+        fake = fake_quantize(x.to(device), name, generator=torch.Generator(device).manual_seed(7))
+        assert_same_bits(dequantize(q).cpu(), fake.cpu(), f"{name}/{kind}/{dtype}")
+        if device.type != "cpu" and not get_format(name).stochastic:
+            on_cpu = quantize(x, name)
+            assert torch.equal(q.codes.cpu(), on_cpu.codes) and torch.equal(q.scales.cpu(), on_cpu.scales), kind
 
 
 @pytest.mark.nvfp4
-def test_nvfp4_two_level_round_trip() -> None:
-    x = data.student_t((32, 128), seed=44)
+def test_nvfp4_two_level_round_trip(device: torch.device) -> None:
+    x = data.student_t((32, 128), seed=44).to(device)
     pts = nvfp4_per_tensor_scale(x)
     q = quantize(x, "nvfp4", per_tensor_scale=pts)
     assert q.per_tensor_scale is not None
@@ -50,12 +54,12 @@ def test_nvfp4_two_level_round_trip() -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_storage_layout(name: str) -> None:
+def test_storage_layout(name: str, device: torch.device) -> None:
     """uint8 codes and scales; FP4 packs two codes per byte; one scale per block; the storage
     cost is the format's bits per element."""
     fmt = get_format(name)
-    x = data.normal((64, 256), seed=45)
-    q = quantize(x, name, generator=torch.Generator().manual_seed(0))
+    x = data.normal((64, 256), seed=45).to(device)
+    q = quantize(x, name, generator=torch.Generator(device).manual_seed(0))
     assert q.codes.dtype == torch.uint8 and q.scales.dtype == torch.uint8
     assert q.scales.numel() == x.numel() // fmt.block_size
     per_byte = 2 if fmt.element.bits == 4 else 1
@@ -66,10 +70,10 @@ def test_storage_layout(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", format_params(TORCH_FP8))
-def test_fp8_codes_are_torch_float8_bits(name: str) -> None:
+def test_fp8_codes_are_torch_float8_bits(name: str, device: torch.device) -> None:
     """Independent check of the element encoding: our FP8 codes equal the bits of torch's own
     float8 cast of the same grid values."""
-    x = data.student_t((32, 128), seed=46)
+    x = data.student_t((32, 128), seed=46).to(device)
     q = quantize(x, name)
     scales = torch.exp2(q.scales.float() - 127).unsqueeze(-1)
     grid_values = fake_quantize(x, name).reshape(q.codes.shape) / scales
@@ -77,7 +81,7 @@ def test_fp8_codes_are_torch_float8_bits(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", format_params(where=lambda f: f.scale.name == "e8m0"))
-def test_e8m0_scale_codes(name: str) -> None:
+def test_e8m0_scale_codes(name: str, device: torch.device) -> None:
     """E8M0 stores the biased exponent: 127 + floor(log2(amax)) - emax_elem, clamped at 0
     (2**-127) for tiny blocks, 255 for NaN."""
     fmt = get_format(name)
@@ -85,8 +89,8 @@ def test_e8m0_scale_codes(name: str) -> None:
     x[0, ...] = 3.0  # floor(log2(3)) = 1
     x[1, ...] = 1e-42
     x[2, 0] = math.nan
-    q = quantize(x, name, generator=torch.Generator().manual_seed(0))
-    codes = q.scales.reshape(3, -1)
+    q = quantize(x.to(device), name, generator=torch.Generator(device).manual_seed(0))
+    codes = q.scales.reshape(3, -1).cpu()
     assert (codes[0] == 127 + 1 - fmt.element.emax).all()
     assert (codes[1] == 0).all()
     assert codes[2, 0] == 255

@@ -18,18 +18,21 @@ DETERMINISTIC = format_params(where=lambda f: not f.stochastic)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_matches_scalar_reference(name: str, case: str, dtype: torch.dtype) -> None:
+def test_matches_scalar_reference(name: str, case: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Computed on the suite's device, compared with the CPU scalar reference on the same data."""
     fmt = get_format(name)
     x = CASES[case](fmt).to(dtype)
-    assert_same_bits(fake_quantize(x, name), reference_fake_quantize(x, fmt), f"{name}/{case}/{dtype}")
+    got = fake_quantize(x.to(device), name).cpu()
+    assert_same_bits(got, reference_fake_quantize(x, fmt), f"{name}/{case}/{dtype}")
 
 
 @pytest.mark.nvfp4
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["normal", "student_t", "edge_magnitudes", "partial_blocks"])
-def test_nvfp4_two_level_matches_scalar_reference(case: str, dtype: torch.dtype) -> None:
+def test_nvfp4_two_level_matches_scalar_reference(case: str, dtype: torch.dtype, device: torch.device) -> None:
     fmt = get_format("nvfp4")
     x = CASES[case](fmt).to(dtype)
     pts = nvfp4_per_tensor_scale(x)
     expected = reference_fake_quantize(x, fmt, per_tensor_scale=pts.item())
-    assert_same_bits(fake_quantize(x, "nvfp4", per_tensor_scale=pts), expected, f"nvfp4+pts/{case}")
+    got = fake_quantize(x.to(device), "nvfp4", per_tensor_scale=pts.to(device)).cpu()
+    assert_same_bits(got, expected, f"nvfp4+pts/{case}")

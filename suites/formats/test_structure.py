@@ -19,9 +19,10 @@ DETERMINISTIC = format_params(where=lambda f: not f.stochastic)
 ONE_D = format_params(where=lambda f: len(f.block_shape) == 1)
 
 
-def fq(x: torch.Tensor, name: str, **kw) -> torch.Tensor:
-    """fake_quantize with a fixed generator, so stochastic formats are reproducible here."""
-    return fake_quantize(x, name, generator=torch.Generator().manual_seed(123), **kw)
+def fq(x: torch.Tensor, name: str, device: torch.device, **kw) -> torch.Tensor:
+    """fake_quantize of ``x`` on ``device`` (the suite's: CUDA under ``--gpu``), back on the CPU,
+    with a fixed generator on that device, so stochastic formats are reproducible here."""
+    return fake_quantize(x.to(device), name, generator=torch.Generator(device).manual_seed(123), **kw).cpu()
 
 
 def block_view(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,9 +45,9 @@ def expected_scale(blocks: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_output_is_a_grid_point_times_its_block_scale(name: str) -> None:
+def test_every_output_is_a_grid_point_times_its_block_scale(name: str, device: torch.device) -> None:
     x = data.student_t((64, 256), seed=20)
-    blocks, out = block_view(x, name), block_view(fq(x, name), name)
+    blocks, out = block_view(x, name), block_view(fq(x, name, device), name)
     scale = expected_scale(blocks, name)
     grid = torch.tensor(get_format(name).element.grid())
     ratio = (out / scale).abs()
@@ -54,7 +55,7 @@ def test_every_output_is_a_grid_point_times_its_block_scale(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", format_params(where=lambda f: f.scale.name == "e8m0"))
-def test_mx_scales_are_powers_of_two(name: str) -> None:
+def test_mx_scales_are_powers_of_two(name: str, device: torch.device) -> None:
     x = data.normal((32, 128), seed=21) * 10.0 ** torch.linspace(-20, 20, 32).unsqueeze(1)
     scale = expected_scale(block_view(x, name), name)
     mantissa, _ = torch.frexp(scale)
@@ -62,23 +63,23 @@ def test_mx_scales_are_powers_of_two(name: str) -> None:
 
 
 @pytest.mark.nvfp4
-def test_nvfp4_scales_are_e4m3_values() -> None:
+def test_nvfp4_scales_are_e4m3_values(device: torch.device) -> None:
     x = data.normal((32, 128), seed=22) * 10.0 ** torch.linspace(-3, 3, 32).unsqueeze(1)
     scale = expected_scale(block_view(x, "nvfp4"), "nvfp4")
     assert torch.isin(scale, torch.tensor(E4M3.grid())).all()
-    out = block_view(fake_quantize(x, "nvfp4"), "nvfp4")
+    out = block_view(fq(x, "nvfp4", device), "nvfp4")
     assert torch.isin((out / scale).abs(), torch.tensor(get_format("nvfp4").element.grid())).all()
 
 
 @pytest.mark.mxfp4_2d
-def test_mxfp4_2d_has_one_scale_per_true_32x32_tile() -> None:
+def test_mxfp4_2d_has_one_scale_per_true_32x32_tile(device: torch.device) -> None:
     """A huge value at (0, 0) changes the scale of its 32x32 tile only: row 31 of that tile is
     affected, while row 0 of the next tile (columns 32..63) is not.  The experiment's "2D"
     mode (1024 consecutive flattened elements) gets both of these wrong."""
     x = data.normal((64, 64), seed=23)
     big = x.clone()
     big[0, 0] = 1e4
-    before, after = fake_quantize(x, "mxfp4_2d"), fake_quantize(big, "mxfp4_2d")
+    before, after = fq(x, "mxfp4_2d", device), fq(big, "mxfp4_2d", device)
     changed = before != after
     assert changed[1:32, :32].any() and changed[31, :32].any()
     assert not changed[:, 32:].any() and not changed[32:, :].any()
@@ -87,27 +88,30 @@ def test_mxfp4_2d_has_one_scale_per_true_32x32_tile() -> None:
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_idempotent(name: str) -> None:
-    once = fake_quantize(data.student_t((32, 256), seed=24), name)
-    assert_same_bits(fake_quantize(once, name), once, name)
+def test_idempotent(name: str, device: torch.device) -> None:
+    once = fq(data.student_t((32, 256), seed=24), name, device)
+    assert_same_bits(fq(once, name, device), once, name)
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_odd_symmetry(name: str) -> None:
+def test_odd_symmetry(name: str, device: torch.device) -> None:
     x = data.exact_ties(get_format(name), (64, 64), seed=25)
-    assert_same_bits(fake_quantize(-x, name), -fake_quantize(x, name), name)
+    expected = -fq(x, name, device)
+    if get_format(name).element.twos_complement:
+        expected = expected + 0.0  # no -0 in two's complement: -(+0) stays +0
+    assert_same_bits(fq(-x, name, device), expected, name)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_saturates_to_the_element_max_never_inf(name: str) -> None:
+def test_saturates_to_the_element_max_never_inf(name: str, device: torch.device) -> None:
     """Values above the block's largest representable value clip to it: for MX an amax of
     2**(emax+1) - ulp maps to max_value * 2**0; near fp32 max the output stays finite."""
     fmt = get_format(name)
     top = torch.nextafter(torch.tensor(2.0 ** (fmt.element.emax + 1)), torch.tensor(0.0))  # fp32 ulp below
     just_below = torch.full((2, 64), 0.5)
     just_below[:, 0] = top
-    huge = torch.full((2, 64), 3.3e38)
-    out_below, out_huge = fq(just_below, name), fq(huge, name)
+    huge = torch.full((2, 64), 3.4e38)  # / 2**127 = 1.998: above every element max's significand
+    out_below, out_huge = fq(just_below, name, device), fq(huge, name, device)
     assert torch.isfinite(out_huge).all()
     if fmt.scale.name == "e8m0":
         assert out_below[0, 0].item() == fmt.element.max_value
@@ -117,21 +121,21 @@ def test_saturates_to_the_element_max_never_inf(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_zero_blocks_stay_zero_beside_nonzero_blocks(name: str) -> None:
+def test_zero_blocks_stay_zero_beside_nonzero_blocks(name: str, device: torch.device) -> None:
     x = data.normal((64, 64), seed=26)
     x[:32, :32] = 0.0
-    out = fq(x, name)
+    out = fq(x, name, device)
     assert_same_bits(out[:32, :32], torch.zeros(32, 32))
     assert (out[32:] != 0).any()
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", ALL)
-def test_non_finite_poisons_exactly_its_block(name: str, bad: float) -> None:
+def test_non_finite_poisons_exactly_its_block(name: str, bad: float, device: torch.device) -> None:
     x = data.normal((64, 64), seed=27)
     poisoned = x.clone()
     poisoned[40, 37] = bad
-    clean, out = fq(x, name), fq(poisoned, name)
+    clean, out = fq(x, name, device), fq(poisoned, name, device)
     in_block = torch.zeros_like(x, dtype=torch.bool)
     rows, cols = get_format(name).block_shape if name == "mxfp4_2d" else (1, get_format(name).block_size)
     r0, c0 = 40 // rows * rows, 37 // cols * cols
@@ -142,47 +146,50 @@ def test_non_finite_poisons_exactly_its_block(name: str, bad: float) -> None:
 
 @pytest.mark.parametrize("shape", [(3, 45), (5, 1), (2, 7, 33), (70, 45)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", ALL)
-def test_partial_blocks_are_zero_padded(name: str, shape: tuple[int, ...]) -> None:
+def test_partial_blocks_are_zero_padded(name: str, shape: tuple[int, ...], device: torch.device) -> None:
     if name == "mxfp4_2d" and len(shape) < 2:
         pytest.skip("2-D tiles need 2 dims")
     x = data.normal(shape, seed=28)
     pad_r = (-shape[-2]) % 32 if name == "mxfp4_2d" else 0
     padded = torch.nn.functional.pad(x, (0, (-shape[-1]) % 32, 0, pad_r))
-    expected = fq(padded, name)[..., : shape[-2], : shape[-1]]
+    expected = fq(padded, name, device)[..., : shape[-2], : shape[-1]]
     if get_format(name).stochastic:  # the draws depend on the padded layout: compare the pattern only
-        assert fq(x, name).shape == x.shape
+        assert fq(x, name, device).shape == x.shape
         return
-    assert_same_bits(fq(x, name), expected.contiguous(), name)
+    assert_same_bits(fq(x, name, device), expected.contiguous(), name)
 
 
 @pytest.mark.parametrize("name", ONE_D)
-def test_blocks_along_another_axis(name: str) -> None:
+def test_blocks_along_another_axis(name: str, device: torch.device) -> None:
     x = data.normal((96, 40, 3), seed=29)
-    assert_same_bits(fq(x, name, axis=0), fq(x.movedim(0, -1).contiguous(), name).movedim(-1, 0).contiguous())
-    assert_same_bits(fq(x, name, axis=1), fq(x, name, axis=-2))
+    moved = fq(x.movedim(0, -1).contiguous(), name, device).movedim(-1, 0).contiguous()
+    assert_same_bits(fq(x, name, device, axis=0), moved)
+    assert_same_bits(fq(x, name, device, axis=1), fq(x, name, device, axis=-2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name", ALL)
-def test_every_dtype_is_computed_in_fp32_and_returned_in_kind(name: str, dtype: torch.dtype) -> None:
+def test_every_dtype_is_computed_in_fp32_and_returned_in_kind(
+    name: str, dtype: torch.dtype, device: torch.device
+) -> None:
     x = data.normal((16, 64), seed=30).to(dtype)
-    out = fq(x, name)
+    out = fq(x, name, device)
     assert out.dtype == dtype and out.shape == x.shape
-    assert_same_bits(out, fq(x.float(), name).to(dtype))
+    assert_same_bits(out, fq(x.float(), name, device).to(dtype))
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_input_is_never_modified_and_strides_do_not_matter(name: str) -> None:
-    base = data.normal((64, 64), seed=31)
-    x = base.t()  # non-contiguous
+def test_input_is_never_modified_and_strides_do_not_matter(name: str, device: torch.device) -> None:
+    base = data.normal((64, 64), seed=31).to(device)
+    x = base.t()  # non-contiguous, on the device fq computes on (so the check is of that tensor)
     snapshot = x.clone()
-    out = fq(x, name)
-    assert_same_bits(x, snapshot)
-    assert_same_bits(out, fq(x.contiguous(), name))
+    out = fq(x, name, device)
+    assert_same_bits(x.cpu(), snapshot.cpu())
+    assert_same_bits(out, fq(x.contiguous(), name, device))
 
 
 @pytest.mark.parametrize("name", ONE_D)
-def test_scalars_and_empty_tensors(name: str) -> None:
-    assert fake_quantize(torch.empty(0, 32), name).shape == (0, 32)
-    assert fake_quantize(torch.tensor(3.3), name).shape == ()
-    assert fake_quantize(torch.tensor(3.3), name).item() == fake_quantize(torch.tensor([3.3]), name).item()
+def test_scalars_and_empty_tensors(name: str, device: torch.device) -> None:
+    assert fq(torch.empty(0, 32), name, device).shape == (0, 32)
+    assert fq(torch.tensor(3.3), name, device).shape == ()
+    assert fq(torch.tensor(3.3), name, device).item() == fq(torch.tensor([3.3]), name, device).item()

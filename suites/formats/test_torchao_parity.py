@@ -1,6 +1,7 @@
-"""Parity with torchao's reference MX path (``MXTensor.to_mx(..., FLOOR).dequantize()``) and
-``NVFP4Tensor``: identical bits on normal, heavy-tailed (Student-t df=2) and exact-tie data in
-fp32 and bf16, plus the two documented places where the harness follows the spec instead."""
+"""Parity with torchao's reference MX path (``MXTensor.to_mx(..., scaling_mode).dequantize()``,
+each of the four ``ScaleCalculationMode`` rules) and ``NVFP4Tensor``: identical bits on normal,
+heavy-tailed (Student-t df=2) and exact-tie data in fp32 and bf16, plus the two documented
+places where the harness follows the spec instead."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
+from harness.formats import SCALE_MODES, fake_quantize, get_format, nvfp4_per_tensor_scale
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
 
@@ -34,10 +35,12 @@ DATA = {
 }
 
 
-def torchao_fake_quantize(x: torch.Tensor, name: str, per_tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+def torchao_fake_quantize(
+    x: torch.Tensor, name: str, per_tensor_scale: torch.Tensor | None = None, scale_mode: str = "floor"
+) -> torch.Tensor:
     if name == "nvfp4":
         return nv.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_scale).dequantize(x.dtype)
-    t = mx.MXTensor.to_mx(x, TORCHAO_ELEMENT[name], 32, scaling_mode=ScaleCalculationMode.FLOOR)
+    t = mx.MXTensor.to_mx(x, TORCHAO_ELEMENT[name], 32, scaling_mode=ScaleCalculationMode(scale_mode))
     return t.dequantize(x.dtype)
 
 
@@ -47,6 +50,20 @@ def torchao_fake_quantize(x: torch.Tensor, name: str, per_tensor_scale: torch.Te
 def test_identical_bits_to_torchao(name: str, kind: str, dtype: torch.dtype) -> None:
     x = DATA[kind](get_format(name)).to(dtype)
     assert_same_bits(fake_quantize(x, name), torchao_fake_quantize(x, name), f"{name}/{kind}/{dtype}")
+
+
+@pytest.mark.parametrize("mode", [m for m in SCALE_MODES if m != "floor"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", format_params(TORCHAO_ELEMENT))
+def test_scale_modes_identical_bits_to_torchao(name: str, dtype: torch.dtype, mode: str) -> None:
+    """``scale_mode=`` ceil, even, rceil against torchao's ``ScaleCalculationMode`` of the same
+    name, on the three data sets (floor is the test above)."""
+    for kind, make in DATA.items():
+        x = make(get_format(name)).to(dtype)
+        got = fake_quantize(x, name, scale_mode=mode)
+        assert_same_bits(got, torchao_fake_quantize(x, name, scale_mode=mode), f"{name}/{mode}/{kind}/{dtype}")
+        if mode == "ceil":  # the modes do differ on this data: the test can tell them apart
+            assert not torch.equal(got, fake_quantize(x, name))
 
 
 @pytest.mark.nvfp4

@@ -1,7 +1,8 @@
 """The Triton kernel (the CUDA fast path) against the reference path, bit for bit, on the parity
-suite's cases. On a GPU machine it runs compiled on CUDA; elsewhere under Triton's CPU
-interpreter (``TRITON_INTERPRET=1``, set by this suite's conftest before Triton is imported), so
-its arithmetic is checked even where no GPU is lent. Skipped when triton is not installed."""
+suite's cases. With ``--gpu`` it runs compiled on CUDA; otherwise under Triton's CPU interpreter
+(``TRITON_INTERPRET=1``, set by this suite's conftest before Triton is imported, unless
+``--gpu``), so its arithmetic is checked even where no GPU is lent. Skipped when triton is not
+installed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ pytest.importorskip("triton", reason="triton is not installed: the CUDA fast pat
 from harness.formats.triton_kernel import fake_quantize_triton
 
 ONE_D = format_params(where=lambda f: not f.stochastic and len(f.block_shape) == 1)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(params=["triton"])
@@ -29,17 +29,17 @@ def backend(request):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", ONE_D)
-def test_triton_kernel_matches_reference(name: str, case: str, dtype: torch.dtype) -> None:
+def test_triton_kernel_matches_reference(name: str, case: str, dtype: torch.dtype, device: torch.device) -> None:
     fmt = get_format(name)
     x = CASES[case](fmt).to(dtype)
     for axis in (1, 0):
-        got = fake_quantize_fast(x.to(DEVICE), fmt, axis, None, kernel=fake_quantize_triton).cpu()
+        got = fake_quantize_fast(x.to(device), fmt, axis, None, kernel=fake_quantize_triton).cpu()
         assert_same_bits(got, fake_quantize(x, name, axis=axis, backend="reference"), f"{name}/{case}/axis{axis}")
 
 
 @pytest.mark.nvfp4
-def test_triton_kernel_two_level_nvfp4() -> None:
+def test_triton_kernel_two_level_nvfp4(device: torch.device) -> None:
     x = CASES["student_t"](get_format("nvfp4"))
     pts = nvfp4_per_tensor_scale(x)
-    got = fake_quantize_fast(x.to(DEVICE), get_format("nvfp4"), 1, pts.to(DEVICE), kernel=fake_quantize_triton).cpu()
+    got = fake_quantize_fast(x.to(device), get_format("nvfp4"), 1, pts.to(device), kernel=fake_quantize_triton).cpu()
     assert_same_bits(got, fake_quantize(x, "nvfp4", per_tensor_scale=pts, backend="reference"), "nvfp4+pts")

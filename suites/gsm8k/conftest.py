@@ -6,7 +6,6 @@ import functools
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from harness.eval.gsm8k import Gsm8kResult, evaluate_gsm8k
 from harness.inject import QuantInjector
@@ -24,7 +23,7 @@ def gsm8k_run(lm, pytestconfig: pytest.Config) -> Callable[..., Gsm8kResult]:
         kwargs = dict(limit=limit, data_dir=pytestconfig.getoption("--gsm8k-dir"), **options)
         if fmt == REFERENCE:
             return evaluate_gsm8k(model, tok, task, **kwargs)
-        with QuantInjector(model, fmt, "weight", generator=torch.Generator().manual_seed(0)):
+        with QuantInjector(model, fmt, "weight", seed=0):
             return evaluate_gsm8k(model, tok, task, **kwargs)
 
     return run

@@ -7,7 +7,6 @@ import functools
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from harness.eval.loss import LossResult, evaluate_loss, reference_logprobs
 from harness.inject import QuantInjector
@@ -20,13 +19,13 @@ def reference(lm, loss_items):
 
 
 @pytest.fixture(scope="session")
-def quantized_loss(lm, loss_items, reference) -> Callable[[str, str], LossResult]:
-    """``quantized_loss(fmt, point)``: evaluated once per session, then reused."""
+def quantized_loss(lm, loss_items, reference) -> Callable[..., LossResult]:
+    """``quantized_loss(fmt, point, scale_mode="floor")``: evaluated once per session, then reused."""
     model, tok = lm
 
     @functools.cache
-    def run(fmt: str, point: str) -> LossResult:
-        with QuantInjector(model, fmt, point, generator=torch.Generator().manual_seed(0)) as injector:
+    def run(fmt: str, point: str, scale_mode: str = "floor") -> LossResult:
+        with QuantInjector(model, fmt, point, seed=0, scale_mode=scale_mode) as injector:
             return evaluate_loss(model, tok, loss_items, injector, reference=reference)
 
     return run

@@ -162,3 +162,37 @@ def test_bad_arguments_name_the_valid_choices() -> None:
     with pytest.raises(ValueError, match=r"target 'decoder.\*' matches no nn.Linear"):
         with QuantInjector(model, "mxfp4", targets=["decoder.*"]):
             pass
+
+
+@pytest.mark.mxfp4_sr
+def test_a_seed_drives_stochastic_formats_on_the_models_device(device: torch.device) -> None:
+    """``seed=`` makes one generator per device, on the device of the tensors it drives (the
+    2026-11-26 GPU run failed with a CPU generator on CUDA tensors); it draws what a generator
+    made there with that seed draws, and a seed with a generator is refused."""
+    model, tok = load_model("tiny-llama", device=str(device))
+    inputs = {k: v.to(device) for k, v in batch(tok).items()}
+    with QuantInjector(model, "mxfp4_sr", "weight", seed=3) as injector, torch.no_grad():
+        seeded = model(**inputs).logits
+        assert injector.generator_for(device).device.type == device.type
+    with QuantInjector(model, "mxfp4_sr", "weight", generator=torch.Generator(device).manual_seed(3)), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, seeded)
+    with pytest.raises(ValueError, match="a generator or a seed, not both"):
+        QuantInjector(model, "mxfp4_sr", generator=torch.Generator(device), seed=3)
+
+
+@pytest.mark.mxfp4
+def test_scale_mode_reaches_every_quantized_weight() -> None:
+    model, tok = load_model("tiny-llama")
+    offline, _ = load_model("tiny-llama")
+    with torch.no_grad():
+        for mod_name, module in offline.named_modules():
+            if isinstance(module, nn.Linear) and mod_name != "lm_head":
+                module.weight.copy_(fake_quantize(module.weight, "mxfp4", scale_mode="rceil"))
+    inputs = batch(tok)
+    with QuantInjector(model, "mxfp4", "weight", scale_mode="rceil"), torch.no_grad():
+        got = model(**inputs).logits
+    assert torch.equal(got, offline(**inputs).logits)
+    with QuantInjector(model, "mxfp4", "weight"), torch.no_grad():
+        assert not torch.equal(model(**inputs).logits, got)  # floor differs: the mode really arrived
+    with pytest.raises(ValueError, match="unknown scale_mode 'up'"):
+        QuantInjector(model, "mxfp4", scale_mode="up")
