@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from harness.formats import fake_quantize, get_format
-from harness.rng import DeviceGenerators
 
 POINTS = ("weight", "input", "both")
 
@@ -68,9 +67,7 @@ class _Quantizer:
 
     def __call__(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         injector = self.injector
-        q = fake_quantize(
-            x.detach(), self.fmt, axis=-1, generator=injector.generator_for(x.device), scale_mode=injector.scale_mode
-        )
+        q = fake_quantize(x.detach(), self.fmt, axis=-1, generator=injector.generator, scale_mode=injector.scale_mode)
         if self.injector.observer is not None:
             self.injector.observer(self.name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
@@ -110,8 +107,8 @@ class QuantInjector:
     ``exclude``: globs to leave alone; ``overrides``: ``{glob: format or None}`` for mixed precision
     (first matching glob wins; None keeps the module in its original precision).
     ``straight_through=True`` lets gradients reach the unquantized weights and inputs (training).
-    ``seed`` drives stochastic formats with one generator per device, made on the device of the
-    tensors it drives (or pass one ``generator`` on the model's device).  ``scale_mode``: the
+    ``seed`` drives stochastic formats through one CPU generator that keys their Philox stream, so
+    a seed quantizes alike on every device (or pass one ``generator``).  ``scale_mode``: the
     E8M0 shared-exponent rule of every format used (``harness.formats.SCALE_MODES``).
     ``observer(name, kind, x, q, fmt)``, if given, sees every tensor quantized (``kind`` is
     ``"weight"`` or ``"input"``): the SRDD scanner measures exactly what the model quantizes.
@@ -160,19 +157,16 @@ class QuantInjector:
                 )
         self.model, self.fmt, self.point = model, fmt, point
         self.targets, self.exclude, self.overrides = targets, tuple(exclude), dict(overrides or {})
+        if seed is not None:  # a CPU generator keys the Philox stream on every device (formats.philox)
+            generator = torch.Generator().manual_seed(seed)
         self.straight_through, self.generator, self.observer = straight_through, generator, observer
         self.scale_mode = scale_mode
-        self._generators = DeviceGenerators(seed) if seed is not None else None
         self.modules: list[InjectedModule] = []
         self.notes: list[str] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._parametrized: list[tuple[nn.Module, _WeightParametrization]] = []
         self._touched: list[nn.Module] = []
         self._active: Callable[[str], bool] = lambda name: True
-
-    def generator_for(self, device: torch.device) -> torch.Generator | None:
-        """The generator that drives stochastic rounding of tensors on ``device``."""
-        return self._generators(device) if self._generators is not None else self.generator
 
     def active_for(self, name: str) -> bool:
         """Whether the module ``name`` is quantized right now (see :meth:`restricted`)."""
