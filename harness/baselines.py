@@ -90,7 +90,7 @@ def _by_suffix(metric: str, table: dict):
 # difference measured per metric kind (in the comments), with the metric's own tolerance as a floor.
 CROSS_DEVICE_WEIGHT_ONLY = Tolerance("rel", 1e-3)
 CROSS_DEVICE_ACTIVATIONS: dict[str, Tolerance] = {
-    "loss": Tolerance("rel", 0.012),  # 0.75 % (nvfp4 W4A4: 1.7454 CPU, 1.7585 CUDA)
+    "loss": Tolerance("rel", 0.023),  # 1.53 % (mxfp8_e5m2 W16A4, second H200 run; the first: 0.75 %)
     "kl": Tolerance("rel", 0.05),  # 3.2 % (mxfp6_e2m3 W4A4)
     "top1_agree": Tolerance("abs", 0.012),  # 0.0074 (mxfp6_e3m2 W16A4)
     "sqnr_db": Tolerance("abs", 0.1),  # 0.065 dB (mxfp8_e4m3 W16A4)

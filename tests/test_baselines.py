@@ -202,9 +202,9 @@ def test_committed_cuda_baselines_match_the_cpu_ones_under_cross_device_toleranc
         ok, table = comparison_table(cpu[case], cuda[case], cross_device_tolerance(case))
         assert ok, f"{suite}/{case}:\n{table}"
         own_rejects += not comparison_table(cpu[case], cuda[case])[0]
-    # model: nvfp4 W4A4 loss 0.75 % > the 0.5 % of one device; srdd: mxfp8_e4m3 W16A4 SQNR 0.065 > 0.05 dB;
-    # gsm8k has only unquantized and weight-only cases
-    assert (own_rejects > 0) == (suite != "gsm8k")
+    # model: mxfp8_e5m2 W16A4 loss 1.53 % > the 0.5 % of one device; srdd (the second H200 run, 0.013 dB
+    # at most) and gsm8k (unquantized and weight-only cases only) stay within their own tolerances
+    assert (own_rejects > 0) == (suite == "model")
 
 
 def test_cross_device_tolerance_is_tight_for_weight_only_cases() -> None:
@@ -213,7 +213,7 @@ def test_cross_device_tolerance_is_tight_for_weight_only_cases() -> None:
     assert not comparison_table({"loss": 2.0}, {"loss": 2.02}, cross_device_tolerance("mxfp4-w4a16-fp32"))[0]
     assert comparison_table({"loss": 2.0}, {"loss": 2.02}, cross_device_tolerance("mxfp4-w4a4-fp32"))[0]
     assert comparison_table({"loss": 2.0}, {"loss": 2.02}, cross_device_tolerance("mxfp4_sr-w4a16-fp32"))[0]
-    assert not comparison_table({"loss": 2.0}, {"loss": 2.03}, cross_device_tolerance("nvfp4-w16a4-fp32"))[0]
+    assert not comparison_table({"loss": 2.0}, {"loss": 2.05}, cross_device_tolerance("nvfp4-w16a4-fp32"))[0]
 
 
 def test_cpu_fallback_only_for_cuda_files_with_the_case_in_the_cpu_file(tmp_path: Path) -> None:
