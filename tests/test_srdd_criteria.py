@@ -120,7 +120,9 @@ def test_a_proposal_no_better_than_its_control_is_not_confirmed(planted) -> None
 def test_judge_needs_positive_recovery_and_an_advantage_over_the_control() -> None:
     assert judge(0.5, (0.01, 0.02), 0.1)[0]
     ok, why = judge(0.5, (-0.01, 0.02), 0.45)
-    assert not ok and "no better than random proposals" in why
+    assert not ok and "no better than random proposals" in why and "includes 0" in why
+    ok, why = judge(0.005, (-0.018, -0.0011), 0.048)  # the NVFP4 sample: significantly worse than the control
+    assert not ok and "worse than random proposals" in why and "lies below 0" in why
     ok, why = judge(-0.054, (0.01, 0.02), -0.2)  # the old MXFP8 sample: recovery −5.4 %
     assert not ok and "≤ 0" in why
 

@@ -75,9 +75,10 @@ def judge(rec_value: float, advantage_ci: tuple[float, float], control_recovery:
         return False, f"not confirmed: the proposal recovers {rec_value:.1%} of the loss increase (≤ 0)"
     lo, hi = advantage_ci
     if not lo > 0:
+        verdict, where = ("worse than", "lies below 0") if hi < 0 else ("no better than", "includes 0")
         return False, (
-            f"not confirmed: no better than random proposals of the same size "
-            f"(control recovery {control_recovery:.1%}; advantage CI [{lo:+.4f}, {hi:+.4f}] includes 0)"
+            f"not confirmed: {verdict} random proposals of the same size "
+            f"(control recovery {control_recovery:.1%}; advantage CI [{lo:+.4f}, {hi:+.4f}] {where})"
         )
     return True, f"confirmed: beats random proposals of the same size (control recovery {control_recovery:.1%})"
 
