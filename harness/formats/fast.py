@@ -11,7 +11,8 @@ second. Without a compiler, or when neither the cache nor a temporary directory 
 build, the reference path is used and :func:`unavailable_reason` says why. CUDA tensors take the
 Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic). Both kernels are
 parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile shape, the scale
-kind (E8M0 / E4M3) and the E8M0 shared-exponent rule (:data:`SCALE_MODES`).
+kind (E8M0 / E4M3 and its grid) and the E8M0 shared-exponent rule (``fmt.scale.mode``, passed as
+its index in :data:`harness.formats.scales.SCALE_MODES`).
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ import torch
 
 from harness.cache import cached_dir, notice
 from harness.formats import philox
+from harness.formats.elements import E4M3
 from harness.formats.registry import Format
-from harness.formats.scales import E8M0Scale
+from harness.formats.scales import SCALE_MODES, E8M0Scale
 from harness.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-SCALE_MODES = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
-"""E8M0 shared-exponent rules the kernels implement (codes as in ``fast_kernel.c``)."""
 MAX_TILE = 1024  # elements per tile, fast_kernel.c's MAX_TILE
 LIBRARY = "fast_kernel.so"
 CFLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-ffp-contract=off", "-std=c99")
@@ -56,8 +56,10 @@ def _cpu_key() -> bytes:
 @dataclass(frozen=True)
 class TileJob:
     """What both kernels are told: a row-major ``(n_mats, n_rows, row_len)`` tensor cut into
-    ``tile_rows x tile_cols`` tiles (``1 x block`` for 1-D formats), the element grid, the scale
-    and, for stochastic rounding, the Philox key (None: round to nearest even)."""
+    ``tile_rows x tile_cols`` tiles (``1 x block`` for 1-D formats), the element grid (and
+    whether its codes are two's complement, which have no -0), the scale (``scale_mode``: the
+    E8M0 rule's index in :data:`harness.formats.scales.SCALE_MODES`; E4M3 scales round onto
+    the E4M3 grid) and, for stochastic rounding, the Philox key (None: round to nearest even)."""
 
     n_mats: int
     n_rows: int
@@ -68,6 +70,7 @@ class TileJob:
     mbits: int
     emax: int
     max_value: float
+    twos_complement: bool
     e4m3_scale: bool
     scale_mode: int
     per_tensor_scale: float | None
@@ -81,7 +84,8 @@ class _CParams(ctypes.Structure):
         ("emin", ctypes.c_int32), ("mbits", ctypes.c_int32), ("emax", ctypes.c_int32),
         ("max_value", ctypes.c_float), ("scale_kind", ctypes.c_int32), ("scale_mode", ctypes.c_int32),
         ("per_tensor_scale", ctypes.c_float), ("stochastic", ctypes.c_int32), ("seed", ctypes.c_uint64),
-        ("n_threads", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32), ("twos_complement", ctypes.c_int32),
+        ("scale_emin", ctypes.c_int32), ("scale_mbits", ctypes.c_int32), ("scale_max", ctypes.c_float),
     ]  # fmt: skip
 
 
@@ -134,10 +138,9 @@ def _triton_reason() -> str:
     return ""
 
 
-def supports(fmt: Format, x: torch.Tensor, scale_mode: str = "floor") -> str:
-    """Empty when ``fmt`` on ``x`` can take a fast path (C on CPU, Triton on CUDA), else why not."""
-    if scale_mode not in SCALE_MODES:
-        return f"scale mode {scale_mode!r} has no fast path (kernels have: {', '.join(SCALE_MODES)})"
+def supports(fmt: Format, x: torch.Tensor) -> str:
+    """Empty when ``fmt`` (under its own ``scale.mode``: the kernels have every rule) on ``x``
+    can take a fast path (C on CPU, Triton on CUDA), else why not."""
     if fmt.block_size > MAX_TILE or (fmt.stochastic and fmt.block_size % 4):
         return f"{fmt.name}: blocks of {fmt.block_size} elements have no fast kernel"
     if x.device.type == "cuda":
@@ -156,6 +159,7 @@ def fake_quantize_c(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
         job.n_mats, job.n_rows, job.row_len, job.tile_rows, job.tile_cols, DTYPE_CODES[x.dtype],
         job.emin, job.mbits, job.emax, job.max_value, int(job.e4m3_scale), job.scale_mode,
         job.per_tensor_scale or 0.0, job.seed is not None, job.seed or 0, torch.get_num_threads(),
+        int(job.twos_complement), E4M3.emin, E4M3.mbits, E4M3.max_value,
     )  # fmt: skip
     lib.fake_quantize_tiles(x.data_ptr(), out.data_ptr(), ctypes.byref(params))
 
@@ -167,13 +171,13 @@ def fake_quantize_fast(
     per_tensor_scale: torch.Tensor | None,
     generator: torch.Generator | None = None,
     *,
-    scale_mode: str = "floor",
     kernel=None,
 ) -> torch.Tensor:
     """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`).
     1-D blocks: the blocks' axis is moved last (a copy only when it is not last already); 2-D
     tiles: the last two dims. ``kernel(x, out, job)`` fills ``out`` in ``x``'s dtype; it defaults
-    to the device's: Triton for CUDA tensors, C for CPU tensors. ``mxfp4_sr`` draws its Philox key
+    to the device's: Triton for CUDA tensors, C for CPU tensors. The E8M0 rule is ``fmt.scale.mode``
+    (:meth:`harness.formats.registry.Format.with_scale_mode`). ``mxfp4_sr`` draws its Philox key
     from ``generator`` (see :func:`harness.formats.philox.draw_seed`)."""
     if kernel is None:
         if x.device.type == "cuda":
@@ -196,13 +200,12 @@ def fake_quantize_fast(
         mbits=elem.mbits,
         emax=elem.emax,
         max_value=elem.max_value,
+        twos_complement=elem.twos_complement,
         e4m3_scale=not isinstance(fmt.scale, E8M0Scale),
-        scale_mode=SCALE_MODES[scale_mode],
+        scale_mode=SCALE_MODES.index(fmt.scale.mode),
         per_tensor_scale=float(per_tensor_scale) if per_tensor_scale is not None else None,
         seed=philox.draw_seed(generator, x.device) if fmt.stochastic else None,
     )
     out = torch.empty_like(src)
     kernel(src, out, job)
-    if elem.twos_complement:  # integer codes have no -0: a rounded-to-zero negative is +0 (-0.0 + 0.0 == +0.0)
-        out.add_(0.0)
     return out if two_d else out.movedim(-1, axis).contiguous()

@@ -14,7 +14,8 @@
  *   element: a = |x * multiplier|; k = max(floor_log2(a), emin) - mbits; t = a * 2^-k (exact);
  *            n = rint(t) (ties to even; (t + 2^23) - 2^23), or stochastically floor(t) + (u < t -
  *            floor(t)) with u the element's Philox4x32-10 uniform; q = min(n * 2^k, elem_max)
- *   out = sign(x) q * scale, rounded to the output dtype to nearest even
+ *   out = sign(x) q * scale + zero, rounded to the output dtype to nearest even; zero is +0 for
+ *         two's-complement elements (they have no -0: -0 + +0 = +0) and -0 otherwise (the identity)
  */
 #include <math.h>
 #include <pthread.h>
@@ -34,6 +35,9 @@ typedef struct {
     int32_t stochastic;
     uint64_t seed;
     int32_t n_threads;
+    int32_t twos_complement; /* element codes are two's-complement integers: no -0 */
+    int32_t scale_emin, scale_mbits; /* E4M3 scale: its grid (emin, mantissa bits, max) */
+    float scale_max;
 } params_t;
 
 #define MAX_TILE 1024
@@ -151,9 +155,10 @@ static inline void scales_of(float amax, const params_t *p, float *multiplier, f
     int has_pts = p->per_tensor_scale > 0.0f;
     float raw = amax / p->max_value;
     if (has_pts) raw = raw / p->per_tensor_scale;
-    raw = raw < 0.015625f ? 0.015625f : (raw > 448.0f ? 448.0f : raw);
-    float step, t = grid_t(raw, -6, 3, &step); /* E4M3: emin -6, 3 mantissa bits */
-    float stored = finish((t + 8388608.0f) - 8388608.0f, step, 448.0f, raw, 1.0f);
+    const float smallest = exp2_int(p->scale_emin);
+    raw = raw < smallest ? smallest : (raw > p->scale_max ? p->scale_max : raw);
+    float step, t = grid_t(raw, p->scale_emin, p->scale_mbits, &step);
+    float stored = finish((t + 8388608.0f) - 8388608.0f, step, p->scale_max, raw, 1.0f);
     *multiplier = has_pts ? (1.0f / p->per_tensor_scale) / stored : 1.0f / stored;
     *scale = has_pts ? p->per_tensor_scale * stored : stored;
 }
@@ -187,17 +192,18 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
     }
     float multiplier, scale;
     scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale);
+    const float zero = p->twos_complement ? 0.0f : -0.0f;
     if (SR) {
         for (int i = 0; i < TR * TC; ++i) {
             float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
             float n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
             n += u[i] < t - n ? 1.0f : 0.0f;
-            buf[i] = finish(n, step, p->max_value, v, scale);
+            buf[i] = finish(n, step, p->max_value, v, scale) + zero;
         }
     } else {
         for (int i = 0; i < TR * TC; ++i) {
             float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
-            buf[i] = finish((t + 8388608.0f) - 8388608.0f, step, p->max_value, v, scale);
+            buf[i] = finish((t + 8388608.0f) - 8388608.0f, step, p->max_value, v, scale) + zero;
         }
     }
     if (rows == TR && cols == TC) {

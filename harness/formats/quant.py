@@ -16,16 +16,18 @@ import torch
 
 from harness.formats import fast, philox
 from harness.formats.blocks import BlockLayout
-from harness.formats.elements import decode, encode, round_to_grid
+from harness.formats.elements import E4M3, decode, encode, round_to_grid
 from harness.formats.registry import FORMATS, Format, get_format
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# NVFP4's largest magnitude per unit of per-tensor scale: E4M3 block scale max times E2M1 max (448 * 6).
+NVFP4_RANGE = E4M3.max_value * FORMATS["nvfp4"].element.max_value
 # The per-tensor scales p for which the two-level NVFP4 recipe is finite in fp32: the smallest
 # dequantization scale p * 2**-6 (E4M3's smallest normal block scale) is a normal fp32 number,
 # so 1 / p and the multiplier (1 / p) / s stay finite; the largest value, 6 * 448 * p, is finite.
-PER_TENSOR_SCALE_MIN = 2.0 ** (-126 + 6)
-PER_TENSOR_SCALE_MAX = torch.finfo(torch.float32).max / (448.0 * 6.0)
+PER_TENSOR_SCALE_MIN = 2.0 ** (-126 - E4M3.emin)
+PER_TENSOR_SCALE_MAX = torch.finfo(torch.float32).max / NVFP4_RANGE
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,9 @@ def fake_quantize(
     fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
     if backend != "reference" and x.dim() > 0 and x.numel() > 0:
-        why_not = fast.supports(fmt, x, fmt.scale.mode)
+        why_not = fast.supports(fmt, x)
         if not why_not:
-            return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator, scale_mode=fmt.scale.mode)
+            return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
         if backend == "fast":
             raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
     blocks = _blocks(x, layout)
@@ -258,4 +260,4 @@ def nvfp4_per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     usable scale instead of 0 or a scale whose reciprocal overflows."""
     finite = x.detach().to(torch.float32).nan_to_num(0.0, 0.0, 0.0).abs()
     amax = finite.amax() if finite.numel() else finite.new_zeros(())
-    return (amax / (448.0 * 6.0)).clamp(PER_TENSOR_SCALE_MIN, PER_TENSOR_SCALE_MAX)
+    return (amax / NVFP4_RANGE).clamp(PER_TENSOR_SCALE_MIN, PER_TENSOR_SCALE_MAX)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from harness.formats.elements import E4M3
 from harness.formats.fast import TileJob
 
 BYTES_1D = 4096  # input bytes per program, 1-D formats: 1024 fp32 or 2048 bf16/fp16 elements
@@ -67,14 +68,18 @@ def _scales(
     E4M3_SCALE: tl.constexpr,
     HAS_PTS: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    SCALE_EMIN: tl.constexpr,
+    SCALE_MBITS: tl.constexpr,
+    SCALE_MAX: tl.constexpr,
 ):
-    """(multiplier, dequantization scale) of blocks with max ``amax`` (see fast_kernel.c)."""
+    """(multiplier, dequantization scale) of blocks with max ``amax`` (see fast_kernel.c); an
+    E4M3 scale rounds onto the grid ``SCALE_EMIN``, ``SCALE_MBITS``, ``SCALE_MAX``."""
     if E4M3_SCALE:
         raw = tl.math.div_rn(amax, MAX_VALUE)  # IEEE division, as on CPU
         if HAS_PTS:
             raw = tl.math.div_rn(raw, per_tensor_scale)
-        raw = tl.minimum(tl.maximum(raw, 0.015625), 448.0)
-        stored = _round_to_grid(raw, 0.0, -6, 3, 448.0, False)
+        raw = tl.minimum(tl.maximum(raw, 2.0**SCALE_EMIN), SCALE_MAX)  # constexpr: exact
+        stored = _round_to_grid(raw, 0.0, SCALE_EMIN, SCALE_MBITS, SCALE_MAX, False)
         if HAS_PTS:
             multiplier = tl.math.div_rn(tl.math.div_rn(1.0, per_tensor_scale), stored)
             scale = per_tensor_scale * stored
@@ -131,7 +136,11 @@ def _fake_quantize_kernel(
     E4M3_SCALE: tl.constexpr,
     HAS_PTS: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    SCALE_EMIN: tl.constexpr,
+    SCALE_MBITS: tl.constexpr,
+    SCALE_MAX: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    TWOS_COMPLEMENT: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):
     tiles_c = (row_len + TC - 1) // TC
@@ -165,7 +174,19 @@ def _fake_quantize_kernel(
         amax_bits = tl.max(tl.max(a_bits, axis=2), axis=0)
     finite = amax_bits < 0x7F800000
     amax = amax_bits.to(tl.float32, bitcast=True)
-    multiplier, scale = _scales(amax, per_tensor_scale, MBITS, EMAX, MAX_VALUE, E4M3_SCALE, HAS_PTS, SCALE_MODE)
+    multiplier, scale = _scales(
+        amax,
+        per_tensor_scale,
+        MBITS,
+        EMAX,
+        MAX_VALUE,
+        E4M3_SCALE,
+        HAS_PTS,
+        SCALE_MODE,
+        SCALE_EMIN,
+        SCALE_MBITS,
+        SCALE_MAX,
+    )
     if TR == 1:
         multiplier, scale, finite = multiplier[:, None], scale[:, None], finite[:, None]
     else:
@@ -174,6 +195,8 @@ def _fake_quantize_kernel(
     if STOCHASTIC:
         noise = tl.reshape(_uniform(seed, counter), x.shape)
     q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC) * scale
+    if TWOS_COMPLEMENT:  # integer codes have no -0: -0.0 + 0.0 == +0.0 (IEEE, not folded without nsz)
+        q = q + 0.0
     if BF16_BITS:  # to nearest even, as torch's .to(torch.bfloat16); 0x7FC0 is its NaN
         u = q.to(tl.int32, bitcast=True)
         h = tl.where(finite, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, 0x7FC0)
@@ -209,6 +232,10 @@ def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> No
         E4M3_SCALE=job.e4m3_scale,
         HAS_PTS=job.per_tensor_scale is not None,
         SCALE_MODE=job.scale_mode,
+        SCALE_EMIN=E4M3.emin,
+        SCALE_MBITS=E4M3.mbits,
+        SCALE_MAX=E4M3.max_value,
         STOCHASTIC=job.seed is not None,
+        TWOS_COMPLEMENT=job.twos_complement,
         BF16_BITS=bf16,
     )

@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from harness.formats import fake_quantize, get_format
-from harness.formats.fast import SCALE_MODES, fake_quantize_c, fake_quantize_fast, unavailable_reason
+from harness.formats import SCALE_MODES, fake_quantize, get_format
+from harness.formats.fast import fake_quantize_c, fake_quantize_fast, unavailable_reason
 from harness.formats.philox import philox4x32
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
@@ -47,10 +47,11 @@ def backend(request):
     return _triton(), DEVICE
 
 
-def _run(backend, x: torch.Tensor, name: str, seed: int = 0, **kw) -> torch.Tensor:
+def _run(backend, x: torch.Tensor, name: str, seed: int = 0, scale_mode: str = "floor") -> torch.Tensor:
     kernel, device = backend
     g = torch.Generator().manual_seed(seed)
-    return fake_quantize_fast(x.to(device), get_format(name), kw.pop("axis", -1), None, g, kernel=kernel, **kw).cpu()
+    fmt = get_format(name).with_scale_mode(scale_mode)
+    return fake_quantize_fast(x.to(device), fmt, -1, None, g, kernel=kernel).cpu()
 
 
 def test_philox_known_answers() -> None:
@@ -98,7 +99,7 @@ def test_kernel_matches_reference(backend, name: str, dtype: torch.dtype) -> Non
 
 
 @pytest.mark.mxfp4
-@pytest.mark.parametrize("mode", list(SCALE_MODES))
+@pytest.mark.parametrize("mode", SCALE_MODES)
 def test_scale_modes_match_torchao(backend, mode: str) -> None:
     """Each E8M0 shared-exponent rule equals torchao 0.18's ``to_mx(..., scaling_mode=M)``."""
     mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
