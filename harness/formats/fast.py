@@ -70,11 +70,23 @@ class TileJob:
     mbits: int
     emax: int
     max_value: float
+    ebits: int
     twos_complement: bool
     e4m3_scale: bool
     scale_mode: int
+    scale_nan_code: int
     per_tensor_scale: float | None
     seed: int | None
+
+    @property
+    def n_tiles(self) -> int:
+        return self.n_mats * -(-self.n_rows // self.tile_rows) * -(-self.row_len // self.tile_cols)
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one tile's element codes: one per element, FP4 two per byte (FP6: one per byte)."""
+        elements = self.tile_rows * self.tile_cols
+        return elements // 2 if 1 + self.ebits + self.mbits == 4 else elements
 
 
 class _CParams(ctypes.Structure):
@@ -86,6 +98,7 @@ class _CParams(ctypes.Structure):
         ("per_tensor_scale", ctypes.c_float), ("stochastic", ctypes.c_int32), ("seed", ctypes.c_uint64),
         ("n_threads", ctypes.c_int32), ("twos_complement", ctypes.c_int32),
         ("scale_emin", ctypes.c_int32), ("scale_mbits", ctypes.c_int32), ("scale_max", ctypes.c_float),
+        ("ebits", ctypes.c_int32), ("scale_nan_code", ctypes.c_int32),
     ]  # fmt: skip
 
 
@@ -104,6 +117,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, str(err)
     lib.fake_quantize_tiles.restype = None
     lib.fake_quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
+    lib.quantize_tiles.restype = None
+    lib.quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
     return lib, ""
 
 
@@ -152,16 +167,25 @@ def supports(fmt: Format, x: torch.Tensor) -> str:
     return unavailable_reason()
 
 
-def fake_quantize_c(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
-    """The C kernel on contiguous CPU ``x`` into ``out`` (same dtype)."""
-    lib, _ = _build()
-    params = _CParams(
+def _c_params(x: torch.Tensor, job: TileJob) -> _CParams:
+    return _CParams(
         job.n_mats, job.n_rows, job.row_len, job.tile_rows, job.tile_cols, DTYPE_CODES[x.dtype],
         job.emin, job.mbits, job.emax, job.max_value, int(job.e4m3_scale), job.scale_mode,
         job.per_tensor_scale or 0.0, job.seed is not None, job.seed or 0, torch.get_num_threads(),
-        int(job.twos_complement), E4M3.emin, E4M3.mbits, E4M3.max_value,
+        int(job.twos_complement), E4M3.emin, E4M3.mbits, E4M3.max_value, job.ebits, job.scale_nan_code,
     )  # fmt: skip
-    lib.fake_quantize_tiles(x.data_ptr(), out.data_ptr(), ctypes.byref(params))
+
+
+def fake_quantize_c(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
+    """The C kernel on contiguous CPU ``x`` into ``out`` (same dtype)."""
+    _build()[0].fake_quantize_tiles(x.data_ptr(), out.data_ptr(), ctypes.byref(_c_params(x, job)))
+
+
+def quantize_c(x: torch.Tensor, codes: torch.Tensor, scale_codes: torch.Tensor, job: TileJob) -> None:
+    """The C kernel's real quantization of contiguous CPU ``x``: ``codes`` (uint8, ``(n_tiles,
+    code_bytes)``) and ``scale_codes`` (uint8, ``(n_tiles,)``)."""
+    params = ctypes.byref(_c_params(x, job))
+    _build()[0].quantize_tiles(x.data_ptr(), codes.data_ptr(), scale_codes.data_ptr(), params)
 
 
 def fake_quantize_fast(
@@ -174,16 +198,56 @@ def fake_quantize_fast(
     kernel=None,
 ) -> torch.Tensor:
     """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`).
-    1-D blocks: the blocks' axis is moved last (a copy only when it is not last already); 2-D
-    tiles: the last two dims. ``kernel(x, out, job)`` fills ``out`` in ``x``'s dtype; it defaults
-    to the device's: Triton for CUDA tensors, C for CPU tensors. The E8M0 rule is ``fmt.scale.mode``
-    (:meth:`harness.formats.registry.Format.with_scale_mode`). ``mxfp4_sr`` draws its Philox key
-    from ``generator`` (see :func:`harness.formats.philox.draw_seed`)."""
+    ``kernel(x, out, job)`` fills ``out`` in ``x``'s dtype; it defaults to the device's: Triton
+    for CUDA tensors, C for CPU tensors. See :func:`_tile_job` for the layout and the scale rule."""
     if kernel is None:
         if x.device.type == "cuda":
             from harness.formats.triton_kernel import fake_quantize_triton as kernel
         else:
             kernel = fake_quantize_c
+    src, job = _tile_job(x, fmt, axis, per_tensor_scale, generator)
+    out = torch.empty_like(src)
+    kernel(src, out, job)
+    return out if len(fmt.block_shape) == 2 else out.movedim(-1, axis).contiguous()
+
+
+def quantize_fast(
+    x: torch.Tensor,
+    fmt: Format,
+    axis: int,
+    per_tensor_scale: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    *,
+    kernel=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize``'s element codes and scale codes of a validated input on a fast kernel (caller
+    checked :func:`supports`), tile after tile in the order of
+    :attr:`harness.formats.blocks.BlockLayout.blocks_shape`: codes ``(n_tiles, code_bytes)``
+    (padding's codes included), scale codes ``(n_tiles,)``, both uint8.
+    ``kernel(x, codes, scale_codes, job)`` defaults to the device's (Triton on CUDA, C on CPU)."""
+    if kernel is None:
+        if x.device.type == "cuda":
+            from harness.formats.triton_kernel import quantize_triton as kernel
+        else:
+            kernel = quantize_c
+    src, job = _tile_job(x, fmt, axis, per_tensor_scale, generator)
+    codes = torch.empty((job.n_tiles, job.code_bytes), dtype=torch.uint8, device=x.device)
+    scale_codes = torch.empty(job.n_tiles, dtype=torch.uint8, device=x.device)
+    kernel(src, codes, scale_codes, job)
+    return codes, scale_codes
+
+
+def _tile_job(
+    x: torch.Tensor,
+    fmt: Format,
+    axis: int,
+    per_tensor_scale: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, TileJob]:
+    """``x`` as the kernels read it (contiguous; 1-D blocks: the blocks' axis moved last, a copy
+    only when it is not last already; 2-D tiles: the last two dims) and the job describing it.
+    The E8M0 rule is ``fmt.scale.mode`` (:meth:`harness.formats.registry.Format.with_scale_mode`);
+    ``mxfp4_sr`` draws its Philox key from ``generator`` (:func:`harness.formats.philox.draw_seed`)."""
     two_d = len(fmt.block_shape) == 2
     src = x.detach() if two_d else x.detach().movedim(axis, -1)
     src = src.contiguous()
@@ -200,12 +264,12 @@ def fake_quantize_fast(
         mbits=elem.mbits,
         emax=elem.emax,
         max_value=elem.max_value,
+        ebits=elem.ebits,
         twos_complement=elem.twos_complement,
         e4m3_scale=not isinstance(fmt.scale, E8M0Scale),
         scale_mode=SCALE_MODES.index(fmt.scale.mode),
+        scale_nan_code=fmt.scale.nan_code,
         per_tensor_scale=float(per_tensor_scale) if per_tensor_scale is not None else None,
         seed=philox.draw_seed(generator, x.device) if fmt.stochastic else None,
     )
-    out = torch.empty_like(src)
-    kernel(src, out, job)
-    return out if two_d else out.movedim(-1, axis).contiguous()
+    return src, job

@@ -16,6 +16,11 @@
  *            floor(t)) with u the element's Philox4x32-10 uniform; q = min(n * 2^k, elem_max)
  *   out = sign(x) q * scale + zero, rounded to the output dtype to nearest even; zero is +0 for
  *         two's-complement elements (they have no -0: -0 + +0 = +0) and -0 otherwise (the identity)
+ * quantize_tiles writes codes instead (harness/formats/elements.py's encode, quant.py's quantize):
+ *   element code of the signed grid value q: magnitude ((max(floor_log2|q|, emin) - emin) << mbits)
+ *         + |q| 2^-k (the significand in steps), then the sign bit above it, or for two's-complement
+ *         elements the negated magnitude; tile after tile, FP4 two per byte (element 2i low nibble)
+ *   scale code: E8M0 e + 127, E4M3 the same magnitude code on its grid; NaN tiles: codes 0, NaN code
  */
 #include <math.h>
 #include <pthread.h>
@@ -38,6 +43,8 @@ typedef struct {
     int32_t twos_complement; /* element codes are two's-complement integers: no -0 */
     int32_t scale_emin, scale_mbits; /* E4M3 scale: its grid (emin, mantissa bits, max) */
     float scale_max;
+    int32_t ebits;          /* element exponent bits: the sign bit of a code is bit ebits + mbits */
+    int32_t scale_nan_code; /* the stored scale of a tile holding NaN or Inf */
 } params_t;
 
 #define MAX_TILE 1024
@@ -145,11 +152,25 @@ static inline float finish(float n, float step, float max_value, float v, float 
     return float_of(bits_of(q) | (bits_of(v) & 0x80000000u)) * scale;
 }
 
-static inline void scales_of(float amax, const params_t *p, float *multiplier, float *scale) {
+/* code of |a| for a non-negative grid value a: exponent field and mantissa, subnormals included */
+static inline int magnitude_code(float a, int emin, int mbits) {
+    float step, t = grid_t(a, emin, mbits, &step); /* the significand in steps: an exact integer */
+    int e = (int)(bits_of(a) >> 23) - 127;
+    return (((e < emin ? emin : e) - emin) << mbits) + (int)t;
+}
+static inline uint8_t element_code(float q, const params_t *p) {
+    uint32_t negative = bits_of(q) >> 31;
+    int mag = magnitude_code(float_of(bits_of(q) & 0x7FFFFFFFu), p->emin, p->mbits);
+    if (p->twos_complement) return (uint8_t)(negative ? -mag : mag);
+    return (uint8_t)(mag | (int)(negative << (p->ebits + p->mbits)));
+}
+
+static inline void scales_of(float amax, const params_t *p, float *multiplier, float *scale, uint8_t *code) {
     if (p->scale_kind == 0) {
         int e = e8m0_exponent(amax, p);
         *multiplier = exp2_int(-e);
         *scale = exp2_int(e);
+        *code = (uint8_t)(e + 127);
         return;
     }
     int has_pts = p->per_tensor_scale > 0.0f;
@@ -161,16 +182,20 @@ static inline void scales_of(float amax, const params_t *p, float *multiplier, f
     float stored = finish((t + 8388608.0f) - 8388608.0f, step, p->scale_max, raw, 1.0f);
     *multiplier = has_pts ? (1.0f / p->per_tensor_scale) / stored : 1.0f / stored;
     *scale = has_pts ? p->per_tensor_scale * stored : stored;
+    *code = (uint8_t)magnitude_code(stored, p->scale_emin, p->scale_mbits);
 }
 
 /* One tile: first element at `base`, `rows` x `cols` of it inside the tensor, `u` its uniforms
- * when stochastic; TR, TC, DTYPE, SR are compile-time constants after inlining.
+ * when stochastic; CODES: write the tile's element codes at `codes` (TR * TC, or half as many
+ * bytes for 4-bit codes, padding included) and its scale code at `scale_code` instead of `out`;
+ * TR, TC, DTYPE, SR, CODES are compile-time constants after inlining.
  * amax and finiteness come from one integer max of |x|'s bits (non-negative floats order as
  * their bits; NaN and Inf are the bit patterns >= 0x7F800000), which vectorizes. */
-static inline __attribute__((always_inline)) void do_tile(const void *x, void *out, const params_t *p,
+static inline __attribute__((always_inline)) void do_tile(const void *x, void *out, uint8_t *codes,
+                                                         uint8_t *scale_code, const params_t *p,
                                                          const float *u, int64_t base, int rows, int cols,
                                                          const int TR, const int TC, const int DTYPE,
-                                                         const int SR) {
+                                                         const int SR, const int CODES) {
     float buf[MAX_TILE];
     if (rows == TR && cols == TC) {
         for (int r = 0; r < TR; ++r)
@@ -186,13 +211,21 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
         amax_bits = a > amax_bits ? a : amax_bits;
     }
     if (amax_bits >= 0x7F800000) { /* NaN or Inf in the tile */
+        if (CODES) {
+            memset(codes, 0, p->mbits + p->ebits == 3 ? TR * TC / 2 : TR * TC);
+            *scale_code = (uint8_t)p->scale_nan_code;
+            return;
+        }
         for (int r = 0; r < rows; ++r)
             for (int c = 0; c < cols; ++c) store_nan(out, DTYPE, base + r * p->row_len + c);
         return;
     }
     float multiplier, scale;
-    scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale);
-    const float zero = p->twos_complement ? 0.0f : -0.0f;
+    uint8_t stored_code;
+    scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale, &stored_code);
+    if (CODES) *scale_code = stored_code;
+    if (CODES) scale = 1.0f; /* codes: the grid values themselves */
+    const float zero = p->twos_complement && !CODES ? 0.0f : -0.0f;
     if (SR) {
         for (int i = 0; i < TR * TC; ++i) {
             float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
@@ -206,6 +239,14 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
             buf[i] = finish((t + 8388608.0f) - 8388608.0f, step, p->max_value, v, scale) + zero;
         }
     }
+    if (CODES) {
+        if (p->mbits + p->ebits == 3) /* FP4: two per byte, element 2i in the low nibble */
+            for (int i = 0; i < TR * TC / 2; ++i)
+                codes[i] = (uint8_t)(element_code(buf[2 * i], p) | element_code(buf[2 * i + 1], p) << 4);
+        else
+            for (int i = 0; i < TR * TC; ++i) codes[i] = element_code(buf[i], p);
+        return;
+    }
     if (rows == TR && cols == TC) {
         for (int r = 0; r < TR; ++r)
             for (int c = 0; c < TC; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
@@ -218,6 +259,7 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
 typedef struct {
     const void *x;
     void *out;
+    uint8_t *codes, *scale_codes; /* quantize_tiles: the outputs (out is NULL) */
     const params_t *p;
     int64_t begin, end;
 } range_t;
@@ -225,11 +267,12 @@ typedef struct {
 /* tiles [begin, end) in order, strip by strip (a strip: TR rows of one matrix), no division per
  * tile; stochastic: the uniforms of up to MAX_TILE elements' worth of consecutive tiles at once
  * (their Philox counters are consecutive), so the generator's loops are long enough to vectorize */
-#define LOOP(TR, TC, DTYPE, SR)                                                                    \
+#define LOOP(TR, TC, DTYPE, SR, CODES)                                                                  \
     {                                                                                              \
         const int64_t tiles_c = (p->row_len + (TC) - 1) / (TC), tiles_r = (p->n_rows + (TR) - 1) / (TR); \
         int64_t t = r->begin, tc = t % tiles_c, strip = t / tiles_c, u_first = -1;                 \
         const int64_t group = MAX_TILE / ((TR) * (TC));                                            \
+        const int64_t code_bytes = p->mbits + p->ebits == 3 ? (TR) * (TC) / 2 : (TR) * (TC);        \
         float u[MAX_TILE];                                                                         \
         for (; t < r->end; tc = 0, ++strip) {                                                      \
             const int64_t r0 = (strip % tiles_r) * (TR);                                           \
@@ -242,29 +285,32 @@ typedef struct {
                     u_first = t;                                                                   \
                     philox_uniforms((uint64_t)t * ((TR) * (TC) / 4), (int)(n * (TR) * (TC) / 4), p->seed, u); \
                 }                                                                                  \
-                do_tile(r->x, r->out, p, (SR) ? u + (t - u_first) * (TR) * (TC) : NULL,             \
-                        row_base + tc * (TC), rows, cols, TR, TC, DTYPE, SR);                      \
+                do_tile(r->x, r->out, (CODES) ? r->codes + t * code_bytes : NULL,                   \
+                        (CODES) ? r->scale_codes + t : NULL, p, (SR) ? u + (t - u_first) * (TR) * (TC) : NULL, \
+                        row_base + tc * (TC), rows, cols, TR, TC, DTYPE, SR, CODES);               \
             }                                                                                      \
         }                                                                                          \
     }
 
-#define BY_DTYPE(TR, TC, SR)                                                                       \
+#define BY_DTYPE(TR, TC, SR, CODES)                                                                \
     switch (p->dtype) {                                                                            \
-    case 0: LOOP(TR, TC, 0, SR) break;                                                             \
-    case 1: LOOP(TR, TC, 1, SR) break;                                                             \
-    default: LOOP(TR, TC, 2, SR) break;                                                            \
+    case 0: LOOP(TR, TC, 0, SR, CODES) break;                                                      \
+    case 1: LOOP(TR, TC, 1, SR, CODES) break;                                                      \
+    default: LOOP(TR, TC, 2, SR, CODES) break;                                                     \
     }
 
 /* Tiles [begin, end): specialised instances for the registry's tile shapes, a generic one for
- * any other (tile_rows * tile_cols <= MAX_TILE, a multiple of 4 when stochastic). */
+ * any other (tile_rows * tile_cols <= MAX_TILE, a multiple of 4 when stochastic); real
+ * quantization (codes) takes the generic one (3 more instances, not 18: the build stays short). */
 static void run_range(const range_t *r) {
     const params_t *p = r->p;
-    if (p->tile_rows == 1 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(1, 32, 0) }
-    else if (p->tile_rows == 1 && p->tile_cols == 32) { BY_DTYPE(1, 32, 1) }
-    else if (p->tile_rows == 1 && p->tile_cols == 16 && !p->stochastic) { BY_DTYPE(1, 16, 0) }
-    else if (p->tile_rows == 32 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(32, 32, 0) }
-    else if (p->stochastic) { BY_DTYPE(p->tile_rows, p->tile_cols, 1) }
-    else { BY_DTYPE(p->tile_rows, p->tile_cols, 0) }
+    if (r->codes) { BY_DTYPE(p->tile_rows, p->tile_cols, p->stochastic, 1) }
+    else if (p->tile_rows == 1 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(1, 32, 0, 0) }
+    else if (p->tile_rows == 1 && p->tile_cols == 32) { BY_DTYPE(1, 32, 1, 0) }
+    else if (p->tile_rows == 1 && p->tile_cols == 16 && !p->stochastic) { BY_DTYPE(1, 16, 0, 0) }
+    else if (p->tile_rows == 32 && p->tile_cols == 32 && !p->stochastic) { BY_DTYPE(32, 32, 0, 0) }
+    else if (p->stochastic) { BY_DTYPE(p->tile_rows, p->tile_cols, 1, 0) }
+    else { BY_DTYPE(p->tile_rows, p->tile_cols, 0, 0) }
 }
 
 static void *thread_main(void *arg) {
@@ -275,7 +321,7 @@ static void *thread_main(void *arg) {
 #define MAX_THREADS 64
 #define MIN_ELEMENTS_PER_THREAD 65536 /* below this a thread costs more than it saves */
 
-void fake_quantize_tiles(const void *x, void *out, const params_t *p) {
+static void run_tiles(const void *x, void *out, uint8_t *codes, uint8_t *scale_codes, const params_t *p) {
     const int64_t per_tile = (int64_t)p->tile_rows * p->tile_cols;
     const int64_t n_tiles = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows) *
                             ((p->row_len + p->tile_cols - 1) / p->tile_cols);
@@ -286,7 +332,7 @@ void fake_quantize_tiles(const void *x, void *out, const params_t *p) {
     pthread_t threads[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int64_t i = 0; i < n; ++i) {
-        range_t rg = {x, out, p, n_tiles * i / n, n_tiles * (i + 1) / n};
+        range_t rg = {x, out, codes, scale_codes, p, n_tiles * i / n, n_tiles * (i + 1) / n};
         ranges[i] = rg;
     }
     for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, thread_main, &ranges[i]) == 0;
@@ -295,4 +341,12 @@ void fake_quantize_tiles(const void *x, void *out, const params_t *p) {
         if (started[i]) pthread_join(threads[i], NULL);
         else run_range(&ranges[i]); /* no thread to be had: do its share here */
     }
+}
+
+/* fake quantization: out (x's shape and dtype) = the dequantized grid values */
+void fake_quantize_tiles(const void *x, void *out, const params_t *p) { run_tiles(x, out, NULL, NULL, p); }
+
+/* real quantization: codes (tile after tile, bytes per tile: TR * TC, half for FP4), one scale code per tile */
+void quantize_tiles(const void *x, uint8_t *codes, uint8_t *scale_codes, const params_t *p) {
+    run_tiles(x, NULL, codes, scale_codes, p);
 }

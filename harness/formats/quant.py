@@ -139,10 +139,25 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _takes_fast_path(x: torch.Tensor, fmt: Format, backend: str) -> bool:
+    """Whether ``backend`` (resolved) runs ``fmt`` on validated ``x`` on a fast kernel; ValueError
+    when ``backend="fast"`` and no kernel can."""
+    if backend == "reference" or x.dim() == 0 or x.numel() == 0:
+        return False
+    why_not = fast.supports(fmt, x)
+    if why_not and backend == "fast":
+        raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
+    return not why_not
+
+
+def _resolve_backend(backend: str | None) -> str:
+    return _check_backend(backend) if backend is not None else _default_backend[-1]
+
+
 @contextlib.contextmanager
 def default_backend(backend: str) -> Iterator[None]:
-    """Within the block, ``fake_quantize`` calls without ``backend=`` use ``backend`` (the
-    formats suite runs every case under ``"fast"`` and under ``"reference"``)."""
+    """Within the block, ``fake_quantize`` and ``quantize`` calls without ``backend=`` use
+    ``backend`` (the formats suite runs every case under ``"fast"`` and under ``"reference"``)."""
     _default_backend.append(_check_backend(backend))
     try:
         yield
@@ -176,15 +191,11 @@ def fake_quantize(
     it, use :class:`harness.inject.QuantInjector` with ``straight_through=True`` (or
     ``harness.inject.StraightThrough.apply(x, fake_quantize(x, ...))``).
     """
-    backend = _check_backend(backend) if backend is not None else _default_backend[-1]
+    backend = _resolve_backend(backend)
     fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    if backend != "reference" and x.dim() > 0 and x.numel() > 0:
-        why_not = fast.supports(fmt, x)
-        if not why_not:
-            return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
-        if backend == "fast":
-            raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
+    if _takes_fast_path(x, fmt, backend):
+        return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
     blocks = _blocks(x, layout)
     if blocks.numel() == 0:
         return x.clone()
@@ -200,14 +211,24 @@ def quantize(
     axis: int = -1,
     generator: torch.Generator | None = None,
     per_tensor_scale: float | torch.Tensor | None = None,
+    backend: str | None = None,
     scale_mode: str = "floor",
 ) -> QuantizedTensor:
     """Real quantization: packed uint8 element codes plus E8M0 or E4M3 block scales.
 
     ``dequantize(quantize(x, ...))`` equals ``fake_quantize(x, ...)`` bit for bit (the scale
-    mode only chooses the stored scales, so dequantization needs no mode).
+    mode only chooses the stored scales, so dequantization needs no mode).  ``backend`` as in
+    :func:`fake_quantize`: the fast kernels write the same codes and scales as the reference path.
     """
-    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale, scale_mode)
+    backend = _resolve_backend(backend)
+    fmt = _format(name, scale_mode)
+    layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
+    if _takes_fast_path(x, fmt, backend):
+        codes, scale_codes = fast.quantize_fast(x, fmt, layout.axis, pts, generator)
+        lead = layout.blocks_shape[:-1]
+        codes, scale_codes = codes.reshape(*lead, codes.shape[-1]), scale_codes.reshape(lead)
+        return QuantizedTensor(fmt.name, codes, scale_codes, layout, tuple(x.shape), x.dtype, pts)
+    blocks = _blocks(x, layout)
     q, stored = _quantize_blocks(blocks, fmt, pts, generator)
     finite = ~torch.isnan(stored)
     codes = encode(torch.where(finite, q, 0.0), fmt.element)

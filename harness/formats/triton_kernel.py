@@ -72,8 +72,8 @@ def _scales(
     SCALE_MBITS: tl.constexpr,
     SCALE_MAX: tl.constexpr,
 ):
-    """(multiplier, dequantization scale) of blocks with max ``amax`` (see fast_kernel.c); an
-    E4M3 scale rounds onto the grid ``SCALE_EMIN``, ``SCALE_MBITS``, ``SCALE_MAX``."""
+    """(multiplier, dequantization scale, scale code) of blocks with max ``amax`` (see
+    fast_kernel.c); an E4M3 scale rounds onto the grid ``SCALE_EMIN``, ``SCALE_MBITS``, ``SCALE_MAX``."""
     if E4M3_SCALE:
         raw = tl.math.div_rn(amax, MAX_VALUE)  # IEEE division, as on CPU
         if HAS_PTS:
@@ -86,6 +86,7 @@ def _scales(
         else:
             multiplier = tl.math.div_rn(1.0, stored)
             scale = stored
+        code = _magnitude_code(stored.to(tl.int32, bitcast=True), SCALE_EMIN, SCALE_MBITS)
     else:
         ab = amax.to(tl.int32, bitcast=True)
         if SCALE_MODE == 1:  # ceil
@@ -101,7 +102,28 @@ def _scales(
         e = tl.minimum(tl.maximum(e, -127), 127)
         multiplier = _exp2_int(-e)
         scale = _exp2_int(e)
-    return multiplier, scale
+        code = e + 127
+    return multiplier, scale, code
+
+
+@triton.jit
+def _magnitude_code(a_bits, emin: tl.constexpr, mbits: tl.constexpr):
+    """Code of a non-negative grid value given as its fp32 bits: ``(max(floor_log2, emin) - emin)
+    << mbits`` plus the significand in grid steps (exact), as fast_kernel.c's magnitude_code."""
+    biased_e = tl.maximum(a_bits >> 23, emin + 127)
+    t = a_bits.to(tl.float32, bitcast=True) * ((254 - (biased_e - mbits)) << 23).to(tl.float32, bitcast=True)
+    return ((biased_e - (emin + 127)) << mbits) + t.to(tl.int32)
+
+
+@triton.jit
+def _element_code(q, emin: tl.constexpr, mbits: tl.constexpr, ebits: tl.constexpr, TWOS_COMPLEMENT: tl.constexpr):
+    """Code of signed grid value ``q`` (int32 in [0, 255]): sign bit above the magnitude, or the
+    negated magnitude in two's complement."""
+    bits = q.to(tl.int32, bitcast=True)
+    mag = _magnitude_code(bits & 0x7FFFFFFF, emin, mbits)
+    if TWOS_COMPLEMENT:
+        return tl.where(bits < 0, -mag, mag) & 0xFF
+    return mag | (((bits >> 31) & 1) << (ebits + mbits))
 
 
 @triton.jit
@@ -121,6 +143,7 @@ def _uniform(seed, counter):
 def _fake_quantize_kernel(
     x_ptr,
     out_ptr,
+    scale_codes_ptr,
     n_tiles,
     n_rows,
     row_len,
@@ -142,7 +165,13 @@ def _fake_quantize_kernel(
     STOCHASTIC: tl.constexpr,
     TWOS_COMPLEMENT: tl.constexpr,
     BF16_BITS: tl.constexpr,
+    CODES: tl.constexpr,
+    EBITS: tl.constexpr,
+    SCALE_NAN_CODE: tl.constexpr,
 ):
+    """Fake quantization into ``out_ptr``, or (``CODES``) the element codes into ``out_ptr``
+    (uint8, tile after tile, FP4 two per byte, element 2i in the low nibble) and the scale
+    codes into ``scale_codes_ptr`` (one per tile)."""
     tiles_c = (row_len + TC - 1) // TC
     t = tl.program_id(0) * TILES + tl.arange(0, TILES)  # global tile (block) indices, int32
     if TR == 1:  # [tiles, cols]: consecutive blocks of rows
@@ -174,7 +203,7 @@ def _fake_quantize_kernel(
         amax_bits = tl.max(tl.max(a_bits, axis=2), axis=0)
     finite = amax_bits < 0x7F800000
     amax = amax_bits.to(tl.float32, bitcast=True)
-    multiplier, scale = _scales(
+    multiplier, scale, scale_code = _scales(
         amax,
         per_tensor_scale,
         MBITS,
@@ -187,6 +216,8 @@ def _fake_quantize_kernel(
         SCALE_MBITS,
         SCALE_MAX,
     )
+    if CODES:
+        tl.store(scale_codes_ptr + t, tl.where(finite, scale_code, SCALE_NAN_CODE).to(tl.uint8), mask=t < n_tiles)
     if TR == 1:
         multiplier, scale, finite = multiplier[:, None], scale[:, None], finite[:, None]
     else:
@@ -194,29 +225,75 @@ def _fake_quantize_kernel(
     noise = 0.0
     if STOCHASTIC:
         noise = tl.reshape(_uniform(seed, counter), x.shape)
-    q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC) * scale
-    if TWOS_COMPLEMENT:  # integer codes have no -0: -0.0 + 0.0 == +0.0 (IEEE, not folded without nsz)
-        q = q + 0.0
-    if BF16_BITS:  # to nearest even, as torch's .to(torch.bfloat16); 0x7FC0 is its NaN
-        u = q.to(tl.int32, bitcast=True)
-        h = tl.where(finite, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, 0x7FC0)
-        tl.store(out_ptr + offsets, h.to(tl.int16), mask=mask)
+    q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC)
+    if CODES:
+        _store_codes(
+            out_ptr,
+            tl.where(finite, _element_code(q, EMIN, MBITS, EBITS, TWOS_COMPLEMENT), 0),
+            t,
+            n_tiles,
+            TR,
+            TC,
+            TILES,
+            EBITS + MBITS == 3,
+        )
     else:
-        q = tl.where(finite, q, float("nan"))
-        tl.store(out_ptr + offsets, q.to(out_ptr.dtype.element_ty), mask=mask)
+        q = q * scale
+        if TWOS_COMPLEMENT:  # integer codes have no -0: -0.0 + 0.0 == +0.0 (IEEE, not folded without nsz)
+            q = q + 0.0
+        if BF16_BITS:  # to nearest even, as torch's .to(torch.bfloat16); 0x7FC0 is its NaN
+            u = q.to(tl.int32, bitcast=True)
+            h = tl.where(finite, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, 0x7FC0)
+            tl.store(out_ptr + offsets, h.to(tl.int16), mask=mask)
+        else:
+            q = tl.where(finite, q, float("nan"))
+            tl.store(out_ptr + offsets, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_codes(
+    codes_ptr, code, t, n_tiles, TR: tl.constexpr, TC: tl.constexpr, TILES: tl.constexpr, PACK: tl.constexpr
+):
+    """Tile ``t``'s codes (``[TILES, TC]`` or ``[TR, TILES, TC]``) at ``t * TR * TC`` in the
+    tile's row-major order, or two per byte (``PACK``: element 2i low, 2i + 1 high nibble)."""
+    if PACK:
+        if TR == 1:
+            lo, hi = tl.split(tl.reshape(code, [TILES, TC // 2, 2]))
+        else:
+            lo, hi = tl.split(tl.reshape(code, [TR, TILES, TC // 2, 2]))
+        code = lo | (hi << 4)
+    width: tl.constexpr = TC // 2 if PACK else TC
+    if TR == 1:
+        offsets = t.to(tl.int64)[:, None] * width + tl.arange(0, width)[None, :]
+        mask = (t < n_tiles)[:, None]
+    else:
+        r = tl.arange(0, TR)[:, None, None]
+        offsets = t.to(tl.int64)[None, :, None] * (TR * width) + r * width + tl.arange(0, width)[None, None, :]
+        mask = (t < n_tiles)[None, :, None]
+    tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=mask)
 
 
 def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
     """The Triton kernel on contiguous ``x`` into ``out`` (same dtype; called through
     :func:`harness.formats.fast.fake_quantize_fast`)."""
-    tiles_c = triton.cdiv(job.row_len, job.tile_cols)
-    n_tiles = job.n_mats * triton.cdiv(job.n_rows, job.tile_rows) * tiles_c
+    _launch(x, out, out, job, codes=False)
+
+
+def quantize_triton(x: torch.Tensor, codes: torch.Tensor, scale_codes: torch.Tensor, job: TileJob) -> None:
+    """The Triton kernel's real quantization of contiguous ``x`` into ``codes`` and
+    ``scale_codes`` (uint8; called through :func:`harness.formats.fast.quantize_fast`)."""
+    _launch(x, codes, scale_codes, job, codes=True)
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor, scale_codes: torch.Tensor, job: TileJob, *, codes: bool) -> None:
+    n_tiles = job.n_tiles
     per_tile = job.tile_rows * job.tile_cols * x.element_size()
     tiles = 1 << max(0, ((BYTES_1D if job.tile_rows == 1 else BYTES_2D) // per_tile).bit_length() - 1)  # a power of 2
     bf16 = x.dtype == torch.bfloat16  # passed as int16 bits: Triton's interpreter rounds bf16 subnormals wrongly
     _fake_quantize_kernel[(triton.cdiv(n_tiles, tiles),)](
         x.view(torch.int16) if bf16 else x,
-        out.view(torch.int16) if bf16 else out,
+        out.view(torch.int16) if bf16 and not codes else out,
+        scale_codes,
         n_tiles,
         job.n_rows,
         job.row_len,
@@ -238,4 +315,7 @@ def fake_quantize_triton(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> No
         STOCHASTIC=job.seed is not None,
         TWOS_COMPLEMENT=job.twos_complement,
         BF16_BITS=bf16,
+        CODES=codes,
+        EBITS=job.ebits,
+        SCALE_NAN_CODE=job.scale_nan_code,
     )

@@ -8,6 +8,8 @@
 - Stochastic rounding statistics on each kernel: only the two neighbouring grid points, an
   unbiased mean, seeds reproduce, successive calls with one generator differ.
 - The E8M0 scale modes (torchao's ``ScaleCalculationMode``) against torchao itself.
+- Real quantization (``quantize``'s element and scale codes) from each kernel, byte for byte
+  the reference path's, for every format and dtype.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import os
 import pytest
 import torch
 
-from harness.formats import SCALE_MODES, fake_quantize, get_format
-from harness.formats.fast import fake_quantize_c, fake_quantize_fast, unavailable_reason
+from harness.formats import SCALE_MODES, fake_quantize, get_format, nvfp4_per_tensor_scale, quantize
+from harness.formats.fast import fake_quantize_c, fake_quantize_fast, quantize_c, quantize_fast, unavailable_reason
 from harness.formats.philox import philox4x32
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
@@ -45,6 +47,15 @@ def backend(request):
             pytest.skip(f"C fast path unavailable here: {unavailable_reason()}")
         return fake_quantize_c, torch.device("cpu")
     return _triton(), DEVICE
+
+
+def _codes_kernel(kernel):
+    """The real-quantization entry of the same kernel (C or Triton)."""
+    if kernel is fake_quantize_c:
+        return quantize_c
+    from harness.formats.triton_kernel import quantize_triton
+
+    return quantize_triton
 
 
 def _run(backend, x: torch.Tensor, name: str, seed: int = 0, scale_mode: str = "floor") -> torch.Tensor:
@@ -96,6 +107,46 @@ def test_kernel_matches_reference(backend, name: str, dtype: torch.dtype) -> Non
         x = make(fmt).to(dtype)
         want = fake_quantize(x, name, generator=torch.Generator().manual_seed(0), backend="reference")
         assert_same_bits(_run(backend, x, name), want, f"{name}/{case}")
+
+
+def _quantize_params() -> list:
+    """(kernel, format, dtype): both kernels on every format and dtype."""
+    return [
+        pytest.param(kernel, p.values[0], dtype, marks=p.marks, id=f"{kernel}-{p.id}-{str(dtype)[6:]}")
+        for p in format_params()
+        for dtype in DTYPES
+        for kernel in ("c", "triton")
+    ]
+
+
+@pytest.mark.parametrize(("backend", "name", "dtype"), _quantize_params(), indirect=["backend"])
+def test_quantize_kernel_matches_reference(backend, name: str, dtype: torch.dtype) -> None:
+    """The kernel's element codes (FP4 packed) and scale codes are the reference ``quantize``'s,
+    byte for byte (``mxfp4_sr``: same generator seed), on the parity cases; the edge magnitudes
+    (scale codes at both clamps) in fp32 under every E8M0 scale mode, and NVFP4 with its
+    per-tensor scale too."""
+    kernel, device = backend
+    fmt = get_format(name)
+    for case, make in PARITY_CASES.items():
+        x = make(fmt).to(dtype)
+        every_mode = fmt.scale.name == "e8m0" and dtype == torch.float32 and case == "edge_magnitudes"
+        modes = SCALE_MODES if every_mode else ("floor",)
+        pts_choices = (None, nvfp4_per_tensor_scale(x)) if fmt.scale.supports_per_tensor_scale else (None,)
+        for mode in modes:
+            for pts in pts_choices:
+                g = torch.Generator().manual_seed(0)
+                want = quantize(x, name, generator=g, per_tensor_scale=pts, scale_mode=mode, backend="reference")
+                codes, scales = quantize_fast(
+                    x.to(device),
+                    fmt.with_scale_mode(mode),
+                    want.layout.axis,
+                    None if pts is None else pts.to(device),
+                    torch.Generator().manual_seed(0),
+                    kernel=_codes_kernel(kernel),
+                )
+                where = f"{name}/{case}/{mode}/pts={pts is not None}"
+                assert torch.equal(codes.cpu().reshape(want.codes.shape), want.codes), where
+                assert torch.equal(scales.cpu().reshape(want.scales.shape), want.scales), where
 
 
 @pytest.mark.mxfp4
