@@ -1,4 +1,5 @@
-"""The fast paths of :func:`harness.formats.fake_quantize`: one pass over memory, reading and
+"""The fast paths of :func:`harness.formats.fake_quantize` (and of :func:`harness.formats.quantize`,
+which writes element and scale codes instead of values): one pass over memory, reading and
 writing the input's own dtype (fp32, bf16, fp16; fp32 only in registers), bit-identical to the
 reference tensor path, for every format: 1-D blocks, ``mxfp4_2d``'s 32x32 tiles, and
 ``mxfp4_sr``'s stochastic rounding from the same Philox4x32-10 stream (:mod:`harness.formats.philox`).

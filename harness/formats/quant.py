@@ -117,11 +117,19 @@ def _format(name: str, scale_mode: str) -> Format:
 
 
 def _prepare(
-    x: torch.Tensor, name: str, axis: int, per_tensor_scale: float | torch.Tensor | None, scale_mode: str
-) -> tuple[Format, BlockLayout, torch.Tensor | None, torch.Tensor]:
+    x: torch.Tensor,
+    name: str,
+    axis: int,
+    per_tensor_scale: float | torch.Tensor | None,
+    scale_mode: str,
+    backend: str | None = "reference",
+) -> tuple[Format, BlockLayout, torch.Tensor | None, bool]:
+    """The format under ``scale_mode``, the block layout, the per-tensor scale (validated) and
+    whether ``backend`` (None: the current default, :func:`default_backend`) takes a fast kernel."""
+    backend = _check_backend(backend) if backend is not None else _default_backend[-1]
     fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    return fmt, layout, pts, _blocks(x, layout)
+    return fmt, layout, pts, _takes_fast_path(x, fmt, backend)
 
 
 def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -148,10 +156,6 @@ def _takes_fast_path(x: torch.Tensor, fmt: Format, backend: str) -> bool:
     if why_not and backend == "fast":
         raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
     return not why_not
-
-
-def _resolve_backend(backend: str | None) -> str:
-    return _check_backend(backend) if backend is not None else _default_backend[-1]
 
 
 @contextlib.contextmanager
@@ -191,10 +195,8 @@ def fake_quantize(
     it, use :class:`harness.inject.QuantInjector` with ``straight_through=True`` (or
     ``harness.inject.StraightThrough.apply(x, fake_quantize(x, ...))``).
     """
-    backend = _resolve_backend(backend)
-    fmt = _format(name, scale_mode)
-    layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    if _takes_fast_path(x, fmt, backend):
+    fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
+    if on_kernel:
         return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
     blocks = _blocks(x, layout)
     if blocks.numel() == 0:
@@ -220,10 +222,8 @@ def quantize(
     mode only chooses the stored scales, so dequantization needs no mode).  ``backend`` as in
     :func:`fake_quantize`: the fast kernels write the same codes and scales as the reference path.
     """
-    backend = _resolve_backend(backend)
-    fmt = _format(name, scale_mode)
-    layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    if _takes_fast_path(x, fmt, backend):
+    fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
+    if on_kernel:
         codes, scale_codes = fast.quantize_fast(x, fmt, layout.axis, pts, generator)
         lead = layout.blocks_shape[:-1]
         codes, scale_codes = codes.reshape(*lead, codes.shape[-1]), scale_codes.reshape(lead)
@@ -265,7 +265,8 @@ def representable_max(
     """Per element of ``x`` (fp32, same shape): the largest magnitude its block can represent,
     ``element max_value * block scale`` (NaN for blocks holding NaN/Inf).  A value above it is
     clipped by the format: what SRDD's ``saturation_ratio`` counts."""
-    fmt, layout, pts, blocks = _prepare(x, name, axis, per_tensor_scale, scale_mode)
+    fmt, layout, pts, _ = _prepare(x, name, axis, per_tensor_scale, scale_mode)
+    blocks = _blocks(x, layout)
     amax = blocks.abs().amax(-1, keepdim=True)
     stored, _ = fmt.scale.block_scale(amax, fmt.element, pts)
     stored = torch.where(torch.isfinite(amax), stored, torch.nan)

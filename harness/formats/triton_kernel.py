@@ -1,7 +1,8 @@
 """The CUDA fast path of :func:`harness.formats.fake_quantize`: a Triton kernel with the C fast
 path's arithmetic (``fast_kernel.c``: same formulas, same fp32 operation order, the same
 Philox4x32-10 stream for stochastic rounding), so GPU and CPU results are bit-identical. It reads
-and writes the input's dtype (fp32 only in registers): one read, one write.
+and writes the input's dtype (fp32 only in registers): one read, one write. With ``CODES`` it
+writes :func:`harness.formats.quantize`'s element codes and scale codes instead.
 
 1-D formats: each program takes ``BYTES_1D`` of consecutive blocks of the row-major
 ``(rows, row_len)`` tensor, as a ``[blocks, block]`` array. 2-D tiles: each program takes

@@ -4,8 +4,10 @@ Every case stores its throughput (GB/s read + written) and its median time relat
 ``x.clone()`` of the same tensor measured in the same process (``extra_info``), so numbers from
 different machines compare as ratios. On CUDA every timed call ends in
 ``torch.cuda.synchronize()`` (the kernel, not its launch, is timed) and ``clone`` is timed with
-``triton.testing.do_bench``.  torchao's reference MX/NVFP4 path is benchmarked beside ours.
-Run: ``pytest suites/bench -m bench --benchmark-only`` (``make bench``).
+``triton.testing.do_bench``.  torchao's MX/NVFP4 cast + dequantize is benchmarked beside ours
+(every format it has, fp32 and bf16), and ``quantize`` (codes + scales) beside ``fake_quantize``.
+Run: ``pytest suites/bench -m bench --benchmark-only`` (``make bench``); the side-by-side table of
+the same measurements (paired rounds) is ``python -m benchmarks.bandwidth`` (README, "Speed").
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bandwidth import median_ms
-from harness.formats import fake_quantize, get_format
+from benchmarks.bandwidth import median_ms, torchao_fake_quantize
+from harness.formats import fake_quantize, get_format, quantize
 from harness.testing import format_params
 
 pytestmark = pytest.mark.bench
@@ -84,11 +86,27 @@ def test_reference_path_speed(benchmark, metrics, name: str, tensors) -> None:
     assert out.shape == x.shape
 
 
-@pytest.mark.parametrize("name", format_params(HEADLINE))
-def test_torchao_reference_speed(benchmark, metrics, name: str, tensors) -> None:
-    parity = pytest.importorskip("suites.formats.test_torchao_parity")
-    x = tensors["4096x4096", "fp32"]
-    benchmark.group = "fake_quantize-4096x4096-fp32"
-    out = benchmark(synced(parity.torchao_fake_quantize, x), x, name)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", format_params())
+def test_quantize_speed(benchmark, metrics, name: str, dtype: str, tensors) -> None:
+    """Real quantization (packed codes + scales) on the default path (the same fast kernels)."""
+    x = tensors["4096x4096", dtype]
+    benchmark.group = f"quantize-4096x4096-{dtype}"
+    q = benchmark(synced(quantize, x), x, name, generator=_generator(name, x))
+    record(benchmark, metrics, x)
+    assert q.shape == tuple(x.shape)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", format_params())
+def test_torchao_reference_speed(benchmark, metrics, name: str, dtype: str, tensors) -> None:
+    """torchao's ``to_mx(...).dequantize()`` / ``NVFP4Tensor`` (eager) on the same tensor, for
+    every format torchao has (the others skip, saying so)."""
+    run = torchao_fake_quantize(name)
+    if run is None:
+        pytest.skip(f"torchao is not installed or has no {name}")
+    x = tensors["4096x4096", dtype]
+    benchmark.group = f"fake_quantize-4096x4096-{dtype}"
+    out = benchmark(synced(run, x), x)
     record(benchmark, metrics, x)
     assert out.shape == x.shape
