@@ -158,6 +158,7 @@ static inline int magnitude_code(float a, int emin, int mbits) {
     int e = (int)(bits_of(a) >> 23) - 127;
     return (((e < emin ? emin : e) - emin) << mbits) + (int)t;
 }
+static inline int packs_two(const params_t *p) { return 1 + p->ebits + p->mbits == 4; } /* FP4 codes */
 static inline uint8_t element_code(float q, const params_t *p) {
     uint32_t negative = bits_of(q) >> 31;
     int mag = magnitude_code(float_of(bits_of(q) & 0x7FFFFFFFu), p->emin, p->mbits);
@@ -188,7 +189,8 @@ static inline void scales_of(float amax, const params_t *p, float *multiplier, f
 /* One tile: first element at `base`, `rows` x `cols` of it inside the tensor, `u` its uniforms
  * when stochastic; CODES: write the tile's element codes at `codes` (TR * TC, or half as many
  * bytes for 4-bit codes, padding included) and its scale code at `scale_code` instead of `out`;
- * TR, TC, DTYPE, SR, CODES are compile-time constants after inlining.
+ * TR, TC, DTYPE, SR, CODES are compile-time constants after inlining (in run_range's
+ * specialised instances; the codes instance has TR, TC, DTYPE and SR at run time).
  * amax and finiteness come from one integer max of |x|'s bits (non-negative floats order as
  * their bits; NaN and Inf are the bit patterns >= 0x7F800000), which vectorizes. */
 static inline __attribute__((always_inline)) void do_tile(const void *x, void *out, uint8_t *codes,
@@ -212,7 +214,7 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
     }
     if (amax_bits >= 0x7F800000) { /* NaN or Inf in the tile */
         if (CODES) {
-            memset(codes, 0, p->mbits + p->ebits == 3 ? TR * TC / 2 : TR * TC);
+            memset(codes, 0, packs_two(p) ? TR * TC / 2 : TR * TC);
             *scale_code = (uint8_t)p->scale_nan_code;
             return;
         }
@@ -223,8 +225,10 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
     float multiplier, scale;
     uint8_t stored_code;
     scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale, &stored_code);
-    if (CODES) *scale_code = stored_code;
-    if (CODES) scale = 1.0f; /* codes: the grid values themselves */
+    if (CODES) {
+        *scale_code = stored_code;
+        scale = 1.0f; /* codes: of the grid values themselves */
+    }
     const float zero = p->twos_complement && !CODES ? 0.0f : -0.0f;
     if (SR) {
         for (int i = 0; i < TR * TC; ++i) {
@@ -240,7 +244,7 @@ static inline __attribute__((always_inline)) void do_tile(const void *x, void *o
         }
     }
     if (CODES) {
-        if (p->mbits + p->ebits == 3) /* FP4: two per byte, element 2i in the low nibble */
+        if (packs_two(p)) /* two per byte, element 2i in the low nibble */
             for (int i = 0; i < TR * TC / 2; ++i)
                 codes[i] = (uint8_t)(element_code(buf[2 * i], p) | element_code(buf[2 * i + 1], p) << 4);
         else
@@ -267,12 +271,12 @@ typedef struct {
 /* tiles [begin, end) in order, strip by strip (a strip: TR rows of one matrix), no division per
  * tile; stochastic: the uniforms of up to MAX_TILE elements' worth of consecutive tiles at once
  * (their Philox counters are consecutive), so the generator's loops are long enough to vectorize */
-#define LOOP(TR, TC, DTYPE, SR, CODES)                                                                  \
+#define LOOP(TR, TC, DTYPE, SR, CODES)                                                             \
     {                                                                                              \
         const int64_t tiles_c = (p->row_len + (TC) - 1) / (TC), tiles_r = (p->n_rows + (TR) - 1) / (TR); \
         int64_t t = r->begin, tc = t % tiles_c, strip = t / tiles_c, u_first = -1;                 \
         const int64_t group = MAX_TILE / ((TR) * (TC));                                            \
-        const int64_t code_bytes = p->mbits + p->ebits == 3 ? (TR) * (TC) / 2 : (TR) * (TC);        \
+        const int64_t code_bytes = packs_two(p) ? (TR) * (TC) / 2 : (TR) * (TC);                   \
         float u[MAX_TILE];                                                                         \
         for (; t < r->end; tc = 0, ++strip) {                                                      \
             const int64_t r0 = (strip % tiles_r) * (TR);                                           \
@@ -285,7 +289,7 @@ typedef struct {
                     u_first = t;                                                                   \
                     philox_uniforms((uint64_t)t * ((TR) * (TC) / 4), (int)(n * (TR) * (TC) / 4), p->seed, u); \
                 }                                                                                  \
-                do_tile(r->x, r->out, (CODES) ? r->codes + t * code_bytes : NULL,                   \
+                do_tile(r->x, r->out, (CODES) ? r->codes + t * code_bytes : NULL,                  \
                         (CODES) ? r->scale_codes + t : NULL, p, (SR) ? u + (t - u_first) * (TR) * (TC) : NULL, \
                         row_base + tc * (TC), rows, cols, TR, TC, DTYPE, SR, CODES);               \
             }                                                                                      \

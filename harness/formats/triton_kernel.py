@@ -236,7 +236,7 @@ def _fake_quantize_kernel(
             TR,
             TC,
             TILES,
-            EBITS + MBITS == 3,
+            1 + EBITS + MBITS == 4,  # FP4: two codes per byte
         )
     else:
         q = q * scale
