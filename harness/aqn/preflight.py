@@ -1,8 +1,9 @@
-"""Pre-flight: will this AQN configuration collapse the model?  Measured in about a minute on the
-quantized model with noise at sigma_start on the chosen targets, against the same quantized model
-without noise (design §6), over ``draws`` seeded noise draws (default 8) on ``items`` GSM8K test
-items (default 32), never on one draw: on SmolLM2 one configuration (1C) moves from +2.6 % to
-+10.4 % loss between draws.
+"""Pre-flight: will this AQN configuration collapse the model?  Measured on the quantized model
+with noise at sigma_start on the chosen targets, against the same quantized model without noise
+(design §6), over ``draws`` seeded noise draws (default 8) on ``items`` GSM8K test items (default
+32), never on one draw: on SmolLM2 one configuration (1C) moves from +0.7 % to +9.5 % loss between
+draws.  SmolLM2's pre-flight takes 74 s of wall time on an idle 2-core CPU, model load included
+(README, "AQN"; suites/bench/test_preflight_speed.py: at most draws + 1 full loss passes).
 
 Per draw d (noise seed ``seed + d``): the relative increase of the token-weighted answer loss,
 ``loss_noisy_d / loss_quantized - 1``, and the top-1 agreement with the noise-free quantized model

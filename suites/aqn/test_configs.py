@@ -2,14 +2,15 @@
 test: schedules, validation, targets, and the pre-flight verdicts.
 
 Which absolute sigma is safe depends on the model's weights.  The verdicts follow the CI over
-noise draws (harness/aqn/preflight.py); here every configuration runs on 32 items (first answer
-lines) with 4 draws, the first 4 of `aqn preflight`'s 8, so the CIs are wider than the command's.
-Measured on SmolLM2 (noise-free MXFP4 loss 2.502 on those items): QeRL's default sigma 0.05 on the
-norms (= 1E) raises the loss by +67 % to +306 % depending on the draw: with 4 draws the CI
-straddles the collapse line (borderline; with 8 draws `aqn preflight` says collapse); 1A (0.05
-on Linear) collapses on every draw (top-1 agreement 0.05); 1C (0.005 on Linear) costs +0.7 % to
-+9.5 % of loss but its top-1 agreement CI lies below 0.80: risky, not ok; 1D (0.001 on Linear)
-is ok (+0.9 %, agreement 0.867).
+noise draws (harness/aqn/preflight.py); here every configuration runs on the first 16 of the
+command's 32 items (first answer lines) with 4 draws, the first 4 of `aqn preflight`'s 8, so the
+CIs are wider than the command's.  Measured on SmolLM2 with the command (noise-free MXFP4 loss
+2.502 on its 32 items): QeRL's default sigma 0.05 on the norms (= 1E) raises the loss by +67 % to
++306 % depending on the draw: with 4 draws the CI straddles the collapse line (borderline; with 8
+draws `aqn preflight` says collapse); 1A (0.05 on Linear) collapses on every draw (top-1
+agreement 0.05), 1B (0.15 on Linear) more so (+466 % to +642 % over 8 draws, top-1 agreement
+0.002); 1C (0.005 on Linear) costs +0.7 % to +9.5 % of loss but its top-1 agreement CI lies below
+0.80: risky, not ok; 1D (0.001 on Linear) is ok (+0.9 %, agreement 0.867).
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from harness.inject import QuantInjector
 
 pytestmark = [pytest.mark.aqn, pytest.mark.mxfp4]
 PREFLIGHT_ITEMS, PREFLIGHT_DRAWS = 16, 4  # CI-sized; `aqn preflight` defaults to 32 items x 8 draws
-# The 4-draw verdicts measured for SmolLM2 (harness 12: BOS policy, first answer lines, 32 items).
-# 1B was not re-measured with the CI over draws (the shared machine ran out of time): its case
-# runs and records its CIs but asserts no verdict until one is measured.
+# The 4-draw verdicts measured for SmolLM2 (harness 12: BOS policy, first answer lines, 16 items).
 EXPECTED = {
     "qerl-default": "borderline",
     "qerl-nvfp4": "ok",
     "1A": "collapse",
+    "1B": "collapse",
     "1C": "risky",
     "1D": "ok",
     "1E": "borderline",
