@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.baselines import read_baselines
+from harness.baselines import read_baseline_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     stored = pytester.path / "baselines" / "tiny-llama" / "cpu" / f"{pytester.path.name}.json"
 
     pytester.runpytest_subprocess(*args, "--update-baselines").assert_outcomes(passed=1)
-    before = read_baselines(stored)["w8a16-float32"]
+    before = read_baseline_file(stored)[0]["w8a16-float32"]
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*harness metrics*", "*test_my_model_under_my_format*"])
@@ -54,4 +54,4 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*w8a16-float32 moved beyond tolerance*", "*kl*REGRESSION*"])
-    assert read_baselines(stored)["w8a16-float32"] == before
+    assert read_baseline_file(stored)[0]["w8a16-float32"] == before
