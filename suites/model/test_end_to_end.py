@@ -28,7 +28,9 @@ def case_params() -> list:
     return params
 
 
-def test_reference_loss_against_baseline(lm, loss_items, reference, quantized_loss, baseline, metrics) -> None:
+def test_reference_loss_against_baseline(
+    model_under_test, loss_items, reference, quantized_loss, baseline, metrics
+) -> None:
     result = quantized_loss("mxfp8_e4m3", "weight")  # any case: the reference side is shared
     summary = result.summary()
     metrics.record(reference_loss=summary["reference_loss"], n=summary["n"])
