@@ -163,7 +163,7 @@ def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
     project.path.joinpath("suite", "test_id.py").write_text(
         "import json, math, os\n"
         "def test_case(baseline, request):\n"
-        "    # what the suites' `lm` fixture does with the model it loads\n"
+        "    # what the plugin's `model_under_test` fixture does with the model it loads\n"
         "    request.config.harness_model_identity = json.loads(os.environ['IDENTITY'])\n"
         "    baseline.check('mxfp4-w4a16-fp32', {'loss': 2.30})\n"
         "def test_nan(baseline):\n"
