@@ -55,3 +55,20 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*w8a16-float32 moved beyond tolerance*", "*kl*REGRESSION*"])
     assert read_baseline_file(stored)[0]["w8a16-float32"] == before
+
+
+def test_case_ids_and_baseline_folders_follow_the_dtype_under_test(pytester: pytest.Pytester) -> None:
+    """``--dtype bfloat16`` stores ``-bf16`` cases under ``cpu-bfloat16``; the default run keeps
+    ``-fp32`` cases under ``cpu`` (the committed baselines' keys)."""
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p harness.pytest_plugin\n")
+    pytester.makepyfile(
+        test_ids="def test_id(model_under_test, baseline):\n"
+        "    baseline.check(f'reference-{model_under_test.dtype_id}', {'loss': 1.0})\n"
+    )
+    folder = pytester.path / "baselines" / "tiny-llama"
+    for dtype, stored in (("float32", "cpu/reference-fp32"), ("bfloat16", "cpu-bfloat16/reference-bf16")):
+        pytester.runpytest_subprocess("--model", "tiny-llama", "--dtype", dtype, "--update-baselines").assert_outcomes(
+            passed=1
+        )
+        path, case = stored.split("/")
+        assert list(read_baseline_file(folder / path / f"{pytester.path.name}.json")[0]) == [case]

@@ -36,14 +36,14 @@ def fmt_params(names, slow=()):
 
 
 @pytest.mark.parametrize("fmt", fmt_params(BPB_FORMATS, slow=BPB_SLOW))
-def test_bpb_against_baseline(fmt: str, gsm8k_run, baseline, metrics) -> None:
+def test_bpb_against_baseline(fmt: str, model_under_test, gsm8k_run, baseline, metrics) -> None:
     result = gsm8k_run(fmt, "gsm8k_bpb", BPB_ITEMS)
     bpb, wppl = result.metrics["bits_per_byte,none"], result.metrics["word_perplexity,none"]
     metrics.record(bits_per_byte=bpb, word_perplexity=wppl, n=result.n)
     assert result.n == BPB_ITEMS
     assert 0 < bpb < 8 and wppl > 1
     baseline.check(
-        f"{fmt}-gsm8k_bpb-fp32" if fmt != REFERENCE else "reference-gsm8k_bpb-fp32",
+        f"{fmt}-gsm8k_bpb-{model_under_test.dtype_id}",
         {"bits_per_byte": bpb, "word_perplexity": wppl},
     )
 
