@@ -23,6 +23,7 @@ from harness.gate import ALPHA
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL, DTYPES
 from harness.srdd import criteria as srdd_criteria
+from harness.srdd import run as srdd_run
 from harness.testing import format_marker
 from harness.validate import (
     check_compare_to,
@@ -130,14 +131,13 @@ def _scan(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
     from harness.models import model_key
     from harness.srdd.report import markdown_summary, write_report
-    from harness.srdd.run import scan_model
 
     check_scan_options(args.attribution, args.eval_items, args.instability_runs)
     thresholds = _from_options(args, srdd_criteria.Thresholds, SCAN_THRESHOLDS)
     calibration = load_gsm8k("train", args.prompts, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir) if args.eval_items else []
     model, tok = _load(args)
-    doc = scan_model(
+    doc = srdd_run.scan_model(
         model,
         tok,
         calibration,
@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--instability-runs",
         type=count_arg(0),
         default=None,
-        help="runs of the instability scan (default: 5 for stochastic formats, else 2)",
+        help=f"runs of the instability scan (default: {srdd_run.STOCHASTIC_RUNS} for stochastic formats, "
+        f"else {srdd_run.DETERMINISTIC_RUNS})",
     )
     sc.add_argument("--output", type=output_file_arg, help="write the scan JSON here")
     sc.add_argument("--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here")

@@ -34,10 +34,14 @@ def _modules(result: scan.ScanResult, layers: list[str]) -> list[ModuleReport]:
     return reports
 
 
+# Runs of the instability scan: a stochastic format's spread is what it measures; a deterministic
+# format must show none, which the minimum of 2 runs shows.
+STOCHASTIC_RUNS, DETERMINISTIC_RUNS = 5, 2
+
+
 def default_instability_runs(fmt: str) -> int:
-    """5 runs for a stochastic format (their spread is what the scan measures), else 2 (the
-    minimum: a deterministic format must show none)."""
-    return 5 if get_format(fmt).stochastic else 2
+    """:data:`STOCHASTIC_RUNS` for a stochastic format, else :data:`DETERMINISTIC_RUNS`."""
+    return STOCHASTIC_RUNS if get_format(fmt).stochastic else DETERMINISTIC_RUNS
 
 
 def scan_model(
