@@ -98,12 +98,18 @@ def answer_batches(tokenizer, items: Sequence[Gsm8kItem], batch_size: int, devic
         yield input_ids, mask, [(len(ids), start) for ids, start in spans[b * batch_size : (b + 1) * batch_size]]
 
 
+def _answer_positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """The positions whose logits predict the answer tokens ``start … length - 1`` (the logits at
+    ``p`` predict token ``p + 1``)."""
+    return torch.arange(start - 1, length - 1, device=device)
+
+
 def _answer_logprobs(model, input_ids, mask, lengths) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per item: next-token log-probs at the positions predicting answer tokens, and the targets."""
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     out = []
     for i, (length, start) in enumerate(lengths):
-        pos = torch.arange(start - 1, length - 1, device=logits.device)  # logits at pos predict pos + 1
+        pos = _answer_positions(start, length, logits.device)
         out.append((F.log_softmax(logits[i, pos], dim=-1), input_ids[i, pos + 1]))
     return out
 
@@ -127,7 +133,7 @@ def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Ten
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     total, count = logits.new_zeros(()), 0
     for i, (length, start) in enumerate(lengths):
-        pos = torch.arange(start - 1, length - 1, device=logits.device)
+        pos = _answer_positions(start, length, logits.device)
         total = total + F.cross_entropy(logits[i, pos], input_ids[i, pos + 1], reduction="sum")
         count += len(pos)
     return total / count
