@@ -245,14 +245,10 @@ def _aqn_compare(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from harness.gate import GateError, choose_metric, paired_gate, read_per_item
+    from harness.gate import GateError, gate_documents
 
     try:
-        (baseline, ids_a), (candidate, ids_b) = read_per_item(args.baseline), read_per_item(args.candidate)
-        if ids_a is not None and ids_b is not None and ids_a != ids_b:
-            raise GateError(f"the documents hold different items ({len(ids_a)} vs {len(ids_b)} ids, not the same)")
-        metric = choose_metric(baseline, candidate, args.metric)
-        result = paired_gate(metric, baseline[metric], candidate[metric], alpha=args.alpha, margin=args.margin)
+        result = gate_documents(args.baseline, args.candidate, metric=args.metric, alpha=args.alpha, margin=args.margin)
     except GateError as err:
         print(f"not comparable: {err}")
         return 2
