@@ -150,7 +150,6 @@ def _scan(args: argparse.Namespace) -> int:
         gain=not args.no_gain,
         instability_runs=args.instability_runs,
         batch_size=args.batch_size,
-        do_verify=bool(evaluation),
         progress=True,
     )
     if args.output:
