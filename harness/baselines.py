@@ -238,11 +238,6 @@ def _describe(identity: dict[str, object]) -> str:
     return ", ".join(f"{k} {v}" for k, v in identity.items())
 
 
-def read_baselines(path: Path) -> dict[str, dict[str, float]]:
-    """The cases of a baseline file (see :func:`read_baseline_file`)."""
-    return read_baseline_file(path)[0]
-
-
 def write_baselines(
     path: Path,
     updates: dict[str, dict[str, float]],

@@ -5,15 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from tabulate import tabulate
 
+from harness.aqn import preflight as aqn_preflight
+from harness.aqn import train as aqn_train
 from harness.baselines import BaselineError
+from harness.data import CALIBRATION_ITEMS, LOSS_ITEMS
+from harness.eval import REFERENCE
+from harness.eval.gsm8k import NO_FORMAT
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
+from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.formats import FORMATS, SCALE_MODES, list_formats
+from harness.gate import ALPHA
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL, DTYPES
+from harness.srdd import criteria as srdd_criteria
+from harness.srdd import run as srdd_run
 from harness.testing import format_marker
 from harness.validate import (
     check_compare_to,
@@ -46,34 +56,16 @@ def _eval_loss(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
     from harness.eval.loss import evaluate_loss
     from harness.inject import QuantInjector
-    from harness.models import load_model
 
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
-    model, tok = load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    model, tok = _load(args)
     with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
-    summary = result.summary()
-    cmp = result.comparison()
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "format": args.format,
-                    "scale_mode": args.scale_mode,
-                    "point": args.point,
-                    "dtype": args.dtype,
-                    "modules": len(inj.modules),
-                    **summary,
-                    "comparison": cmp.as_dict(),
-                    "per_item": result.per_item(),
-                },
-                indent=2,
-            )
-        )
+        settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point", "dtype")}
+        print(json.dumps(result.document(**settings, modules=len(inj.modules)), indent=2))
         return 0
+    summary, cmp = result.summary(), result.comparison()
     print(
         f"model {args.model}, {args.format} on {args.point} of {len(inj.modules)} Linear modules, "
         f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
@@ -81,7 +73,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
     for note in inj.notes:
         print(f"note: {note}")
     rows = [
-        ["reference", summary["reference_loss"], 0.0, 1.0],
+        [REFERENCE, summary["reference_loss"], 0.0, 1.0],
         [args.format, summary["loss"], summary["kl"], summary["top1_agree"]],
     ]
     print(tabulate(rows, headers=["model", "loss", "kl", "top1_agree"], floatfmt=".4f"))
@@ -95,97 +87,57 @@ def _eval_loss(args: argparse.Namespace) -> int:
 
 def _eval_gsm8k(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
-    from harness.eval.gsm8k import compare_results, evaluate_gsm8k, lm_eval_table
-    from harness.inject import QuantInjector
-    from harness.models import load_model
+    from harness.eval.gsm8k import lm_eval_table, run_gsm8k
 
     compare_to = check_compare_to(args.compare_to, args.task, args.limit) if args.compare_to else None
     load_gsm8k("test", args.limit, args.gsm8k_dir)  # a bad file is named before the model loads
-    model, tok = load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
-    )
-    options = dict(
+    model, tok = _load(args)
+    runs = run_gsm8k(
+        model,
+        tok,
+        args.task,
+        model_name=args.model,
+        dtype=args.dtype,
+        fmt=args.format,
+        point=args.point,
+        with_reference=not args.no_reference,
+        compare_to={args.compare_to: compare_to} if compare_to is not None else None,
+        scale_mode=args.scale_mode,
+        seed=args.seed,
+        progress=True,
         limit=args.limit,
         num_fewshot=args.num_fewshot,
         data_dir=args.gsm8k_dir,
         batch_size=args.batch_size,
         max_gen_toks=args.max_gen_toks,
-        seed=args.seed,
         tasks_dir=args.tasks_dir,
     )
-    runs = {}
-    if args.format == "none" or not args.no_reference:
-        print("reference model (no quantization)", flush=True)
-        runs["reference"] = evaluate_gsm8k(model, tok, args.task, **options)
-    if args.format != "none":
-        print(f"{args.format} on {args.point}", flush=True)
-        with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode):
-            runs[args.format] = evaluate_gsm8k(model, tok, args.task, **options)
-    for name, result in runs.items():
+    for name, result in runs.runs.items():
         print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")
-    under_test = runs[args.format if args.format != "none" else "reference"]
-    pairs = []
-    if args.format != "none" and "reference" in runs:
-        pairs.append(("reference", runs["reference"].per_item))
-    if compare_to is not None:
-        pairs.append((args.compare_to, compare_to))
-    comparisons = {}
-    for label, items in pairs:
-        cmps = compare_results(items, under_test.per_item)
-        comparisons[label] = {m: c.as_dict() for m, c in cmps.items()}
+    subject = args.format if args.format != NO_FORMAT else args.model
+    for label, cmps in runs.comparisons.items():
         rows = [
             [m, c.mean_a, c.mean_b, c.mean_diff, f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]", c.p_value, c.verdict]
             for m, c in cmps.items()
         ]
-        subject = args.format if args.format != "none" else args.model
         print(f"\n{subject} against {label} (paired, same items; means of per-item values):")
         print(tabulate(rows, headers=["metric", label, "now", "diff", "95% CI", "p", ""], floatfmt=".4f"))
     if args.output:
-        doc = {
-            "model": args.model,
-            "format": args.format,
-            "point": args.point,
-            "dtype": args.dtype,
-            "task": args.task,
-            "settings": under_test.settings,
-            "result": {"metrics": under_test.metrics, "per_item": under_test.per_item},
-            "runs": {name: {"metrics": r.metrics, "per_item": r.per_item} for name, r in runs.items()},
-            "comparisons": comparisons,
-            "samples": under_test.samples,
-        }
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2))
-        print(f"\nwrote {out}")
+        _write_json(args.output, runs.document())
     return 0
 
 
 def _scan(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
-    from harness.formats import get_format
-    from harness.models import load_model, model_key
-    from harness.srdd.criteria import Thresholds
+    from harness.models import model_key
     from harness.srdd.report import markdown_summary, write_report
-    from harness.srdd.run import scan_model
 
     check_scan_options(args.attribution, args.eval_items, args.instability_runs)
-    thresholds = Thresholds(
-        args.sqnr_threshold,
-        args.deadzone_threshold,
-        args.saturation_threshold,
-        args.relative_error_threshold,
-        args.kurtosis_ratio_threshold,
-        args.gain_ratio_threshold,
-    )
+    thresholds = _from_options(args, srdd_criteria.Thresholds, SCAN_THRESHOLDS)
     calibration = load_gsm8k("train", args.prompts, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir) if args.eval_items else []
-    model, tok = load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
-    )
-    runs = (
-        args.instability_runs if args.instability_runs is not None else (5 if get_format(args.format).stochastic else 2)
-    )
-    doc = scan_model(
+    model, tok = _load(args)
+    doc = srdd_run.scan_model(
         model,
         tok,
         calibration,
@@ -196,9 +148,8 @@ def _scan(args: argparse.Namespace) -> int:
         evaluation=evaluation,
         attribution=args.attribution,
         gain=not args.no_gain,
-        instability_runs=runs,
+        instability_runs=args.instability_runs,
         batch_size=args.batch_size,
-        do_verify=bool(evaluation),
         progress=True,
     )
     if args.output:
@@ -220,40 +171,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aqn_config(args: argparse.Namespace):
-    from harness.aqn.configs import AQNConfig, get_config
-
-    if args.config.endswith(".json"):
-        try:
-            raw = json.loads(Path(args.config).read_text())
-            return AQNConfig(
-                name=raw.get("name", Path(args.config).stem),
-                sigma_start=float(raw["sigma_start"]),
-                sigma_end=float(raw["sigma_end"]),
-                num_stages=int(raw["num_stages"]),
-                layer_types=tuple(raw.get("layer_types", ["rmsnorm"])),
-                source=args.config,
-                scale=raw.get("scale", "absolute"),
-            )
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"{args.config}: not a valid AQN config JSON ({err!r}); needs sigma_start, "
-                "sigma_end, num_stages and optionally layer_types, scale"
-            ) from err
-    return get_config(args.config)
-
-
 def _aqn_preflight(args: argparse.Namespace) -> int:
-    from harness.aqn.preflight import Thresholds, preflight
+    from harness.aqn.configs import load_config
     from harness.data import load_gsm8k
-    from harness.models import load_model
 
-    config = _aqn_config(args)
+    config = load_config(args.config)
     config.schedule(total_steps=config.num_stages)  # fail before loading anything
-    thresholds = Thresholds(args.risky_loss, args.risky_top1, args.collapse_loss, args.collapse_top1)
+    thresholds = _from_options(args, aqn_preflight.Thresholds, PREFLIGHT_THRESHOLDS)
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
-    model, tok = load_model(args.model, device=args.device)
-    result = preflight(
+    model, tok = _load(args)
+    result = aqn_preflight.preflight(
         model,
         tok,
         items,
@@ -263,6 +190,7 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
         draws=args.draws,
         seed=args.seed,
         answer_lines=args.answer_lines,
+        batch_size=args.batch_size,
         thresholds=thresholds,
     )
     if args.json:
@@ -281,36 +209,21 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
 
 
 def _aqn_compare(args: argparse.Namespace) -> int:
-    from harness.aqn.train import compare_strategies, harmful_layers
+    from harness.aqn.configs import load_config
+    from harness.aqn.report import aqn_markdown, report_paths, write_comparison
     from harness.data import load_gsm8k
-    from harness.models import load_model, model_key
-    from harness.report import aqn_markdown
-    from harness.srdd import scan
+    from harness.models import model_key
 
-    config = _aqn_config(args)
+    config = load_config(args.config)
     config.schedule(args.steps)
     strategies = args.strategies.split(",")
-    if args.output and Path(args.output).suffix == ".json":
-        raise ValueError(
-            f"--output {args.output}: the markdown goes there and the JSON beside it, as .json; use a .md name"
-        )
-    problematic, how = [], "no attribution given"
-    if args.attribution:
-        try:
-            attribution = json.loads(Path(args.attribution).read_text())["attribution"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{args.attribution}: not a scan JSON with an 'attribution' list ({err!r})") from err
-        problematic = harmful_layers(attribution)
-        how = f"layers whose attribution CI of Δloss excludes 0 ({args.attribution})"
-    elif {"targeted", "healthy"} & set(strategies):
-        raise ValueError(
-            "strategies targeted/healthy need --attribution SCAN.json with per-layer CIs "
-            f"(python -m harness scan --model {args.model} --format {args.format} --attribution --output SCAN.json)"
-        )
+    if args.output:
+        report_paths(args.output)  # a .json name is refused before any training
+    problematic, how = aqn_train.problematic_layers(strategies, args.attribution, model=args.model, fmt=args.format)
     train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
-    model, tok = load_model(args.model, device=args.device)
-    comparison = compare_strategies(
+    model, tok = _load(args)
+    comparison = aqn_train.compare_strategies(
         model,
         tok,
         train,
@@ -320,30 +233,21 @@ def _aqn_compare(args: argparse.Namespace) -> int:
         strategies=strategies,
         seeds=list(range(args.seeds)),
         steps=args.steps,
-        layers=[name for name, _ in scan.decoder_layers(model)],
         problematic=problematic,
-        batch_size=args.batch_size,
+        train_batch_size=args.train_batch_size,
+        eval_batch_size=args.batch_size,
         progress=True,
     )
-    text = aqn_markdown(comparison, model_key(args.model), problematic, how)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"rows": comparison.rows(), **comparison.__dict__}, indent=2))
-    print(text)
+    report = (model_key(args.model), problematic, how)
+    print(write_comparison(args.output, comparison, *report) if args.output else aqn_markdown(comparison, *report))
     return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from harness.gate import GateError, choose_metric, paired_gate, read_per_item
+    from harness.gate import GateError, gate_documents
 
     try:
-        (baseline, ids_a), (candidate, ids_b) = read_per_item(args.baseline), read_per_item(args.candidate)
-        if ids_a is not None and ids_b is not None and ids_a != ids_b:
-            raise GateError(f"the documents hold different items ({len(ids_a)} vs {len(ids_b)} ids, not the same)")
-        metric = choose_metric(baseline, candidate, args.metric)
-        result = paired_gate(metric, baseline[metric], candidate[metric], alpha=args.alpha, margin=args.margin)
+        result = gate_documents(args.baseline, args.candidate, metric=args.metric, alpha=args.alpha, margin=args.margin)
     except GateError as err:
         print(f"not comparable: {err}")
         return 2
@@ -352,20 +256,80 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    """The options every command that loads a model shares."""
+    """The options every command that loads a model shares (:func:`_load` reads them)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=next(iter(DTYPES)), choices=list(DTYPES))
     p.add_argument("--device", default="cpu", type=device_arg)
-    p.add_argument("--batch-size", type=count_arg(1), default=8)
+    p.add_argument(
+        "--batch-size",
+        type=count_arg(1),
+        default=EVAL_BATCH_SIZE,
+        help=f"sequences per evaluation forward pass (default {EVAL_BATCH_SIZE})",
+    )
     p.add_argument(
         "--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR, else the copy in the package)"
     )
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+def _load(args: argparse.Namespace):
+    """``(model, tokenizer)`` from the :func:`_model_options` of ``args``."""
+    from harness.models import load_model
+
+    return load_model(
+        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+    )
+
+
+def _write_json(path: str, doc: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {out}")
+
+
+# Options that set a field of a library dataclass: field -> flag; default and type from the field.
+SCAN_THRESHOLDS = {
+    "sqnr_db": "--sqnr-threshold",
+    "deadzone_ratio": "--deadzone-threshold",
+    "saturation_ratio": "--saturation-threshold",
+    "relative_error": "--relative-error-threshold",
+    "kurtosis_ratio": "--kurtosis-ratio-threshold",
+    "gain_ratio": "--gain-ratio-threshold",
+}
+PREFLIGHT_THRESHOLDS = {
+    "risky_loss_increase": "--risky-loss",
+    "risky_top1": "--risky-top1",
+    "collapse_loss_increase": "--collapse-loss",
+    "collapse_top1": "--collapse-top1",
+}
+
+
+def _field_options(p: argparse.ArgumentParser, cls, flags: dict[str, str], what: str) -> None:
+    """One float option per field of the dataclass ``cls``, named by ``flags``, defaulting to the field's default."""
+    for f in fields(cls):
+        default = "off" if f.default is None else f.default
+        p.add_argument(
+            flags[f.name],
+            dest=f.name,
+            type=float,
+            default=f.default,
+            metavar="X",
+            help=f"{what} on {f.name} (default {default})",
+        )
+
+
+def _from_options(args: argparse.Namespace, cls, flags: dict[str, str]):
+    """The dataclass ``cls`` from the options :func:`_field_options` added."""
+    return cls(**{name: getattr(args, name) for name in flags})
+
+
 def _scale_mode_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--scale-mode", default="floor", choices=SCALE_MODES, help="E8M0 shared-exponent rule (default: floor, OCP)"
+        "--scale-mode",
+        default=SCALE_MODES[0],
+        choices=SCALE_MODES,
+        help=f"E8M0 shared-exponent rule (default: {SCALE_MODES[0]}, OCP)",
     )
 
 
@@ -379,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(loss)
     loss.add_argument("--format", required=True, choices=list_formats())
     loss.add_argument("--point", default="weight", choices=POINTS)
-    loss.add_argument("--items", type=count_arg(1), default=32, help="first N GSM8K test items (default 32)")
+    loss.add_argument(
+        "--items", type=count_arg(1), default=LOSS_ITEMS, help=f"first N GSM8K test items (default {LOSS_ITEMS})"
+    )
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
     _scale_mode_option(loss)
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -387,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gs = evaluate.add_parser("gsm8k", help="GSM8K through lm-eval on the quantized model, vs the reference")
     _model_options(gs)
-    gs.add_argument("--format", default="none", choices=["none", *list_formats()], help="none: the model as it is")
+    gs.add_argument(
+        "--format", default=NO_FORMAT, choices=[NO_FORMAT, *list_formats()], help=f"{NO_FORMAT}: the model as it is"
+    )
     gs.add_argument("--point", default="weight", choices=POINTS)
     gs.add_argument("--task", default="gsm8k", choices=list(GSM8K_TASKS), help="gsm8k (exact match) or gsm8k_bpb")
     gs.add_argument("--limit", type=count_arg(1), default=None, help="first N test items (default: all 1319)")
@@ -407,18 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(sc)
     sc.add_argument("--format", required=True, choices=list_formats())
     sc.add_argument("--point", default="weight", choices=POINTS)
-    sc.add_argument("--prompts", type=count_arg(1), default=32, help="calibration texts from GSM8K train (default 32)")
-    sc.add_argument("--sqnr-threshold", type=float, default=None)
-    sc.add_argument("--deadzone-threshold", type=float, default=None)
-    sc.add_argument("--saturation-threshold", type=float, default=None)
-    sc.add_argument("--relative-error-threshold", type=float, default=None)
-    sc.add_argument("--kurtosis-ratio-threshold", type=float, default=None)
-    sc.add_argument("--gain-ratio-threshold", type=float, default=None)
+    sc.add_argument(
+        "--prompts",
+        type=count_arg(1),
+        default=CALIBRATION_ITEMS,
+        help=f"calibration texts from GSM8K train (default {CALIBRATION_ITEMS})",
+    )
+    _field_options(sc, srdd_criteria.Thresholds, SCAN_THRESHOLDS, "absolute threshold")
     sc.add_argument(
         "--eval-items",
         type=count_arg(0),
-        default=32,
-        help="GSM8K test items for attribution and verification (0: skip both; default 32)",
+        default=LOSS_ITEMS,
+        help=f"GSM8K test items for attribution and verification (0: skip both; default {LOSS_ITEMS})",
     )
     sc.add_argument("--attribution", action="store_true", help="per-layer loss attribution with 95%% CIs")
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
@@ -426,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--instability-runs",
         type=count_arg(0),
         default=None,
-        help="runs of the instability scan (default: 5 for stochastic formats, else 2)",
+        help=f"runs of the instability scan (default: {srdd_run.STOCHASTIC_RUNS} for stochastic formats, "
+        f"else {srdd_run.DETERMINISTIC_RUNS})",
     )
     sc.add_argument("--output", type=output_file_arg, help="write the scan JSON here")
     sc.add_argument("--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here")
@@ -439,35 +408,51 @@ def build_parser() -> argparse.ArgumentParser:
         ("compare", "train each strategy for the same steps and seeds, compare", _aqn_compare),
     ):
         p = aqn_cmds.add_parser(name, help=helptext)
-        p.add_argument("--model", default=DEFAULT_MODEL)
+        _model_options(p)
         p.add_argument("--format", default="mxfp4", choices=list_formats())
         p.add_argument("--config", default="qerl-default", help="a named configuration or a JSON file")
-        p.add_argument("--device", default="cpu", type=device_arg)
-        p.add_argument("--gsm8k-dir", default=None)
         p.set_defaults(run=run)
         if name == "preflight":
             p.add_argument("--point", default="weight", choices=POINTS)
-            p.add_argument("--items", type=count_arg(1), default=32, help="GSM8K test items (default 32)")
-            p.add_argument("--draws", type=count_arg(2), default=8, help="seeded noise draws (default 8)")
-            p.add_argument("--answer-lines", type=count_arg(0), default=1, help="answer lines scored per item (0: all)")
+            p.add_argument(
+                "--items",
+                type=count_arg(1),
+                default=aqn_preflight.ITEMS,
+                help=f"GSM8K test items (default {aqn_preflight.ITEMS})",
+            )
+            p.add_argument(
+                "--draws",
+                type=count_arg(2),
+                default=aqn_preflight.DRAWS,
+                help=f"seeded noise draws (default {aqn_preflight.DRAWS})",
+            )
+            p.add_argument(
+                "--answer-lines",
+                type=count_arg(0),
+                default=aqn_preflight.ANSWER_LINES,
+                help=f"answer lines scored per item (0: all; default {aqn_preflight.ANSWER_LINES})",
+            )
             p.add_argument("--seed", type=int, default=0, help="first noise seed (draw d uses seed + d)")
-            for flag, value in (
-                ("risky-loss", 0.10),
-                ("risky-top1", 0.80),
-                ("collapse-loss", 0.50),
-                ("collapse-top1", 0.50),
-            ):
-                p.add_argument(f"--{flag}", type=float, default=value, help=f"verdict line (default {value})")
+            _field_options(p, aqn_preflight.Thresholds, PREFLIGHT_THRESHOLDS, "verdict line")
             p.add_argument("--json", action="store_true")
         else:
-            p.add_argument("--strategies", default="none,global,targeted,healthy")
+            p.add_argument("--strategies", default=",".join(aqn_train.STRATEGIES))
             p.add_argument(
-                "--seeds", type=count_arg(2), default=5, help="training runs per strategy, the unit (default 5)"
+                "--seeds",
+                type=count_arg(2),
+                default=aqn_train.SEEDS,
+                help=f"training runs per strategy, the unit (default {aqn_train.SEEDS})",
             )
-            p.add_argument("--steps", type=count_arg(1), default=20)
-            p.add_argument("--batch-size", type=count_arg(1), default=4, help="training sequences per step (default 4)")
-            p.add_argument("--train-items", type=count_arg(1), default=256)
-            p.add_argument("--eval-items", type=count_arg(1), default=32)
+            settings = aqn_train.TrainSettings()
+            p.add_argument("--steps", type=count_arg(1), default=settings.steps)
+            p.add_argument(
+                "--train-batch-size",
+                type=count_arg(1),
+                default=settings.batch_size,
+                help=f"training sequences per step (default {settings.batch_size})",
+            )
+            p.add_argument("--train-items", type=count_arg(1), default=aqn_train.TRAIN_ITEMS)
+            p.add_argument("--eval-items", type=count_arg(1), default=LOSS_ITEMS)
             p.add_argument(
                 "--attribution", help="a scan JSON with per-layer attribution CIs: picks the targeted layers"
             )
@@ -482,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("baseline", help='`eval gsm8k --output`, `eval loss --json` or {"per_item": {metric: [...]}}')
     gate.add_argument("candidate", help="the same kind of document, on the same items")
     gate.add_argument("--metric", help="default: exact match (strict), bits per byte or loss, or the only shared one")
-    gate.add_argument("--alpha", type=float, default=0.05, help="one-sided significance level (default 0.05)")
+    gate.add_argument("--alpha", type=float, default=ALPHA, help=f"one-sided significance level (default {ALPHA})")
     gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
     gate.set_defaults(run=_gate)
 

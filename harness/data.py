@@ -13,6 +13,8 @@ from harness import paths
 
 GSM8K_ENV = "HARNESS_GSM8K_DIR"
 SPLITS = ("test", "train")
+LOSS_ITEMS = 32  # the first N test items of a loss/KL evaluation (design §7: n >= 32, never 5)
+CALIBRATION_ITEMS = 32  # the first N train items a scan calibrates on
 
 
 @dataclass(frozen=True)

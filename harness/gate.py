@@ -302,3 +302,20 @@ def choose_metric(baseline: dict, candidate: dict, metric: str | None) -> str:
         if m in shared:
             return m
     raise GateError(f"say which metric to gate with --metric; shared: {', '.join(shared) or 'none'}")
+
+
+def gate_documents(
+    baseline: str | Path,
+    candidate: str | Path,
+    *,
+    metric: str | None = None,
+    alpha: float = ALPHA,
+    margin: float | None = None,
+) -> GateResult:
+    """:func:`paired_gate` of two per-item documents (:func:`read_per_item`) on :func:`choose_metric`;
+    GateError (not comparable) when both name their items and the items differ."""
+    (base, ids_a), (cand, ids_b) = read_per_item(baseline), read_per_item(candidate)
+    if ids_a is not None and ids_b is not None and ids_a != ids_b:
+        raise GateError(f"the documents hold different items ({len(ids_a)} vs {len(ids_b)} ids, not the same)")
+    chosen = choose_metric(base, cand, metric)
+    return paired_gate(chosen, base[chosen], cand[chosen], alpha=alpha, margin=margin)

@@ -17,6 +17,7 @@ from harness.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_IDS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # their short names in case ids
 
 
 @dataclass(frozen=True)

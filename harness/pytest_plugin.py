@@ -33,14 +33,12 @@ from harness.baselines import (
     tolerance_for,
     write_baselines,
 )
-from harness.data import Gsm8kItem, load_gsm8k
+from harness.data import CALIBRATION_ITEMS, LOSS_ITEMS, Gsm8kItem, load_gsm8k
 from harness.formats import list_formats
 from harness.gate import INCONCLUSIVE, PASS, gate_table, worst_outcome
-from harness.models import DEFAULT_MODEL, DTYPES, load_model, model_identity, model_key
+from harness.models import DEFAULT_MODEL, DTYPE_IDS, DTYPES, load_model, model_identity, model_key
 from harness.testing import format_marker, worker_device
 
-LOSS_ITEMS = 32  # design §7: n >= 32, never 5
-CALIBRATION_ITEMS = 32
 MARKERS = {
     "srdd": "SRDD detector and scan cases",
     "aqn": "AQN noise and schedule cases",
@@ -161,6 +159,12 @@ class ModelUnderTest:
     model: nn.Module
     tokenizer: object
     dtype: str  # a key of harness.models.DTYPES
+
+    @property
+    def dtype_id(self) -> str:
+        """The dtype's short name that ends the suites' case ids (``mxfp4-w4a16-fp32``), so a
+        ``--dtype bfloat16`` run has ``-bf16`` cases (in ``<device>-bfloat16`` baselines)."""
+        return DTYPE_IDS[self.dtype]
 
 
 @pytest.fixture(scope="session")

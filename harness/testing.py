@@ -11,9 +11,6 @@ import torch
 
 from harness.formats import get_format, list_formats
 
-# The pseudo-format of the unquantized model where cases are parameterized over formats.
-REFERENCE = "reference"
-
 
 def format_marker(name: str) -> str:
     """The pytest marker of a format: its name without the element-type suffix, so the variants

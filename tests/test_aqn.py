@@ -3,11 +3,14 @@ context, target detection."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from harness.aqn.configs import CONFIGS, get_config
+from harness.aqn.configs import CONFIGS, get_config, load_config
 from harness.aqn.noise import NoiseInjector, is_linear, is_rmsnorm
 from harness.aqn.schedule import ScheduleError, SigmaSchedule
 from harness.inject import QuantInjector
@@ -140,3 +143,27 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="no rmsnorm weight matches"):
         with NoiseInjector(model, include=["decoder.*"]):
             pass
+
+
+def test_a_configuration_by_name_or_from_a_json_file(tmp_path) -> None:
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"sigma_start": 0.01, "sigma_end": 0.0001, "num_stages": 3, "scale": "relative"}))
+    mine = load_config(str(path))
+    assert (mine.name, mine.sigma_start, mine.sigma_end, mine.num_stages) == ("mine", 0.01, 0.0001, 3)
+    assert (mine.layer_types, mine.scale, mine.source) == (("rmsnorm",), "relative", str(path))
+    assert load_config("1C") is CONFIGS["1C"]
+    with pytest.raises(ValueError, match="unknown AQN configuration 'nope'; valid: qerl-default"):
+        load_config("nope")
+    bad = tmp_path / "bad.json"
+    for text, why in (
+        ('{"sigma_start": 0.01}', "KeyError('sigma_end')"),
+        ("[1]", "AttributeError"),
+        ("{", "JSONDecodeError"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(
+            ValueError, match=rf"bad.json: not a valid AQN config JSON \({re.escape(why)}.*needs sigma_start"
+        ):
+            load_config(str(bad))
+    with pytest.raises(ValueError, match=r"missing\.json: not a valid AQN config JSON"):
+        load_config(str(tmp_path / "missing.json"))

@@ -3,6 +3,8 @@ the strategy comparison's significance on seeds, the targeted layers on attribut
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,10 @@ from scipy import stats
 
 from harness.aqn.configs import get_config
 from harness.aqn.preflight import Interval, Thresholds, preflight, preflight_items, verdict
-from harness.aqn.train import CONTROL, StrategyComparison, harmful_layers
+from harness.aqn.report import write_comparison
+from harness.aqn.train import CONTROL, StrategyComparison, harmful_layers, problematic_layers
 from harness.data import Gsm8kItem
-from harness.eval.loss import reference_logprobs
+from harness.eval.loss import answer_logprobs
 from harness.eval.stats import compare_paired, compare_seeds
 from harness.inject import QuantInjector
 from harness.models import load_model
@@ -65,7 +68,7 @@ def test_preflight_over_draws_on_a_tiny_model_reuses_the_clean_pass() -> None:
     assert result.top1_agree.low <= result.top1_agree.mean <= result.top1_agree.high
     assert result.verdict == verdict(result.loss_increase, result.top1_agree)
     with QuantInjector(model, "mxfp4", "weight"):
-        clean = reference_logprobs(model, tok, preflight_items(ITEMS), batch_size=4)
+        clean = answer_logprobs(model, tok, preflight_items(ITEMS), batch_size=4)
     again = preflight(model, tok, ITEMS, config, draws=8, batch_size=4, clean=clean)
     assert again.draws == result.draws
     planted = Thresholds(risky_loss_increase=result.loss_increase.mean, risky_top1=0.0, collapse_top1=0.0)
@@ -125,14 +128,42 @@ def test_seed_comparison_and_the_gap_to_the_unquantized_control() -> None:
         compare_seeds([1.0], [1.0, 2.0])
 
 
+ATTRIBUTION = [
+    {"layer": "all", "only": {"delta_loss": 0.4, "ci": [0.3, 0.5]}},
+    {"layer": "model.layers.0", "only": {"delta_loss": 0.02, "ci": [0.01, 0.03]}},
+    {"layer": "model.layers.1", "only": {"delta_loss": 0.03, "ci": [-0.01, 0.07]}},
+    {"layer": "model.layers.2", "delta_loss": 0.05, "ci": [0.02, 0.08]},
+    {"layer": "model.layers.3", "only": {"delta_loss": -0.02, "ci": [-0.03, -0.01]}},
+]
+
+
+def test_the_comparison_report_is_markdown_with_its_json_beside_it(tmp_path) -> None:
+    comparison = StrategyComparison("mxfp4", "c", ["none", "global"], [0, 1], 3)
+    comparison.per_seed_loss = {"none": [1.4, 1.5], "global": [1.3, 1.45], CONTROL: [1.2, 1.25]}
+    text = write_comparison(tmp_path / "out" / "aqn.md", comparison, "tiny-llama", [], "no attribution given")
+    assert (tmp_path / "out" / "aqn.md").read_text() == text and "| global" in text and "tiny-llama under mxfp4" in text
+    doc = json.loads((tmp_path / "out" / "aqn.json").read_text())
+    assert doc["per_seed_loss"] == comparison.per_seed_loss and doc["rows"] == comparison.rows()
+    with pytest.raises(ValueError, match=r"--output aqn\.json: the markdown goes there and the JSON beside it"):
+        write_comparison("aqn.json", comparison, "tiny-llama", [], "")
+
+
 def test_targeted_layers_are_those_whose_attribution_ci_excludes_zero() -> None:
-    entries = [
-        {"layer": "all", "only": {"delta_loss": 0.4, "ci": [0.3, 0.5]}},
-        {"layer": "model.layers.0", "only": {"delta_loss": 0.02, "ci": [0.01, 0.03]}},
-        {"layer": "model.layers.1", "only": {"delta_loss": 0.03, "ci": [-0.01, 0.07]}},
-        {"layer": "model.layers.2", "delta_loss": 0.05, "ci": [0.02, 0.08]},
-        {"layer": "model.layers.3", "only": {"delta_loss": -0.02, "ci": [-0.03, -0.01]}},
-    ]
-    assert harmful_layers(entries) == ["model.layers.2", "model.layers.0"]
+    assert harmful_layers(ATTRIBUTION) == ["model.layers.2", "model.layers.0"]
     with pytest.raises(ValueError, match=r"'model.layers.0' has no 'ci'.*--attribution"):
         harmful_layers([{"layer": "model.layers.0", "only": {"delta_loss": 0.02}}])
+
+
+def test_problematic_layers_come_from_a_scan_json_or_targeted_is_refused(tmp_path) -> None:
+    scan = tmp_path / "scan.json"
+    scan.write_text(json.dumps({"attribution": ATTRIBUTION}))
+    layers, how = problematic_layers(["none", "targeted", "healthy"], str(scan), model="m", fmt="nvfp4")
+    assert layers == ["model.layers.2", "model.layers.0"] and str(scan) in how
+    assert problematic_layers(["none", "global"], None, model="m", fmt="nvfp4") == ([], "no attribution given")
+    with pytest.raises(ValueError, match=r"targeted/healthy need --attribution SCAN.json.*--model m --format nvfp4"):
+        problematic_layers(["none", "healthy"], None, model="m", fmt="nvfp4")
+    with pytest.raises(ValueError, match="unknown AQN strategy 'random'; valid: none, global, targeted, healthy"):
+        problematic_layers(["none", "random"], str(scan), model="m", fmt="nvfp4")
+    scan.write_text(json.dumps({"layers": []}))
+    with pytest.raises(ValueError, match=r"scan\.json: not a scan JSON with an 'attribution' list"):
+        problematic_layers(["targeted"], str(scan), model="m", fmt="nvfp4")

@@ -16,7 +16,6 @@ from harness.baselines import (
     cpu_fallback,
     cross_device_tolerance,
     read_baseline_file,
-    read_baselines,
     write_baselines,
 )
 from harness.models import load_model, model_identity
@@ -35,7 +34,7 @@ def test_write_merges_cases_and_read_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "m" / "cpu" / "suite.json"
     write_baselines(path, {"a": {"loss": 1.0}})
     write_baselines(path, {"b": {"loss": 2.0}})
-    assert read_baselines(path) == {"a": {"loss": 1.0}, "b": {"loss": 2.0}}
+    assert read_baseline_file(path)[0] == {"a": {"loss": 1.0}, "b": {"loss": 2.0}}
     doc = json.loads(path.read_text())
     assert doc["schema_version"] == 1 and "torch_version" in doc and "created" in doc
     # no temp file left; the lock file stays (removing a lock file others may hold open is a race)
@@ -46,7 +45,7 @@ def test_corrupted_file_is_an_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "suite.json"
     path.write_text("{not json")
     with pytest.raises(BaselineError, match=f"{path}: corrupted baseline file"):
-        read_baselines(path)
+        read_baseline_file(path)
     with pytest.raises(BaselineError):
         write_baselines(path, {"a": {"loss": 1.0}})
     assert path.read_text() == "{not json"
@@ -78,7 +77,7 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
     result = project.runpytest_subprocess("suite", "--update-baselines")
     result.assert_outcomes(passed=1)
     stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
-    assert read_baselines(stored) == {"mxfp4-w4a16-fp32": {"loss": 2.30}}
+    assert read_baseline_file(stored)[0] == {"mxfp4-w4a16-fp32": {"loss": 2.30}}
 
     project.runpytest_subprocess("suite").assert_outcomes(passed=1)
 
@@ -86,7 +85,7 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
     result = project.runpytest_subprocess("suite")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*moved beyond tolerance*", "*loss*2.3*2.6*REGRESSION*"])
-    assert read_baselines(stored) == {"mxfp4-w4a16-fp32": {"loss": 2.30}}  # not rewritten
+    assert read_baseline_file(stored)[0] == {"mxfp4-w4a16-fp32": {"loss": 2.30}}  # not rewritten
 
     stored.write_text("[]")
     result = project.runpytest_subprocess("suite", "--update-baselines")
@@ -98,7 +97,7 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
 def test_baselines_dir_option_moves_the_store(project: pytest.Pytester) -> None:
     """``--baselines-dir`` (relative to the invocation directory) replaces ``<rootdir>/baselines``."""
     project.runpytest_subprocess("suite", "--update-baselines", "--baselines-dir", "gates").assert_outcomes(passed=1)
-    assert read_baselines(project.path / "gates" / "smollm2-135m" / "cpu" / "suite.json") == {
+    assert read_baseline_file(project.path / "gates" / "smollm2-135m" / "cpu" / "suite.json")[0] == {
         "mxfp4-w4a16-fp32": {"loss": 2.30}
     }
     assert not (project.path / "baselines").exists()  # the default root, used by the other tests here
@@ -164,7 +163,7 @@ def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
     project.path.joinpath("suite", "test_id.py").write_text(
         "import json, math, os\n"
         "def test_case(baseline, request):\n"
-        "    # what the suites' `lm` fixture does with the model it loads\n"
+        "    # what the plugin's `model_under_test` fixture does with the model it loads\n"
         "    request.config.harness_model_identity = json.loads(os.environ['IDENTITY'])\n"
         "    baseline.check('mxfp4-w4a16-fp32', {'loss': 2.30})\n"
         "def test_nan(baseline):\n"
@@ -186,7 +185,7 @@ def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
 
 
 def _committed(device: str, suite: str) -> dict[str, dict[str, float]]:
-    return read_baselines(ROOT / "baselines" / "smollm2-135m" / device / f"{suite}.json")
+    return read_baseline_file(ROOT / "baselines" / "smollm2-135m" / device / f"{suite}.json")[0]
 
 
 @pytest.mark.parametrize("suite", ["model", "srdd", "gsm8k"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from harness.cli import build_parser, main
 from harness.formats import list_formats
 
 
@@ -166,3 +166,28 @@ def test_eval_gsm8k_bpb_runs_compares_and_saves(tmp_path, capsys: pytest.Capture
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--compare-to", str(tmp_path / "missing.json")])
     assert exc.value.code == 2 and "missing.json' does not exist" in capsys.readouterr().err
+
+
+def _subcommands(parser) -> dict[str, object]:
+    """Every leaf subcommand's parser, by its path (``aqn compare``)."""
+    out = {}
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            out |= {f"{name} {k}".strip(): v for k, v in (_subcommands(sub) if sub._subparsers else {"": sub}).items()}
+    return out
+
+
+def test_every_command_that_loads_a_model_shares_the_model_options() -> None:
+    """The same flags, defaults and meaning (``--batch-size``: sequences per evaluation pass;
+    training batches are ``--train-batch-size``)."""
+    shared = ["--model", "--dtype", "--device", "--batch-size", "--gsm8k-dir", "--trust-remote-code"]
+    loaders = {}
+    for path, parser in _subcommands(build_parser()).items():
+        options = {flag: a for a in parser._actions for flag in a.option_strings}
+        if "--model" in options:
+            loaders[path] = [(options[f].default, options[f].help) for f in shared if f in options]
+            assert all(f in options for f in shared), (path, [f for f in shared if f not in options])
+    assert set(loaders) == {"eval loss", "eval gsm8k", "scan", "aqn preflight", "aqn compare"}
+    assert len({tuple(v) for v in loaders.values()}) == 1, loaders
+    args = build_parser().parse_args(["aqn", "compare", "--batch-size", "3", "--train-batch-size", "2"])
+    assert (args.batch_size, args.train_batch_size) == (3, 2)

@@ -21,7 +21,6 @@ from harness.baselines import (
     BaselineError,
     comparison_table,
     read_baseline_file,
-    read_baselines,
     tolerance_for,
     write_baselines,
 )
@@ -105,7 +104,7 @@ def test_two_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         w.stdin.write("go\n")
         w.stdin.flush()
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
-    cases = read_baselines(path)
+    cases = read_baseline_file(path)[0]
     assert len(cases) == 400 and cases["a-199"] == {"loss": 199.0} and cases["b-0"] == {"loss": 0.0}
 
 
@@ -132,7 +131,7 @@ def test_kill_9_mid_write_keeps_the_old_file_and_the_next_write_removes_the_temp
     assert path.read_bytes() == before
     assert len(list(tmp_path.glob("suite.json.*.tmp"))) == 1  # the orphan of the killed writer
     write_baselines(path, {"next": {"loss": 3.0}})  # the lock died with the writer
-    assert read_baselines(path) == {"old": {"loss": 1.0}, "next": {"loss": 3.0}}
+    assert read_baseline_file(path)[0] == {"old": {"loss": 1.0}, "next": {"loss": 3.0}}
     assert list(tmp_path.glob("*.tmp")) == []
 
 
@@ -174,7 +173,7 @@ def test_schema_rejects_non_numbers(tmp_path: Path, cases, items, where: str) ->
     path = tmp_path / "suite.json"
     path.write_text(json.dumps({"schema_version": 1, "cases": cases, "items": items}))
     with pytest.raises(BaselineError, match=rf"corrupted baseline file \({where}"):
-        read_baselines(path)
+        read_baseline_file(path)
 
 
 def test_nan_is_never_stored_nor_equal_and_inf_is_explicit(tmp_path: Path) -> None:
@@ -187,10 +186,10 @@ def test_nan_is_never_stored_nor_equal_and_inf_is_explicit(tmp_path: Path) -> No
     write_baselines(path, {"a": {"sqnr_db": math.inf, "loss": 1.0}, "b": {"sqnr_db": -math.inf}})
     text = path.read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the file"))  # strict JSON
-    assert '"sqnr_db": "inf"' in text and read_baselines(path)["b"] == {"sqnr_db": -math.inf}
+    assert '"sqnr_db": "inf"' in text and read_baseline_file(path)[0]["b"] == {"sqnr_db": -math.inf}
     path.write_text(text.replace('"loss": 1.0', '"loss": NaN'))
     with pytest.raises(BaselineError, match=r"cases\.a\.loss is nan, not a number"):
-        read_baselines(path)
+        read_baseline_file(path)
     tol = tolerance_for("sqnr_db")
     assert not tol.allows(math.nan, math.nan) and not tol.allows(1.0, math.nan)
     assert tol.allows(math.inf, math.inf) and not tol.allows(math.inf, -math.inf) and not tol.allows(math.inf, 90.0)

@@ -9,11 +9,22 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lm_eval.api.model import LM
+from torch import nn
 
 from harness.data import gsm8k_file, load_gsm8k
-from harness.eval.gsm8k import ITEM_METRICS, compare_results, run_task, stock_task_file, write_tasks
+from harness.eval import REFERENCE, gsm8k
+from harness.eval.gsm8k import (
+    ITEM_METRICS,
+    Gsm8kResult,
+    compare_results,
+    run_gsm8k,
+    run_task,
+    stock_task_file,
+    write_tasks,
+)
 from harness.paths import data_dir
 
 
@@ -105,3 +116,46 @@ def test_compare_results_uses_mcnemar_for_exact_match() -> None:
     assert cmp["bits_per_byte,none"].mean_diff == pytest.approx(0.1) and cmp["bits_per_byte,none"].significant
     with pytest.raises(ValueError, match="different items"):
         compare_results(a, {"exact_match,flexible-extract": [1.0] * 39})
+
+
+def test_run_gsm8k_quantizes_only_the_format_run_and_pairs_it_with_each_earlier_run(monkeypatch) -> None:
+    """``eval gsm8k``'s runs and document, with lm-eval replaced by a per-item value read off the
+    model itself (|output| of a Linear on 6 fixed inputs): the format's run sees the quantized
+    weights, the reference run the original ones, and each comparison pairs the items."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 1)), torch.randn(6, 64)
+    metric = "bits_per_byte,none"
+
+    def evaluate(model, tokenizer, task, **options):
+        values = model(x).abs().flatten().tolist()
+        settings = {"task": gsm8k.TASKS[task], "limit": options["limit"], "seed": options["seed"]}
+        return Gsm8kResult(task, len(values), {metric: sum(values) / 6}, {metric: values}, [{}], {}, settings)
+
+    monkeypatch.setattr(gsm8k, "evaluate_gsm8k", evaluate)
+    plain = model(x).abs().flatten().tolist()
+    runs = run_gsm8k(model, None, "gsm8k_bpb", model_name="m", dtype="float32", limit=6)
+    assert list(runs.runs) == [REFERENCE] and runs.comparisons == {} and runs.under_test.per_item[metric] == plain
+    runs = run_gsm8k(model, None, "gsm8k_bpb", model_name="m", dtype="float32", fmt="mxfp4", seed=3, limit=6)
+    quantized = runs.runs["mxfp4"].per_item[metric]
+    assert runs.runs[REFERENCE].per_item[metric] == plain and quantized != plain
+    assert model(x).abs().flatten().tolist() == plain  # the weights are back
+    cmp = runs.comparisons[REFERENCE][metric]
+    assert cmp.n == 6 and cmp.mean_diff == pytest.approx(sum(quantized) / 6 - sum(plain) / 6)
+    doc = runs.document()
+    assert (doc["model"], doc["format"], doc["task"], doc["settings"]["seed"]) == ("m", "mxfp4", "gsm8k_bpb", 3)
+    assert doc["result"]["per_item"] == {metric: quantized} and set(doc["runs"]) == {REFERENCE, "mxfp4"}
+    assert doc["comparisons"][REFERENCE][metric] == cmp.as_dict()
+    earlier = {metric: [v + 0.5 for v in quantized]}
+    runs = run_gsm8k(
+        model,
+        None,
+        "gsm8k_bpb",
+        model_name="m",
+        dtype="float32",
+        fmt="mxfp4",
+        with_reference=False,
+        compare_to={"old.json": earlier},
+        limit=6,
+    )
+    assert list(runs.runs) == ["mxfp4"] and list(runs.comparisons) == ["old.json"]
+    assert runs.comparisons["old.json"][metric].mean_diff == pytest.approx(-0.5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = sorted([*ROOT.glob("tests/**/*.py"), *ROOT.glob("suites/**/*.py")])
-MODEL_UNDER_TEST = {"lm", "model_under_test"}  # the fixtures of --model
+MODEL_UNDER_TEST = {"model_under_test"}  # the fixture of --model
 
 
 def imported_modules(path: Path) -> set[str]:

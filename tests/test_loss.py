@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.data import Gsm8kItem
-from harness.eval.loss import evaluate_loss, reference_logprobs
+from harness.eval.loss import LossResult, answer_logprobs, answer_means, evaluate_loss
 from harness.inject import QuantInjector
 from harness.models import load_model
 
@@ -51,9 +51,25 @@ def test_untouched_model_has_zero_kl_and_full_agreement() -> None:
 
 def test_cached_reference_gives_the_same_numbers_as_lockstep() -> None:
     model, tok = load_model("tiny-qwen2")
-    ref = reference_logprobs(model, tok, ITEMS, batch_size=3)
+    ref = answer_logprobs(model, tok, ITEMS, batch_size=3)
     with QuantInjector(model, "mxfp4") as injector:
         lockstep = evaluate_loss(model, tok, ITEMS, injector, batch_size=3).summary()
-        cached = evaluate_loss(model, tok, ITEMS, injector, reference=ref, batch_size=3).summary()
+        cached = evaluate_loss(model, tok, ITEMS, injector, against=ref, batch_size=3).summary()
     assert lockstep == cached
+    assert answer_means(ref) == (lockstep["reference_loss"], lockstep["reference_entropy"])  # bit for bit
     assert lockstep["kl"] > 0 and math.isfinite(lockstep["p_value"])
+
+
+def test_the_json_document_holds_settings_summary_comparison_and_per_item_means() -> None:
+    """Two items of 2 and 4 answer tokens: per-item means 1.0, 1.0 (reference) and 1.5, 2.0."""
+    result = LossResult([2, 4], [2.0, 4.0], [3.0, 8.0], [0.2, 0.4], [1, 3], [1.0, 2.0], [1.2, 2.4])
+    doc = result.document(model="m", format="mxfp4", modules=7)
+    assert (doc["model"], doc["format"], doc["modules"], doc["n"], doc["tokens"]) == ("m", "mxfp4", 7, 2, 6)
+    assert doc["reference_loss"] == 1.0 and doc["loss"] == pytest.approx(11 / 6) and doc["top1_agree"] == 4 / 6
+    assert doc["per_item"] == {
+        "reference_loss": [1.0, 1.0],
+        "loss": [1.5, 2.0],
+        "kl": [0.1, 0.1],
+        "top1_agree": [0.5, 0.75],
+    }
+    assert doc["comparison"]["mean_diff"] == pytest.approx(0.75) and doc["comparison"]["n"] == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.baselines import read_baselines
+from harness.baselines import read_baseline_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_my_model_under_my_format(model_under_test, loss_items, baseline, metric
     with QuantInjector(m.model, os.environ.get("FORMAT", "mxfp8_e4m3"), "weight") as injector:
         s = evaluate_loss(m.model, m.tokenizer, loss_items[:8], injector).summary()
     metrics.record(loss=s["loss"], kl=s["kl"])
-    baseline.check(f"w8a16-{m.dtype}", {"loss": s["loss"], "kl": s["kl"]})
+    baseline.check(f"w8a16-{m.dtype_id}", {"loss": s["loss"], "kl": s["kl"]})
 """
 
 
@@ -37,7 +37,8 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     """Store the baseline once (a missing one: tests/test_baselines.py), pass against it, then fail
     when a change swaps MXFP8 for MXFP4 under the same case id: the KL to the unquantized model
     grows 7.6x on tiny-llama's 8 items (1.49e-5 -> 1.13e-4 nats/token, measured), far beyond
-    the 3 % tolerance of ``kl``."""
+    the 3 % tolerance of ``kl``.  The case id carries the dtype under test: ``--dtype bfloat16``
+    stores a ``-bf16`` case under ``cpu-bfloat16`` beside the ``-fp32`` one under ``cpu``."""
     # -p: where the entry point is installed (pip install) it already loaded the plugin and this is a no-op
     pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p harness.pytest_plugin\n")
     pytester.makepyfile(test_gate=USER_TEST)
@@ -45,7 +46,7 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     stored = pytester.path / "baselines" / "tiny-llama" / "cpu" / f"{pytester.path.name}.json"
 
     pytester.runpytest_subprocess(*args, "--update-baselines").assert_outcomes(passed=1)
-    before = read_baselines(stored)["w8a16-float32"]
+    before = read_baseline_file(stored)[0]["w8a16-fp32"]
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*harness metrics*", "*test_my_model_under_my_format*"])
@@ -53,5 +54,9 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     monkeypatch.setenv("FORMAT", "mxfp4")  # the planted regression
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*w8a16-float32 moved beyond tolerance*", "*kl*REGRESSION*"])
-    assert read_baselines(stored)["w8a16-float32"] == before
+    result.stdout.fnmatch_lines(["*w8a16-fp32 moved beyond tolerance*", "*kl*REGRESSION*"])
+    assert read_baseline_file(stored)[0]["w8a16-fp32"] == before
+
+    pytester.runpytest_subprocess(*args, "--dtype", "bfloat16", "--update-baselines").assert_outcomes(passed=1)
+    bf16 = stored.parent.with_name("cpu-bfloat16") / stored.name
+    assert list(read_baseline_file(bf16)[0]) == ["w8a16-bf16"] and list(read_baseline_file(stored)[0]) == ["w8a16-fp32"]

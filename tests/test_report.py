@@ -11,7 +11,7 @@ from harness.data import Gsm8kItem
 from harness.models import load_model
 from harness.srdd.document import SCHEMA_VERSION, ScanDocument
 from harness.srdd.report import compare_scans, write_report
-from harness.srdd.run import scan_model
+from harness.srdd.run import DETERMINISTIC_RUNS, STOCHASTIC_RUNS, default_instability_runs, scan_model
 
 ITEMS = [Gsm8kItem(f"What is {i} times 3?", f"{i} * 3 = {3 * i}\n#### {3 * i}") for i in range(6)]
 
@@ -121,3 +121,16 @@ def test_cli_scan_and_compare(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["compare", str(out), str(tmp_path / "missing.json")])
     assert "not a readable scan JSON" in capsys.readouterr().err
+
+
+def test_the_instability_scan_runs_more_often_for_stochastic_formats() -> None:
+    """The default of ``scan --instability-runs`` (formerly decided in cli.py): a spread needs two
+    runs; a stochastic format, whose spread is what is measured, gets more."""
+    runs = {f: default_instability_runs(f) for f in ("mxfp4", "nvfp4", "mxfp8_e4m3", "mxfp4_sr")}
+    assert runs == {
+        "mxfp4": DETERMINISTIC_RUNS,
+        "nvfp4": DETERMINISTIC_RUNS,
+        "mxfp8_e4m3": DETERMINISTIC_RUNS,
+        "mxfp4_sr": STOCHASTIC_RUNS,
+    }
+    assert STOCHASTIC_RUNS > DETERMINISTIC_RUNS >= 2

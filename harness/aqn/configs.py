@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness.aqn.schedule import SigmaSchedule
 
@@ -42,3 +44,29 @@ def get_config(name: str) -> AQNConfig:
         return CONFIGS[name]
     except KeyError:
         raise ValueError(f"unknown AQN configuration {name!r}; valid: {', '.join(CONFIGS)}") from None
+
+
+def load_config(spec: str) -> AQNConfig:
+    """A named configuration (:data:`CONFIGS`), or a JSON file (a name ending in ``.json``) with
+    ``sigma_start``, ``sigma_end``, ``num_stages`` and optionally ``name`` (default: the file's
+    stem), ``layer_types`` (default ``["rmsnorm"]``) and ``scale`` (default ``absolute``).  A file
+    that cannot be read or lacks a key is a ValueError naming it and the keys it needs."""
+    if not spec.endswith(".json"):
+        return get_config(spec)
+    path = Path(spec)
+    try:
+        raw = json.loads(path.read_text())
+        return AQNConfig(
+            name=raw.get("name", path.stem),
+            sigma_start=float(raw["sigma_start"]),
+            sigma_end=float(raw["sigma_end"]),
+            num_stages=int(raw["num_stages"]),
+            layer_types=tuple(raw.get("layer_types", ["rmsnorm"])),
+            source=spec,
+            scale=raw.get("scale", AQNConfig.scale),
+        )
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"{spec}: not a valid AQN config JSON ({err!r}); needs sigma_start, sigma_end, num_stages "
+            "and optionally name, layer_types, scale"
+        ) from err

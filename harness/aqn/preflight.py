@@ -39,7 +39,7 @@ from torch import nn
 from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector
 from harness.data import Gsm8kItem
-from harness.eval.loss import evaluate_loss, reference_logprobs
+from harness.eval.loss import answer_logprobs, answer_means, evaluate_loss
 from harness.inject import QuantInjector
 
 DRAWS, ITEMS, ANSWER_LINES = 8, 32, 1
@@ -141,7 +141,7 @@ def preflight(
     clean: list | None = None,
 ) -> PreflightResult:
     """``draws`` noise draws (seeds ``seed`` … ``seed + draws - 1``) on ``preflight_items(items,
-    answer_lines)``.  ``clean``: the noise-free quantized model's ``reference_logprobs`` on those
+    answer_lines)``.  ``clean``: the noise-free quantized model's ``answer_logprobs`` on those
     items when the caller already has them (several configurations, one quantized model)."""
     config.schedule(total_steps=config.num_stages)  # invalid configurations raise before any noise
     if draws < 2:
@@ -150,17 +150,18 @@ def preflight(
     per_draw = []
     with QuantInjector(model, fmt, point, seed=seed) as injector:
         if clean is None:
-            clean = reference_logprobs(model, tokenizer, scored, batch_size=batch_size)
+            clean = answer_logprobs(model, tokenizer, scored, batch_size=batch_size)
+        loss_quantized, entropy_quantized = answer_means(clean)
         for d in range(draws):
             with NoiseInjector(model, config.layer_types, include=include, scale=config.scale, seed=seed + d) as noise:
                 with noise.noisy(config.sigma_start):
-                    result = evaluate_loss(model, tokenizer, scored, injector, reference=clean, batch_size=batch_size)
+                    result = evaluate_loss(model, tokenizer, scored, injector, against=clean, batch_size=batch_size)
             s = result.summary()
             per_draw.append(
                 {
                     "seed": seed + d,
                     "loss_noisy": s["loss"],
-                    "loss_increase": s["loss"] / s["reference_loss"] - 1,
+                    "loss_increase": s["loss"] / loss_quantized - 1,
                     "top1_agree": s["top1_agree"],
                     "kl": s["kl"],
                     "entropy_noisy": s["entropy"],
@@ -175,8 +176,8 @@ def preflight(
         targets=noise.touched,
         items=s["n"],
         answer_lines=answer_lines,
-        loss_quantized=s["reference_loss"],  # the "reference" of these passes is the noise-free quantized model
-        entropy_quantized=s["reference_entropy"],
+        loss_quantized=loss_quantized,
+        entropy_quantized=entropy_quantized,
         draws=per_draw,
         loss_increase=loss_ci,
         top1_agree=top1_ci,

@@ -4,7 +4,7 @@ answer loss is measured on held-out GSM8K test items.  The seed (one training ru
 of every comparison, and an unquantized control trained with the same recipe tells adaptation to
 the data apart from recovery from quantization.
 
-What this tests: teacher-forced training (next-token NLL of GSM8K reference answers) of the
+What this tests: teacher-forced training (next-token NLL of GSM8K's gold answers) of the
 RMSNorm weights through a straight-through estimator under W4A16 fake quantization, with AQN's
 noise on the weights.  It is not QeRL's RL (GRPO rollouts sampled from the noisy policy, where the
 noise acts as exploration): a result here says nothing about that mechanism."""
@@ -12,11 +12,13 @@ noise acts as exploration): a result here says nothing about that mechanism."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,11 +27,14 @@ from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector, is_rmsnorm
 from harness.batching import padded_batches
 from harness.data import Gsm8kItem
-from harness.eval.loss import answer_loss, answer_spans, evaluate_loss, reference_logprobs
+from harness.eval.loss import EVAL_BATCH_SIZE, answer_logprobs, answer_loss, answer_means, answer_spans, evaluate_loss
 from harness.eval.stats import compare_seeds
 from harness.inject import QuantInjector
+from harness.srdd.scan import decoder_layers
 
 STRATEGIES = ("none", "global", "targeted", "healthy")
+SEEDS = 5  # training runs per strategy: the unit of every comparison
+TRAIN_ITEMS = 256  # GSM8K train items the batches are drawn from
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,13 @@ def train_and_evaluate(
     config: AQNConfig | None,
     noise_include: Sequence[str] | None,
     settings: TrainSettings,
-    reference: list | None = None,
+    untrained_quantized: list | None = None,
+    eval_batch_size: int = EVAL_BATCH_SIZE,
 ) -> list[float]:
     """Train the norms for ``settings.steps`` under W4A16 ``fmt`` (``None``: unquantized, the
     control) + AQN if ``config`` and ``noise_include``, then return the per-item answer NLL sums
-    on ``eval_items`` of the model as trained (quantized when ``fmt``; ``reference``: the untrained
-    quantized model's log-probs, saving a pass); the model is restored after."""
+    on ``eval_items`` of the model as trained (quantized when ``fmt``; ``untrained_quantized``: the
+    untrained quantized model's answer log-probs, saving a pass); the model is restored after."""
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     schedule = config.schedule(settings.steps) if config is not None else None
@@ -121,8 +127,10 @@ def train_and_evaluate(
                 optimizer.zero_grad(set_to_none=True)
             model.eval()
         if injector is None:  # the control: the trained model itself, unquantized
-            return evaluate_loss(model, tokenizer, eval_items).reference_nll
-        return evaluate_loss(model, tokenizer, eval_items, injector, reference=reference).nll
+            return evaluate_loss(model, tokenizer, eval_items, batch_size=eval_batch_size).reference_nll
+        return evaluate_loss(
+            model, tokenizer, eval_items, injector, against=untrained_quantized, batch_size=eval_batch_size
+        ).nll
 
 
 def harmful_layers(attribution: Sequence[dict]) -> list[str]:
@@ -144,6 +152,31 @@ def harmful_layers(attribution: Sequence[dict]) -> list[str]:
         if ci[0] > 0:
             harmful.append((only.get("delta_loss", entry.get("delta_loss", ci[0])), entry["layer"]))
     return [layer for _, layer in sorted(harmful, reverse=True)]
+
+
+def problematic_layers(
+    strategies: Sequence[str], scan_json: str | None, *, model: str, fmt: str
+) -> tuple[list[str], str]:
+    """The layers ``targeted`` noises and ``healthy`` spares, and how they were chosen:
+    :func:`harmful_layers` of the ``attribution`` list of a scan JSON (``python -m harness scan
+    --attribution --output SCAN.json``); without one none, and ``targeted``/``healthy`` are refused
+    (any other choice would be a guess).  Unknown strategies are refused too; ``model`` and ``fmt``
+    only name the scan command in the error."""
+    for strategy in strategies:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown AQN strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if scan_json is None:
+        if {"targeted", "healthy"} & set(strategies):
+            raise ValueError(
+                "strategies targeted/healthy need --attribution SCAN.json with per-layer CIs "
+                f"(python -m harness scan --model {model} --format {fmt} --attribution --output SCAN.json)"
+            )
+        return [], "no attribution given"
+    try:
+        attribution = json.loads(Path(scan_json).read_text())["attribution"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{scan_json}: not a scan JSON with an 'attribution' list ({err!r})") from err
+    return harmful_layers(attribution), f"layers whose attribution CI of Δloss excludes 0 ({scan_json})"
 
 
 CONTROL = "unquantized"  # trained with the same recipe, without quantization or noise
@@ -199,24 +232,28 @@ def compare_strategies(
     strategies: Sequence[str],
     seeds: Sequence[int],
     steps: int,
-    layers: Sequence[str],
     problematic: Sequence[str],
-    batch_size: int = TrainSettings.batch_size,
+    layers: Sequence[str] | None = None,
+    train_batch_size: int = TrainSettings.batch_size,
+    eval_batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = False,
 ) -> StrategyComparison:
     """Every strategy and the unquantized control, trained for the same steps on the same batches
-    (one seed = one run of each), evaluated on ``eval_items``."""
+    (one seed = one run of each), evaluated on ``eval_items``.  ``layers``: what ``global`` noises
+    and ``healthy`` splits with ``targeted`` (default: every decoder layer of ``model``)."""
     config.schedule(steps)  # an invalid configuration fails before any training
+    if layers is None:
+        layers = [name for name, _ in decoder_layers(model)]
     started = time.perf_counter()
     result = StrategyComparison(fmt, config.name, list(strategies), list(seeds), steps)
     result.eval_items = len(eval_items)
-    result.settings = {k: v for k, v in asdict(TrainSettings(steps, batch_size)).items() if k != "seed"}
-    untrained = evaluate_loss(model, tokenizer, eval_items)
+    result.settings = {k: v for k, v in asdict(TrainSettings(steps, train_batch_size)).items() if k != "seed"}
+    untrained = evaluate_loss(model, tokenizer, eval_items, batch_size=eval_batch_size)
     with QuantInjector(model, fmt, "weight"):  # the untrained quantized model's outputs
-        reference = reference_logprobs(model, tokenizer, eval_items)
+        untrained_quantized = answer_logprobs(model, tokenizer, eval_items, batch_size=eval_batch_size)
     tokens = untrained.n_tokens
     result.untrained_loss = sum(untrained.reference_nll) / sum(tokens)
-    result.untrained_quantized_loss = sum(-lp.gather(-1, t[:, None]).sum().item() for lp, t in reference) / sum(tokens)
+    result.untrained_quantized_loss = answer_means(untrained_quantized)[0]
     for strategy in [*strategies, CONTROL]:
         include = strategy_targets(strategy, layers, problematic) if strategy != CONTROL else None
         if strategy not in ("none", CONTROL) and not include:
@@ -232,8 +269,9 @@ def compare_strategies(
                 fmt=fmt if strategy != CONTROL else None,
                 config=config if strategy not in ("none", CONTROL) else None,
                 noise_include=include,
-                settings=TrainSettings(steps=steps, batch_size=batch_size, seed=seed),
-                reference=reference,
+                settings=TrainSettings(steps=steps, batch_size=train_batch_size, seed=seed),
+                untrained_quantized=untrained_quantized,
+                eval_batch_size=eval_batch_size,
             )
             runs.append([x / t for x, t in zip(nll, tokens)])
             result.per_seed_loss.setdefault(strategy, []).append(sum(nll) / sum(tokens))

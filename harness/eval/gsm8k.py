@@ -23,11 +23,15 @@ from torch import nn
 
 from harness.batching import prefix_token_id
 from harness.data import SPLITS, gsm8k_dir, gsm8k_file
+from harness.eval import REFERENCE
+from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.eval.stats import PairedComparison, compare_paired
+from harness.inject import QuantInjector
 
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
 # What users ask for -> the task name of the package's YAML.
 TASKS = {"gsm8k": "harness_gsm8k", "gsm8k_bpb": "harness_gsm8k_bpb"}
+NO_FORMAT = "none"  # the ``fmt`` of a run of the model as it is
 # The per-item metrics each task keeps (lm-eval's "metric,filter" keys).
 ITEM_METRICS = {
     "gsm8k": ("exact_match,flexible-extract", "exact_match,strict-match"),
@@ -170,7 +174,7 @@ def run_task(
 
 
 def evaluate_gsm8k(
-    model: nn.Module, tokenizer, task: str = "gsm8k_bpb", *, batch_size: int = 8, **options
+    model: nn.Module, tokenizer, task: str = "gsm8k_bpb", *, batch_size: int = EVAL_BATCH_SIZE, **options
 ) -> Gsm8kResult:
     """:func:`run_task` on the in-memory model as it is now (quantized while an injector is
     active), wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)`` with the harness's BOS
@@ -216,3 +220,79 @@ def lm_eval_table(result: Gsm8kResult) -> str:
     from lm_eval.utils import make_table
 
     return make_table(result.lm_eval_results)
+
+
+@dataclass
+class Gsm8kRuns:
+    """The runs of one ``eval gsm8k`` (:data:`REFERENCE` and/or ``fmt``) and the paired comparisons
+    of the run under test against each earlier run, ``{label: {metric: comparison}}``."""
+
+    model: str
+    fmt: str  # NO_FORMAT: the model as it is
+    point: str
+    dtype: str
+    task: str
+    runs: dict[str, Gsm8kResult]
+    comparisons: dict[str, dict[str, PairedComparison]] = field(default_factory=dict)
+
+    @property
+    def under_test(self) -> Gsm8kResult:
+        return self.runs[REFERENCE if self.fmt == NO_FORMAT else self.fmt]
+
+    def document(self) -> dict:
+        """The ``--output`` JSON: settings, the run under test (``result``, what ``--compare-to``
+        and ``python -m harness gate`` read), every run, the comparisons and lm-eval's samples."""
+        under_test = self.under_test
+        return {
+            "model": self.model,
+            "format": self.fmt,
+            "point": self.point,
+            "dtype": self.dtype,
+            "task": self.task,
+            "settings": under_test.settings,
+            "result": {"metrics": under_test.metrics, "per_item": under_test.per_item},
+            "runs": {name: {"metrics": r.metrics, "per_item": r.per_item} for name, r in self.runs.items()},
+            "comparisons": {
+                label: {m: c.as_dict() for m, c in cmps.items()} for label, cmps in self.comparisons.items()
+            },
+            "samples": under_test.samples,
+        }
+
+
+def run_gsm8k(
+    model: nn.Module,
+    tokenizer,
+    task: str,
+    *,
+    model_name: str,
+    dtype: str,
+    fmt: str = NO_FORMAT,
+    point: str = "weight",
+    with_reference: bool = True,
+    compare_to: dict[str, dict[str, list[float]]] | None = None,
+    scale_mode: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **options,
+) -> Gsm8kRuns:
+    """:func:`evaluate_gsm8k` of the unquantized model (unless ``fmt`` is given and not
+    ``with_reference``) and of the model under ``fmt`` at ``point`` (``scale_mode``, ``seed``:
+    the injector's; ``seed`` also lm-eval's few-shot sampling), then the run under test compared
+    item by item with the reference run and with each ``compare_to`` run (``{label: per_item}``,
+    e.g. :func:`load_per_item` of an earlier ``--output``)."""
+    options["seed"] = seed
+    runs = Gsm8kRuns(model_name, fmt, point, dtype, task, {})
+    if fmt == NO_FORMAT or with_reference:
+        if progress:
+            print("reference model (no quantization)", flush=True)
+        runs.runs[REFERENCE] = evaluate_gsm8k(model, tokenizer, task, **options)
+    if fmt != NO_FORMAT:
+        if progress:
+            print(f"{fmt} on {point}", flush=True)
+        injector_options = {} if scale_mode is None else {"scale_mode": scale_mode}
+        with QuantInjector(model, fmt, point, seed=seed, **injector_options):
+            runs.runs[fmt] = evaluate_gsm8k(model, tokenizer, task, **options)
+    earlier = {REFERENCE: runs.runs[REFERENCE].per_item} if fmt != NO_FORMAT and REFERENCE in runs.runs else {}
+    for label, per_item in {**earlier, **(compare_to or {})}.items():
+        runs.comparisons[label] = compare_results(per_item, runs.under_test.per_item)
+    return runs

@@ -22,6 +22,8 @@ from harness.batching import encode, padded_batches
 from harness.data import Gsm8kItem
 from harness.eval.stats import PairedComparison, compare_paired
 
+EVAL_BATCH_SIZE = 8  # sequences per forward pass of an evaluation (a memory/speed knob, no effect on the numbers)
+
 
 @dataclass
 class LossResult:
@@ -70,6 +72,11 @@ class LossResult:
     def comparison(self) -> PairedComparison:
         return compare_paired(self.item_losses(self.reference_nll), self.item_losses(self.nll))
 
+    def document(self, **settings: object) -> dict:
+        """The ``eval loss --json`` document: the run's ``settings``, :meth:`summary`, the paired
+        comparison and :meth:`per_item` (what ``python -m harness gate`` reads)."""
+        return {**settings, **self.summary(), "comparison": self.comparison().as_dict(), "per_item": self.per_item()}
+
 
 def answer_spans(tokenizer, items: Sequence[Gsm8kItem]) -> list[tuple[list[int], int]]:
     """Per item: the token ids of the full text and the index of its first answer token."""
@@ -91,12 +98,18 @@ def answer_batches(tokenizer, items: Sequence[Gsm8kItem], batch_size: int, devic
         yield input_ids, mask, [(len(ids), start) for ids, start in spans[b * batch_size : (b + 1) * batch_size]]
 
 
+def _answer_positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """The positions whose logits predict the answer tokens ``start … length - 1`` (the logits at
+    ``p`` predict token ``p + 1``)."""
+    return torch.arange(start - 1, length - 1, device=device)
+
+
 def _answer_logprobs(model, input_ids, mask, lengths) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per item: next-token log-probs at the positions predicting answer tokens, and the targets."""
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     out = []
     for i, (length, start) in enumerate(lengths):
-        pos = torch.arange(start - 1, length - 1, device=logits.device)  # logits at pos predict pos + 1
+        pos = _answer_positions(start, length, logits.device)
         out.append((F.log_softmax(logits[i, pos], dim=-1), input_ids[i, pos + 1]))
     return out
 
@@ -106,23 +119,39 @@ def _entropy_sum(logprobs: torch.Tensor) -> float:
     return float(-(logprobs.exp() * logprobs).sum())
 
 
+def answer_means(logprobs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Token-weighted mean answer NLL and predictive entropy of :func:`answer_logprobs` (summed
+    per item, then over items: the same numbers as :meth:`LossResult.summary`)."""
+    nll = [-lp.gather(-1, target[:, None]).sum().item() for lp, target in logprobs]
+    entropy = [_entropy_sum(lp) for lp, _ in logprobs]
+    tokens = sum(len(target) for _, target in logprobs)
+    return sum(nll) / tokens, sum(entropy) / tokens
+
+
 def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, lengths) -> torch.Tensor:
     """Differentiable token-weighted answer NLL of one batch (the training objective)."""
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     total, count = logits.new_zeros(()), 0
     for i, (length, start) in enumerate(lengths):
-        pos = torch.arange(start - 1, length - 1, device=logits.device)
+        pos = _answer_positions(start, length, logits.device)
         total = total + F.cross_entropy(logits[i, pos], input_ids[i, pos + 1], reduction="sum")
         count += len(pos)
     return total / count
 
 
 @torch.no_grad()
-def reference_logprobs(
-    model: torch.nn.Module, tokenizer, items: Sequence[Gsm8kItem], *, batch_size: int = 8, progress: bool = False
+def answer_logprobs(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[Gsm8kItem],
+    *,
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The reference model's answer-token log-probs, computed once and reused by every
-    comparison (fp32, about 200 KB per answer token for a 49k vocabulary)."""
+    """Per item: the answer-token log-probs of ``model`` as it is now (unquantized, or under
+    whatever injector is active) and the targets, computed once and passed as ``against`` to
+    every :func:`evaluate_loss` that compares with this model (fp32, about 200 KB per answer
+    token for a 49k vocabulary)."""
     device = next(model.parameters()).device
     return [
         lp
@@ -138,20 +167,21 @@ def evaluate_loss(
     items: Sequence[Gsm8kItem],
     injector=None,
     *,
-    reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    batch_size: int = 8,
+    against: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = False,
 ) -> LossResult:
     """Reference loss of ``model`` and, when ``injector`` (an entered QuantInjector on the same
     model) is given, the quantized loss, KL and top-1 agreement.  The reference pass runs with
-    the injector paused, batch by batch, unless ``reference`` (from :func:`reference_logprobs`)
-    is given."""
+    the injector paused, batch by batch, unless ``against`` (:func:`answer_logprobs` of the model
+    to compare with, e.g. the unquantized one, computed once) is given: its numbers are then the
+    ``reference_*`` ones."""
     device = next(model.parameters()).device
     result = LossResult()
     k = 0
     for input_ids, mask, lengths in answer_batches(tokenizer, items, batch_size, device, progress):
-        if reference is not None:
-            refs = reference[k : k + len(lengths)]
+        if against is not None:
+            refs = against[k : k + len(lengths)]
         else:
             with injector.paused() if injector is not None else contextlib.nullcontext():
                 refs = _answer_logprobs(model, input_ids, mask, lengths)

@@ -84,12 +84,6 @@ class PairedComparison:
             return f"underpowered (n < {MIN_N})"
         return "significant" if self.significant else "not significant"
 
-    def regressed(self, tolerance: float, *, higher_is_better: bool) -> bool:
-        """A regression of ``b`` against ``a``: a change in the bad direction larger than
-        ``tolerance`` (in the metric's unit) *and* significant; noise alone never fails."""
-        worse = -self.mean_diff if higher_is_better else self.mean_diff
-        return worse > tolerance and self.significant
-
 
 def compare_paired(
     a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05, binary: bool = False

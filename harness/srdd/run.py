@@ -11,6 +11,7 @@ from torch import nn
 
 import harness
 from harness.data import Gsm8kItem
+from harness.formats import get_format
 from harness.srdd import scan
 from harness.srdd.attribution import loss_attribution
 from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
@@ -33,6 +34,16 @@ def _modules(result: scan.ScanResult, layers: list[str]) -> list[ModuleReport]:
     return reports
 
 
+# Runs of the instability scan: a stochastic format's spread is what it measures; a deterministic
+# format must show none, which the minimum of 2 runs shows.
+STOCHASTIC_RUNS, DETERMINISTIC_RUNS = 5, 2
+
+
+def default_instability_runs(fmt: str) -> int:
+    """:data:`STOCHASTIC_RUNS` for a stochastic format, else :data:`DETERMINISTIC_RUNS`."""
+    return STOCHASTIC_RUNS if get_format(fmt).stochastic else DETERMINISTIC_RUNS
+
+
 def scan_model(
     model: nn.Module,
     tokenizer,
@@ -46,17 +57,18 @@ def scan_model(
     evaluation: Sequence[Gsm8kItem] = (),
     attribution: bool = False,
     gain: bool = True,
-    instability_runs: int = 5,
+    instability_runs: int | None = None,
     instability_prompts: int = 4,
     batch_size: int = 8,
     do_verify: bool = True,
     progress: bool = False,
-    **select,
 ) -> ScanDocument:
     """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts; ``evaluation`` items feed
-    the loss attribution and the verification.  ``select``: the injector's ``targets``,
-    ``exclude`` and ``overrides``, honoured by every scan."""
+    the loss attribution and the verification.  ``instability_runs``: runs of the instability
+    scan (0: skip it; None: :func:`default_instability_runs`)."""
     thresholds, rules = thresholds or Thresholds(), rules or Rules()
+    if instability_runs is None:
+        instability_runs = default_instability_runs(fmt)
     started = time.perf_counter()
     result = scan.ScanResult()
     timings: dict[str, float] = {}
@@ -68,7 +80,7 @@ def scan_model(
         return out
 
     if "weight" in POINTS_SCANNED[point]:
-        timed("weight_scan", scan.weight_scan, model, fmt, result, **select)
+        timed("weight_scan", scan.weight_scan, model, fmt, result)
     timed(
         "activation_scan",
         scan.activation_scan,
@@ -80,11 +92,10 @@ def scan_model(
         result,
         batch_size=batch_size,
         progress=progress,
-        **select,
     )
     probe = calibration[:instability_prompts]
     if gain:
-        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result, **select)
+        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result)
     if instability_runs:
         timed(
             "instability_scan",
@@ -96,7 +107,6 @@ def scan_model(
             point,
             result,
             runs=instability_runs,
-            **select,
         )
     rows = []
     if attribution and evaluation:
@@ -110,7 +120,6 @@ def scan_model(
             point,
             batch_size=batch_size,
             progress=progress,
-            **select,
         )
     layers = [name for name, _ in scan.decoder_layers(model)]
     findings = layer_findings(result, layers, thresholds, rules, rows)
@@ -118,7 +127,7 @@ def scan_model(
     verification = None
     if do_verify and evaluation:
         verification = timed(
-            "verify", verify, model, tokenizer, evaluation, fmt, point, rec, layers, batch_size=batch_size, **select
+            "verify", verify, model, tokenizer, evaluation, fmt, point, rec, layers, batch_size=batch_size
         )
     timings["total"] = time.perf_counter() - started
     return ScanDocument(

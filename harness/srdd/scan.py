@@ -97,9 +97,9 @@ class ScanResult:
             self.floors.setdefault(name, {}).setdefault(kind, QuantErrorStats()).merge(floor)
 
 
-def weight_scan(model: nn.Module, fmt: str, result: ScanResult, **select) -> None:
+def weight_scan(model: nn.Module, fmt: str, result: ScanResult) -> None:
     """Every target Linear's weight (along its input dim) against its quantization."""
-    for name, module, f in QuantInjector(model, fmt, "weight", **select).select():
+    for name, module, f in QuantInjector(model, fmt, "weight").select():
         w = module.weight.detach()
         result.add(name, "weight", w, fake_quantize(w, f), f, w.shape)
         result.module_shapes[name] = tuple(w.shape)
@@ -147,7 +147,6 @@ def activation_scan(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
-    **select,
 ) -> None:
     """Reference and quantized forward passes batch by batch; Linear inputs are observed inside
     the injector (what it really quantizes), each Linear's output error measured on its reference
@@ -163,7 +162,7 @@ def activation_scan(
 
     ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
-    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe, **select)
+    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe)
     selected = injector.select()
     with injector:
         for name, module, _ in selected:
@@ -225,7 +224,6 @@ def gain_scan(
     result: ScanResult,
     *,
     seed: int = 0,
-    **select,
 ) -> None:
     """Each decoder layer's residual-branch gain for a seeded probe at its real input (probe
     and RMS over real non-sink tokens, zero on the sink and on padding), reference vs quantized."""
@@ -234,7 +232,7 @@ def gain_scan(
     captured = capture_layer_inputs(model, input_ids, mask)
     keep = real_tokens(mask)
     probes = DeviceGenerators(seed)
-    with QuantInjector(model, fmt, point, seed=seed, **select) as injector:
+    with QuantInjector(model, fmt, point, seed=seed) as injector:
         for name, layer in layers:
             hidden = captured[name].hidden
             rms = hidden[keep].pow(2).mean().sqrt()
@@ -301,7 +299,6 @@ def instability_scan(
     *,
     runs: int = 5,
     seed: int = 0,
-    **select,
 ) -> None:
     """Spread of each decoder layer's output across ``runs`` quantized runs with different seeds
     (each run re-quantizes from scratch): > 0 only for stochastic formats."""
@@ -313,7 +310,7 @@ def instability_scan(
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}
         with (
-            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), **select),
+            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1)),
             _capture_layer_outputs(layers, sink),
         ):
             _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)

@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from harness.data import Gsm8kItem
-from harness.eval.loss import LossResult, evaluate_loss, reference_logprobs
+from harness.eval.loss import LossResult, answer_logprobs, evaluate_loss
 from harness.eval.stats import bootstrap_ci
 from harness.inject import QuantInjector
 from harness.srdd.criteria import Recommendation
@@ -95,18 +95,15 @@ def verify(
     draws: int = CONTROL_DRAWS,
     seed: int = 0,
     batch_size: int = 8,
-    **select,
 ) -> Verification | None:
     """Evaluate the proposal of ``rec`` and its control on ``items`` (module docstring)."""
     if rec.action == "no_action" or (rec.action == "reconsider_format" and rec.alternative_format is None):
         return None
-    reference = reference_logprobs(model, tokenizer, items, batch_size=batch_size)
-    user_overrides = select.pop("overrides", None) or {}
+    unquantized = answer_logprobs(model, tokenizer, items, batch_size=batch_size)
 
     def loss(overrides: dict[str, str | None]) -> LossResult:
-        merged = {**overrides, **user_overrides}  # first matching glob wins: the proposal's
-        with QuantInjector(model, fmt, point, seed=seed, overrides=merged, **select) as inj:
-            return evaluate_loss(model, tokenizer, items, inj, reference=reference, batch_size=batch_size)
+        with QuantInjector(model, fmt, point, seed=seed, overrides=overrides) as inj:
+            return evaluate_loss(model, tokenizer, items, inj, against=unquantized, batch_size=batch_size)
 
     rng = random.Random(seed)
     if rec.action == "reconsider_format":

@@ -22,7 +22,7 @@ from harness.aqn.configs import CONFIGS
 from harness.aqn.noise import NoiseInjector
 from harness.aqn.preflight import preflight, preflight_items
 from harness.aqn.schedule import ScheduleError
-from harness.eval.loss import reference_logprobs
+from harness.eval.loss import answer_logprobs
 from harness.inject import QuantInjector
 
 pytestmark = [pytest.mark.aqn, pytest.mark.mxfp4]
@@ -52,10 +52,10 @@ def test_schedule_or_the_reason_it_is_invalid(config) -> None:
 
 
 @pytest.mark.parametrize("config", [pytest.param(c, id=c.name) for c in CONFIGS.values() if c.sigma_end > 0])
-def test_targets_on_the_model_under_test(lm, config) -> None:
+def test_targets_on_the_model_under_test(model_under_test, config) -> None:
     """SmolLM2: 61 RMSNorms (2 per layer + the final norm), 210 decoder Linears (lm_head and the
     embedding are excluded by default); parameters bit-identical after the context."""
-    model, _ = lm
+    model = model_under_test.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with NoiseInjector(model, config.layer_types) as noise:
         with noise.noisy(config.sigma_start):
@@ -67,17 +67,17 @@ def test_targets_on_the_model_under_test(lm, config) -> None:
 
 
 @pytest.fixture(scope="module")
-def quantized_clean(lm, loss_items):
+def quantized_clean(model_under_test, loss_items):
     """The noise-free MXFP4 (W4A16) model's log-probs on the pre-flight items, shared by every
     configuration's pre-flight (what preflight() computes itself when not given them)."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     with QuantInjector(model, "mxfp4", "weight", seed=0):
-        return reference_logprobs(model, tok, preflight_items(loss_items[:PREFLIGHT_ITEMS]))
+        return answer_logprobs(model, tok, preflight_items(loss_items[:PREFLIGHT_ITEMS]))
 
 
 @pytest.mark.parametrize("config", [pytest.param(c, id=c.name) for c in CONFIGS.values() if c.sigma_end > 0])
-def test_preflight_verdict(lm, loss_items, quantized_clean, config, metrics) -> None:
-    model, tok = lm
+def test_preflight_verdict(model_under_test, loss_items, quantized_clean, config, metrics) -> None:
+    model, tok = model_under_test.model, model_under_test.tokenizer
     result = preflight(model, tok, loss_items[:PREFLIGHT_ITEMS], config, draws=PREFLIGHT_DRAWS, clean=quantized_clean)
     li, t1 = result.loss_increase, result.top1_agree
     metrics.record(
@@ -89,8 +89,8 @@ def test_preflight_verdict(lm, loss_items, quantized_clean, config, metrics) -> 
     assert min(d["loss_noisy"] for d in result.draws) >= result.loss_quantized * 0.98
 
 
-def test_broken_configuration_fails_preflight_before_any_noise(lm, loss_items) -> None:
-    model, tok = lm
+def test_broken_configuration_fails_preflight_before_any_noise(model_under_test, loss_items) -> None:
+    model, tok = model_under_test.model, model_under_test.tokenizer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ScheduleError, match="sigma_end must be > 0"):
         preflight(model, tok, loss_items[:2], CONFIGS["broken-sigma-end-0"])

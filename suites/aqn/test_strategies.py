@@ -37,7 +37,7 @@ def test_strategy_comparison_over_seeds_with_an_unquantized_control(pytestconfig
         steps=3,
         layers=layers,
         problematic=layers[:1],
-        batch_size=2,
+        train_batch_size=2,
     )
     rows = {r["strategy"]: r for r in result.rows()}
     assert set(rows) == {"none", "global", "targeted", CONTROL}

@@ -37,11 +37,11 @@ def widest_batch(tok, items, batch_size: int = 8) -> list:
 
 @pytest.mark.mxfp4
 @pytest.mark.slow  # ~2 min of scanning here; run with make bench / -m bench
-def test_weight_and_activation_scan_32_prompts(benchmark, lm, calibration_items, metrics) -> None:
+def test_weight_and_activation_scan_32_prompts(benchmark, model_under_test, calibration_items, metrics) -> None:
     """Memory: a scan of the widest batch of 8 prompts first sets the peak (model + that batch's
     activations); the scan of all 32 prompts, 4 batches no wider than it, must not raise the peak
     by more than 5 % because only per-layer sums are kept across batches."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     full_scan(model, tok, widest_batch(tok, calibration_items))
     peak_8 = peak_rss_mib()
     result = benchmark.pedantic(full_scan, args=(model, tok, calibration_items), rounds=1, iterations=1)
@@ -55,8 +55,8 @@ def test_weight_and_activation_scan_32_prompts(benchmark, lm, calibration_items,
 
 
 @pytest.mark.mxfp4
-def test_loss_evaluation_32_items(benchmark, lm, loss_items) -> None:
-    model, tok = lm
+def test_loss_evaluation_32_items(benchmark, model_under_test, loss_items) -> None:
+    model, tok = model_under_test.model, model_under_test.tokenizer
 
     def run():
         with QuantInjector(model, "mxfp4") as injector:
@@ -69,12 +69,12 @@ def test_loss_evaluation_32_items(benchmark, lm, loss_items) -> None:
 
 @pytest.mark.mxfp4
 @pytest.mark.slow  # ~16 loss passes of 8 items here; run with make bench / -m bench
-def test_one_layer_attribution_costs_about_half_a_pass_per_layer(lm, loss_items, metrics) -> None:
+def test_one_layer_attribution_costs_about_half_a_pass_per_layer(model_under_test, loss_items, metrics) -> None:
     """One-layer attribution over all N layers re-runs layers i..N-1 from the reference's recorded
     input of layer i and the LM head at answer positions only: N(N+1)/2 layer passes plus N head
     passes, about N/2 + 1 full loss passes (16.5 for SmolLM2's 30 layers; the old per-layer
     attribution cost 2N + 1 = 61).  Measured against one full quantized loss pass, same items."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     items = loss_items[:8]
     t0 = time.perf_counter()
     with QuantInjector(model, "mxfp4") as injector:

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from harness.formats import SCALE_MODES, fake_quantize, get_format, representable_max
+from harness.srdd.metrics import sqnr_db
 from harness.testing import format_marks, format_params
 from suites.formats import data
 
@@ -38,11 +39,6 @@ BLOCK_SCALING_ALLOWANCE_DB = 2.0
 STOCHASTIC_ROUNDING_COST_DB = 10 * math.log10(2)
 GAUSSIAN_BLOCK32_AMAX_SQ = 5.70
 ONE_BINADE_DB = 20 * math.log10(2)
-
-
-def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
-    x, q = x.double(), q.double()
-    return 10 * math.log10(x.pow(2).sum().item() / (x - q).pow(2).sum().item())
 
 
 def sqnr_floor_db(name: str) -> float:

@@ -7,16 +7,16 @@ from collections.abc import Callable
 
 import pytest
 
+from harness.eval import REFERENCE
 from harness.eval.gsm8k import Gsm8kResult, evaluate_gsm8k
 from harness.inject import QuantInjector
-from harness.testing import REFERENCE
 
 
 @pytest.fixture(scope="session")
-def gsm8k_run(lm, pytestconfig: pytest.Config) -> Callable[..., Gsm8kResult]:
+def gsm8k_run(model_under_test, pytestconfig: pytest.Config) -> Callable[..., Gsm8kResult]:
     """``gsm8k_run(fmt, task, limit, **options)``: the model with ``fmt`` on its weights (W4A16;
     ``"reference"``: no quantization) through lm-eval, evaluated once per session."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
 
     @functools.cache  # keyword options in another order are another key: the cases pass them alike
     def run(fmt: str, task: str, limit: int, **options) -> Gsm8kResult:

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from harness.data import load_gsm8k
+from harness.eval import REFERENCE
 from harness.eval.gsm8k import compare_results, evaluate_gsm8k
 from harness.inject import QuantInjector
-from harness.testing import REFERENCE, format_marks
+from harness.testing import format_marks
 
 pytestmark = pytest.mark.gsm8k
 
@@ -35,14 +36,14 @@ def fmt_params(names, slow=()):
 
 
 @pytest.mark.parametrize("fmt", fmt_params(BPB_FORMATS, slow=BPB_SLOW))
-def test_bpb_against_baseline(fmt: str, gsm8k_run, baseline, metrics) -> None:
+def test_bpb_against_baseline(fmt: str, model_under_test, gsm8k_run, baseline, metrics) -> None:
     result = gsm8k_run(fmt, "gsm8k_bpb", BPB_ITEMS)
     bpb, wppl = result.metrics["bits_per_byte,none"], result.metrics["word_perplexity,none"]
     metrics.record(bits_per_byte=bpb, word_perplexity=wppl, n=result.n)
     assert result.n == BPB_ITEMS
     assert 0 < bpb < 8 and wppl > 1
     baseline.check(
-        f"{fmt}-gsm8k_bpb-fp32" if fmt != REFERENCE else "reference-gsm8k_bpb-fp32",
+        f"{fmt}-gsm8k_bpb-{model_under_test.dtype_id}",
         {"bits_per_byte": bpb, "word_perplexity": wppl},
     )
 
@@ -62,12 +63,12 @@ def test_bpb_orders_formats(names: tuple[str, ...], gsm8k_run) -> None:
 
 
 @pytest.mark.mxfp4
-def test_bpb_agrees_with_a_direct_computation(gsm8k_run, lm, pytestconfig) -> None:
+def test_bpb_agrees_with_a_direct_computation(gsm8k_run, model_under_test, pytestconfig) -> None:
     """lm-eval's number, recomputed without lm-eval on the same quantized model: bits per byte of
     item i = -sum log p(token_t | prefix, tokens_<t) / UTF-8 bytes / ln 2, the prefix being the BOS
     (else EOS) token as lm-eval's rolling log-likelihood uses, one unpadded forward pass per item
     (the first 8 items: each is its own check)."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     result = gsm8k_run("mxfp4", "gsm8k_bpb", BPB_ITEMS)
     items = load_gsm8k("test", 8, pytestconfig.getoption("--gsm8k-dir"))
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -83,12 +84,12 @@ def test_bpb_agrees_with_a_direct_computation(gsm8k_run, lm, pytestconfig) -> No
 
 
 @pytest.mark.mxfp4
-def test_generation_exact_match_path_is_reproducible(gsm8k_run, lm, pytestconfig) -> None:
+def test_generation_exact_match_path_is_reproducible(gsm8k_run, model_under_test, pytestconfig) -> None:
     """5-shot greedy generation under MXFP4 through lm-eval's HFLM: responses stop at the stop list
     or the cap, both filters score every item, and a second run gives the same responses bit for
     bit (the 135M model's accuracy is ~0, so only the path is checked here; accuracy: --gpu)."""
     first = gsm8k_run("mxfp4", "gsm8k", 1, max_gen_toks=48)
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     with QuantInjector(model, "mxfp4", "weight"):  # a second, independent run (not memoized)
         second = evaluate_gsm8k(
             model, tok, "gsm8k", limit=1, max_gen_toks=48, data_dir=pytestconfig.getoption("--gsm8k-dir")

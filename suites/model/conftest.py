@@ -1,5 +1,6 @@
 """Session fixtures of the model suite: the reference log-probs (computed once) and a memo of
-quantized evaluations shared by cases and orderings (the model and data: suites/conftest.py)."""
+quantized evaluations shared by cases and orderings (the model and data: the plugin's
+``model_under_test`` and ``loss_items``)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,24 @@ from collections.abc import Callable
 
 import pytest
 
-from harness.eval.loss import LossResult, evaluate_loss, reference_logprobs
+from harness.eval.loss import LossResult, answer_logprobs, evaluate_loss
 from harness.inject import QuantInjector
 
 
 @pytest.fixture(scope="session")
-def reference(lm, loss_items):
-    model, tok = lm
-    return reference_logprobs(model, tok, loss_items)
+def reference(model_under_test, loss_items):
+    model, tok = model_under_test.model, model_under_test.tokenizer
+    return answer_logprobs(model, tok, loss_items)
 
 
 @pytest.fixture(scope="session")
-def quantized_loss(lm, loss_items, reference) -> Callable[..., LossResult]:
+def quantized_loss(model_under_test, loss_items, reference) -> Callable[..., LossResult]:
     """``quantized_loss(fmt, point, scale_mode="floor")``: evaluated once per session, then reused."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
 
     @functools.cache
     def run(fmt: str, point: str, scale_mode: str = "floor") -> LossResult:
         with QuantInjector(model, fmt, point, seed=0, scale_mode=scale_mode) as injector:
-            return evaluate_loss(model, tok, loss_items, injector, reference=reference)
+            return evaluate_loss(model, tok, loss_items, injector, against=reference)
 
     return run

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.eval import REFERENCE
 from harness.eval.stats import compare_paired
 from harness.formats import get_format, list_formats
 from harness.inject import causal_at
@@ -28,15 +29,17 @@ def case_params() -> list:
     return params
 
 
-def test_reference_loss_against_baseline(lm, loss_items, reference, quantized_loss, baseline, metrics) -> None:
+def test_reference_loss_against_baseline(
+    model_under_test, loss_items, reference, quantized_loss, baseline, metrics
+) -> None:
     result = quantized_loss("mxfp8_e4m3", "weight")  # any case: the reference side is shared
     summary = result.summary()
     metrics.record(reference_loss=summary["reference_loss"], n=summary["n"])
-    baseline.check("reference-fp32", {"reference_loss": summary["reference_loss"]})
+    baseline.check(f"{REFERENCE}-{model_under_test.dtype_id}", {"reference_loss": summary["reference_loss"]})
 
 
 @pytest.mark.parametrize("fmt, point", case_params())
-def test_format_against_baseline(fmt: str, point: str, quantized_loss, baseline, metrics) -> None:
+def test_format_against_baseline(fmt: str, point: str, model_under_test, quantized_loss, baseline, metrics) -> None:
     result = quantized_loss(fmt, point)
     s = result.summary()
     cmp = result.comparison()
@@ -44,7 +47,10 @@ def test_format_against_baseline(fmt: str, point: str, quantized_loss, baseline,
     assert cmp.n >= 30 and not cmp.underpowered
     assert s["loss"] >= s["reference_loss"] - 0.01, "quantization made the model clearly better: injector broken?"
     assert s["kl"] > 0 and 0 < s["top1_agree"] < 1
-    baseline.check(f"{fmt}-{POINT_IDS[point]}-fp32", {"loss": s["loss"], "kl": s["kl"], "top1_agree": s["top1_agree"]})
+    baseline.check(
+        f"{fmt}-{POINT_IDS[point]}-{model_under_test.dtype_id}",
+        {"loss": s["loss"], "kl": s["kl"], "top1_agree": s["top1_agree"]},
+    )
 
 
 ORDER = ("mxfp8_e4m3", "mxfp6_e3m2", "mxfp4")

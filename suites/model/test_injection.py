@@ -79,9 +79,9 @@ def test_w16a4_quantizes_exactly_the_linear_inputs(name: str) -> None:
 
 
 @pytest.mark.mxfp4
-def test_counts_on_the_model_under_test(lm) -> None:
+def test_counts_on_the_model_under_test(model_under_test) -> None:
     """SmolLM2-135M: 30 decoder layers x 7 Linears = 210 by default, 211 with lm_head named."""
-    model, _ = lm
+    model = model_under_test.model
     decoder_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     with QuantInjector(model, "mxfp4") as injector:
         assert len(injector.modules) == len(decoder_linears)

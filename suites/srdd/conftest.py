@@ -12,9 +12,9 @@ from harness.srdd.criteria import LayerFinding, Thresholds, layer_findings
 
 
 @pytest.fixture(scope="session")
-def weight_scan_of(lm) -> Callable[[str], scan.ScanResult]:
+def weight_scan_of(model_under_test) -> Callable[[str], scan.ScanResult]:
     """``weight_scan_of(fmt)``: every target weight of the model against ``fmt`` (memoized)."""
-    model, _ = lm
+    model = model_under_test.model
 
     @functools.cache
     def run(fmt: str) -> scan.ScanResult:
@@ -26,9 +26,9 @@ def weight_scan_of(lm) -> Callable[[str], scan.ScanResult]:
 
 
 @pytest.fixture(scope="session")
-def input_scan_of(lm, calibration_items) -> Callable[[str], scan.ScanResult]:
+def input_scan_of(model_under_test, calibration_items) -> Callable[[str], scan.ScanResult]:
     """``input_scan_of(fmt)``: W16A4 activation scan on the 32 calibration texts (memoized)."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
 
     @functools.cache
     def run(fmt: str) -> scan.ScanResult:
@@ -40,7 +40,7 @@ def input_scan_of(lm, calibration_items) -> Callable[[str], scan.ScanResult]:
 
 
 @pytest.fixture(scope="session")
-def findings_of(lm) -> Callable[[scan.ScanResult], list[LayerFinding]]:
-    model, _ = lm
+def findings_of(model_under_test) -> Callable[[scan.ScanResult], list[LayerFinding]]:
+    model = model_under_test.model
     layers = [name for name, _ in scan.decoder_layers(model)]
     return lambda result: layer_findings(result, layers, Thresholds())

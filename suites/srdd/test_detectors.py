@@ -50,10 +50,12 @@ def test_detector_against_baseline(fmt, point, detector, weight_scan_of, input_s
 
 
 @pytest.mark.mxfp4
-def test_weight_scan_covers_every_decoder_linear_and_matches_a_direct_recomputation(lm, weight_scan_of) -> None:
+def test_weight_scan_covers_every_decoder_linear_and_matches_a_direct_recomputation(
+    model_under_test, weight_scan_of
+) -> None:
     """All 210 decoder Linears of SmolLM2 (7 per layer), and the scan's SQNR / deadzone equal a
     plain float64 recomputation from the definitions to 1e-4."""
-    model, _ = lm
+    model = model_under_test.model
     result = weight_scan_of("mxfp4")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     assert set(result.modules) == set(linears)
@@ -92,10 +94,10 @@ def test_mxfp4_deadzone_is_above_mxfp8_in_every_layer(weight_scan_of, findings_o
 
 
 @pytest.mark.mxfp4
-def test_saturated_values_are_exactly_the_clipped_ones(lm) -> None:
+def test_saturated_values_are_exactly_the_clipped_ones(model_under_test) -> None:
     """Every weight above its block's largest representable value comes out at exactly that
     value (clipped), and every other weight is rounded within half a grid step of itself."""
-    model, _ = lm
+    model = model_under_test.model
     w = model.model.layers[0].mlp.down_proj.weight.detach()
     limit = representable_max(w, "mxfp4")
     q = fake_quantize(w, "mxfp4")

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.srdd
     ],
 )
 def test_instability_is_zero_exactly_for_deterministic_formats(
-    lm, calibration_items, fmt, expect_zero, metrics
+    model_under_test, calibration_items, fmt, expect_zero, metrics
 ) -> None:
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     result = scan.ScanResult()
     scan.instability_scan(model, tok, calibration_items[:4], fmt, "input", result, runs=5)
     values = [s.instability for s in result.instability.values()]
@@ -52,8 +52,8 @@ def test_instability_of_stochastic_weights_on_a_tiny_model() -> None:
 
 
 @pytest.mark.mxfp4
-def test_gain_and_kurtosis_scans_cover_every_layer(lm, calibration_items) -> None:
-    model, tok = lm
+def test_gain_and_kurtosis_scans_cover_every_layer(model_under_test, calibration_items) -> None:
+    model, tok = model_under_test.model, model_under_test.tokenizer
     result = scan.ScanResult()
     scan.gain_scan(model, tok, calibration_items[:2], "mxfp4", "weight", result)
     layers = [n for n, _ in scan.decoder_layers(model)]
@@ -64,11 +64,11 @@ def test_gain_and_kurtosis_scans_cover_every_layer(lm, calibration_items) -> Non
 
 @pytest.mark.mxfp4
 @pytest.mark.slow  # one-layer attribution over 30 layers on 32 items, ~18 full-pass equivalents (see bench)
-def test_attribution_deltas_add_up_to_roughly_the_all_layer_delta(lm, loss_items, metrics) -> None:
+def test_attribution_deltas_add_up_to_roughly_the_all_layer_delta(model_under_test, loss_items, metrics) -> None:
     """Quantizing one layer at a time: the per-layer Δloss sum to roughly the Δloss of
     quantizing all layers (interactions make it inexact), and each per-layer CI is paired over
     the 32 items."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     rows = loss_attribution(model, tok, loss_items, "mxfp4", "weight")
     everything, per_layer = rows[0].delta_loss, [r.delta_loss for r in rows[1:]]
     metrics.record(all_layers_delta=everything, sum_of_single_layer_deltas=sum(per_layer))
@@ -78,7 +78,7 @@ def test_attribution_deltas_add_up_to_roughly_the_all_layer_delta(lm, loss_items
 
 
 @pytest.mark.mxfp4
-def test_mxfp4_weights_sit_on_the_format_floor(lm, weight_scan_of, findings_of, metrics) -> None:
+def test_mxfp4_weights_sit_on_the_format_floor(model_under_test, weight_scan_of, findings_of, metrics) -> None:
     """SmolLM2's weights are as good as Gaussian ones under MXFP4 (per-layer SQNR 18.47-18.64 dB
     against a floor of 18.60-18.68 dB): no layer is flagged for the format's inherent error, where
     the old fixed thresholds flagged 30/30 and recommended reconsidering the format."""
@@ -90,11 +90,13 @@ def test_mxfp4_weights_sit_on_the_format_floor(lm, weight_scan_of, findings_of, 
 
 
 @pytest.mark.mxfp4
-def test_mxfp4_weights_recommend_a_milder_format_at_the_old_absolute_threshold(lm, weight_scan_of) -> None:
+def test_mxfp4_weights_recommend_a_milder_format_at_the_old_absolute_threshold(
+    model_under_test, weight_scan_of
+) -> None:
     """With the experiment's absolute SQNR threshold (20 dB, now an explicit option), every
     SmolLM2 layer fails under MXFP4 (as every Qwen2.5-1.5B layer did, §12.4), so the framework
     says: reconsider the format; each finding names the threshold rule."""
-    model, _ = lm
+    model = model_under_test.model
     layers = [n for n, _ in scan.decoder_layers(model)]
     findings = layer_findings(weight_scan_of("mxfp4"), layers, Thresholds(sqnr_db=20.0))
     assert all(f.problematic and {r.rule for r in f.reasons} == {"threshold"} for f in findings)

@@ -1,7 +1,10 @@
-"""Reports of AQN strategy comparisons (markdown, tabulate).  SRDD's reports live with SRDD:
-``harness.srdd.report``."""
+"""Reports of AQN strategy comparisons (markdown, tabulate; the JSON beside it)."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -29,7 +32,7 @@ def aqn_markdown(comparison, model: str, problematic: list[str], how: str) -> st
     lines = [
         f"# AQN strategy comparison: {model} under {c.fmt} (W4A16), config {c.config}",
         "",
-        "What is tested: teacher-forced training (NLL of GSM8K reference answers) of the RMSNorm weights "
+        "What is tested: teacher-forced training (NLL of GSM8K's gold answers) of the RMSNorm weights "
         "through a straight-through estimator under W4A16 fake quantization, with AQN noise on the weights. "
         "This is not QeRL's RL, where AQN acts as exploration noise in sampled rollouts.",
         "",
@@ -60,3 +63,23 @@ def aqn_markdown(comparison, model: str, problematic: list[str], how: str) -> st
     ]
     lines += [f"- note: {n}" for n in c.notes]
     return "\n".join(lines) + "\n"
+
+
+def report_paths(path: str | Path) -> tuple[Path, Path]:
+    """Where a comparison's report goes: the markdown at ``path`` and the JSON beside it (the
+    same name with ``.json``), so a ``.json`` name is refused (checked before any training)."""
+    out = Path(path)
+    if out.suffix == ".json":
+        raise ValueError(f"--output {path}: the markdown goes there and the JSON beside it, as .json; use a .md name")
+    return out, out.with_suffix(".json")
+
+
+def write_comparison(path: str | Path, comparison, model: str, problematic: list[str], how: str) -> str:
+    """Writes :func:`aqn_markdown` and the comparison as JSON (its rows plus every field) to
+    :func:`report_paths` of ``path``; returns the markdown."""
+    markdown, doc = report_paths(path)
+    text = aqn_markdown(comparison, model, problematic, how)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    doc.write_text(json.dumps({"rows": comparison.rows(), **asdict(comparison)}, indent=2))
+    return text
