@@ -17,13 +17,13 @@ from harness.inject import QuantInjector
 pytestmark = [pytest.mark.bench, pytest.mark.aqn, pytest.mark.mxfp4]
 
 
-def test_preflight_costs_at_most_one_pass_per_draw(benchmark, lm, loss_items, metrics) -> None:
+def test_preflight_costs_at_most_one_pass_per_draw(benchmark, model_under_test, loss_items, metrics) -> None:
     """The pre-flight runs one noise-free quantized pass and one noisy pass per draw, each on the
     items cut to their first answer line (shorter than the whole answers of a full loss pass), so
     it costs at most ``DRAWS + 1`` full quantized passes (9 for the defaults); the noise itself is
     an in-place add on the targeted weights.  A full pass: ``evaluate_loss`` under MXFP4 runs the
     reference and the quantized model on the whole answers (two passes, halved)."""
-    model, tok = lm
+    model, tok = model_under_test.model, model_under_test.tokenizer
     items = loss_items[:ITEMS]
     t0 = time.perf_counter()
     with QuantInjector(model, "mxfp4") as injector:
