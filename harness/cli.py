@@ -167,6 +167,7 @@ def _scan(args: argparse.Namespace) -> int:
     from harness.srdd.criteria import Thresholds
     from harness.srdd.report import markdown_summary, write_report
     from harness.srdd.run import scan_model
+    from harness.srdd.sensitivity import DEFAULT_MODE
 
     check_scan_options(args.attribution, args.eval_items, args.instability_runs)
     thresholds = Thresholds(
@@ -194,7 +195,8 @@ def _scan(args: argparse.Namespace) -> int:
         model_name=model_key(args.model),
         thresholds=thresholds,
         evaluation=evaluation,
-        attribution=args.attribution,
+        attribution=bool(args.attribution),
+        attribution_mode=args.attribution or DEFAULT_MODE,
         gain=not args.no_gain,
         instability_runs=runs,
         batch_size=args.batch_size,
@@ -420,7 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="GSM8K test items for attribution and verification (0: skip both; default 32)",
     )
-    sc.add_argument("--attribution", action="store_true", help="per-layer loss attribution with 95%% CIs")
+    sc.add_argument(
+        "--attribution",
+        nargs="?",
+        const="screen",
+        choices=["screen", "exact"],
+        help="per-layer loss attribution with 95%% CIs: 'screen' (default) = Fisher screen of every layer + "
+        "exact attribution of its top 5 and the flagged layers; 'exact' = every layer exactly",
+    )
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
     sc.add_argument(
         "--instability-runs",

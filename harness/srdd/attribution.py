@@ -13,7 +13,7 @@ instead of N full passes.  Only modules the injector selects (``targets``/``excl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,12 @@ class Attribution:
         return self.ci[0] > 0
 
 
+def selected_layers(model: nn.Module, injector: QuantInjector) -> list[str]:
+    """The decoder layers holding at least one module the injector quantizes, in model order."""
+    chosen = {m for m, _, _ in injector.select()}
+    return [name for name, _ in decoder_layers(model) if any(layer_of(m, [name]) == name for m in chosen)]
+
+
 def _head_logprobs(model: nn.Module, hidden: torch.Tensor, lengths) -> list[torch.Tensor]:
     """Per item: log-probs at the positions predicting its answer tokens, from the decoder
     stack's normed output (the LM head applied to those positions only)."""
@@ -93,13 +99,14 @@ def loss_attribution(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    only: Collection[str] | None = None,
     **select,
 ) -> list[Attribution]:
-    """``[all layers, then each decoder layer alone]`` under ``fmt`` at ``point``."""
+    """``[all layers, then each decoder layer alone]`` under ``fmt`` at ``point``; ``only``: just
+    those decoder layers alone (each row's numbers are the same as in the run over all layers)."""
     layers = decoder_layers(model)
     injector = QuantInjector(model, fmt, point, seed=seed, **select)
-    chosen = {m for m, _, _ in injector.select()}
-    names = [name for name, _ in layers if any(layer_of(m, [name]) == name for m in chosen)]
+    names = [name for name in selected_layers(model, injector) if only is None or name in only]
     rows = {name: Attribution(name, [], []) for name in ["all", *names]}
     device = next(model.parameters()).device
     with injector:

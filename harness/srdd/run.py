@@ -12,9 +12,16 @@ from torch import nn
 import harness
 from harness.data import Gsm8kItem
 from harness.srdd import scan
-from harness.srdd.attribution import loss_attribution
 from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
-from harness.srdd.document import AttributionEntry, LayerReport, ModuleReport, RecommendationReport, ScanDocument
+from harness.srdd.document import (
+    AttributionEntry,
+    LayerReport,
+    ModuleReport,
+    RecommendationReport,
+    ScanDocument,
+    ScreenEntry,
+)
+from harness.srdd.sensitivity import DEFAULT_MODE, screened_attribution
 from harness.srdd.verify import verify
 
 POINTS_SCANNED = {"weight": ("weight",), "input": ("input",), "both": ("weight", "input")}
@@ -45,6 +52,7 @@ def scan_model(
     rules: Rules | None = None,
     evaluation: Sequence[Gsm8kItem] = (),
     attribution: bool = False,
+    attribution_mode: str = DEFAULT_MODE,
     gain: bool = True,
     instability_runs: int = 5,
     instability_prompts: int = 4,
@@ -54,8 +62,9 @@ def scan_model(
     **select,
 ) -> ScanDocument:
     """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts; ``evaluation`` items feed
-    the loss attribution and the verification.  ``select``: the injector's ``targets``,
-    ``exclude`` and ``overrides``, honoured by every scan."""
+    the loss attribution (``attribution_mode``: ``harness.srdd.sensitivity.ATTRIBUTION_MODES``;
+    the two-stage ``screen`` runs exactly the layers the detectors flagged) and the verification.
+    ``select``: the injector's ``targets``, ``exclude`` and ``overrides``, honoured by every scan."""
     thresholds, rules = thresholds or Thresholds(), rules or Rules()
     started = time.perf_counter()
     result = scan.ScanResult()
@@ -98,22 +107,25 @@ def scan_model(
             runs=instability_runs,
             **select,
         )
-    rows = []
+    layers = [name for name, _ in scan.decoder_layers(model)]
+    rows, screen = [], []
     if attribution and evaluation:
-        rows = timed(
+        flagged = [f.name for f in layer_findings(result, layers, thresholds, rules) if f.problematic]
+        rows, screen = timed(
             "loss_attribution",
-            loss_attribution,
+            screened_attribution,
             model,
             tokenizer,
             evaluation,
             fmt,
             point,
+            mode=attribution_mode,
+            flagged=flagged,
             batch_size=batch_size,
             progress=progress,
             **select,
         )
-    layers = [name for name, _ in scan.decoder_layers(model)]
-    findings = layer_findings(result, layers, thresholds, rules, rows)
+    findings = layer_findings(result, layers, thresholds, rules, rows, screen)
     rec = recommend(findings, fmt)
     verification = None
     if do_verify and evaluation:
@@ -136,4 +148,5 @@ def scan_model(
         attribution=[AttributionEntry.of(r) for r in rows],
         recommendation=RecommendationReport.of(rec, verification),
         timings_s=timings,
+        screen=[ScreenEntry.of(r, {row.layer for row in rows}) for r in screen],
     )

@@ -1,0 +1,212 @@
+"""Second-order sensitivity screen of every decoder layer at once (Fisher / Gauss–Newton, as in
+HAWQ-v2, Dong et al. 2020, and the Fisher estimate of KL, Martens 2014 "New insights and
+perspectives on the natural gradient method" §9), and the two-stage attribution built on it.
+
+Per evaluation item and layer i, with h_{i−1} the reference input of layer i and
+δ_i = L_i^Q(h_{i−1}) − L_i(h_{i−1}) the change of its output when only its modules are quantized
+(computed locally: one layer pass per layer), the network linearised around the reference gives
+for the answer positions t (next-token distribution p_t, answer token a_t):
+
+- KL(ref ‖ quant) ≈ ½ δ_iᵀ G_i δ_i with G_i = Σ_t J_tᵀ F_t J_t (F_t the softmax Fisher, J_t the
+  Jacobian of position t's logits w.r.t. h_i).  Fisher identity: for y_t ~ p_t drawn independently
+  at each position, g_i^y = ∂/∂h_i Σ_t log p_t(y_t) has E[g g ᵀ] = G_i (cross-position terms have
+  zero mean), so KL ≈ ½ E_y[(g_i^y · δ_i)²], estimated by the mean over ``samples`` draws; one
+  backward pass gives g_i^y for every layer at once;
+- Δloss ≈ −(g_i^a · δ_i) + KL with g_i^a the gradient of the answer tokens' log-likelihood (first
+  order, near zero and of random sign for quantization noise, plus the Gauss–Newton second-order
+  term, which equals the KL estimate).
+
+Both are divided by the item's answer tokens, as the exact attribution's per-token means.  Cost
+per batch: one reference forward with gradients on the hidden states only (parameters frozen), one
+quantized pass of each layer on its recorded input, and ``samples`` + 1 backward passes: about
+3 full loss passes for ``samples`` = 1 (measured in ``suites/bench/test_scan_speed.py``).
+
+The screen only ranks: the two-stage attribution (``screened_attribution``) runs the exact suffix
+attribution (``harness.srdd.attribution.loss_attribution``) on the ``top_k`` screened layers and
+every layer the detectors flagged, so each "harmful by attribution" verdict rests on exact
+per-item Δloss with its CI; the other layers carry screen estimates, labelled as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from harness.data import Gsm8kItem
+from harness.eval.loss import answer_batches
+from harness.eval.stats import bootstrap_ci
+from harness.inject import QuantInjector
+from harness.srdd.attribution import Attribution, _head_logprobs, loss_attribution, ranked, selected_layers
+from harness.srdd.scan import LayerInputs, _body, decoder_layers
+
+ATTRIBUTION_MODES = ("screen", "exact")  # screen: Fisher screen + exact top-k; exact: every layer exactly
+TOP_K = 5
+DEFAULT_MODE = "screen"
+
+
+@dataclass
+class Screened:
+    """One layer's screen estimates per item: KL (Fisher quadratic form) and the first-order Δloss."""
+
+    layer: str
+    kl_items: list[float]
+    first_order_items: list[float]
+
+    @property
+    def kl(self) -> float:
+        return float(np.mean(self.kl_items))
+
+    @property
+    def kl_ci(self) -> tuple[float, float]:
+        return bootstrap_ci(self.kl_items)
+
+    @property
+    def delta_loss_items(self) -> list[float]:
+        """Second-order Δloss estimate: first-order term plus the Gauss–Newton term (= KL)."""
+        return [f + k for f, k in zip(self.first_order_items, self.kl_items)]
+
+    @property
+    def delta_loss(self) -> float:
+        return float(np.mean(self.delta_loss_items))
+
+    @property
+    def delta_loss_ci(self) -> tuple[float, float]:
+        return bootstrap_ci(self.delta_loss_items)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters without gradients inside the context: backward passes reach hidden states only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _traced_forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor):
+    """The decoder stack's forward with gradients tracked from the first layer's input on:
+    (each layer's inputs, each layer's output in the graph, the normed final hidden states)."""
+    layers = decoder_layers(model)
+    inputs: dict[str, LayerInputs] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def grab(name: str, first: bool):
+        def fn(module, args, kwargs):
+            if first:  # the graph starts at the first layer's input (the embeddings need no gradient)
+                if args:
+                    args = (args[0].detach().requires_grad_(), *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+            inputs[name] = LayerInputs(args, kwargs)
+            return args, kwargs
+
+        return fn
+
+    def keep(name: str):
+        def fn(module, args, kwargs, output):
+            outputs[name] = output[0] if isinstance(output, tuple) else output
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(grab(n, i == 0), with_kwargs=True) for i, (n, m) in enumerate(layers)]
+    handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in layers]
+    try:
+        final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs, final
+
+
+def fisher_screen(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[Gsm8kItem],
+    fmt: str,
+    point: str,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    samples: int = 1,
+    progress: bool = False,
+    **select,
+) -> list[Screened]:
+    """Screen estimates (module docstring) for every decoder layer the injector selects."""
+    if samples < 1:
+        raise ValueError(f"the Fisher screen needs at least 1 sample per item, got samples={samples}")
+    layers = dict(decoder_layers(model))
+    injector = QuantInjector(model, fmt, point, seed=seed, **select)
+    names = selected_layers(model, injector)
+    rows = {name: Screened(name, [], []) for name in names}
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    with injector, _frozen(model):
+        for input_ids, mask, lengths in answer_batches(tokenizer, items, batch_size, device, progress):
+            with injector.paused(), torch.enable_grad():
+                inputs, outputs, final = _traced_forward(model, input_ids, mask)
+                logprobs = _head_logprobs(model, final, lengths)
+            with torch.no_grad():
+                deltas = []
+                for name in tqdm(names, desc="screen", unit="layer", disable=not progress):
+                    with injector.restricted(lambda m, p=name + ".": m.startswith(p)):
+                        deltas.append(inputs[name].run(layers[name], inputs[name].hidden) - outputs[name].detach())
+            answers = [input_ids[i, start:length] for i, (length, start) in enumerate(lengths)]
+            draws = [torch.multinomial(lp.detach().exp(), samples, True, generator=generator) for lp in logprobs]
+            objectives = [answers, *([d[:, k] for d in draws] for k in range(samples))]
+            dots = []  # per objective: (layers, items) of g_i · δ_i
+            for n, tokens in enumerate(objectives):
+                total = sum(lp.gather(-1, t[:, None]).sum() for lp, t in zip(logprobs, tokens))
+                grads = torch.autograd.grad(total, [outputs[name] for name in names], retain_graph=n < samples)
+                dots.append(torch.stack([(g * d).sum(dim=(1, 2)) for g, d in zip(grads, deltas)]))
+            ntok = torch.tensor([len(t) for t in answers], dtype=torch.float64, device=device)
+            first = -dots[0].double() / ntok
+            kl = 0.5 * torch.stack(dots[1:]).double().square().mean(0) / ntok
+            for j, name in enumerate(names):
+                rows[name].first_order_items += first[j].tolist()
+                rows[name].kl_items += kl[j].tolist()
+    return list(rows.values())
+
+
+def check_mode(mode: str) -> str:
+    if mode not in ATTRIBUTION_MODES:
+        raise ValueError(f"attribution mode {mode!r} is not one of {', '.join(ATTRIBUTION_MODES)}")
+    return mode
+
+
+def screened_attribution(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[Gsm8kItem],
+    fmt: str,
+    point: str,
+    *,
+    mode: str = "screen",
+    flagged: Collection[str] = (),
+    top_k: int = TOP_K,
+    batch_size: int = 8,
+    seed: int = 0,
+    samples: int = 1,
+    progress: bool = False,
+    **select,
+) -> tuple[list[Attribution], list[Screened]]:
+    """``(exact rows, screen rows)``.  ``exact``: the exact attribution of every layer, no screen.
+    ``screen``: the Fisher screen of every layer, then the exact attribution of its ``top_k`` by
+    KL, of the ``flagged`` layers (those the detectors flagged) and of any with a non-finite
+    estimate (so a NaN is reported from exact numbers)."""
+    kw = dict(batch_size=batch_size, seed=seed, progress=progress, **select)
+    if check_mode(mode) == "exact":
+        return loss_attribution(model, tokenizer, items, fmt, point, **kw), []
+    screen = fisher_screen(model, tokenizer, items, fmt, point, samples=samples, **kw)
+    nonfinite = {r.layer for r in screen if not np.isfinite([*r.kl_items, *r.first_order_items]).all()}
+    chosen = {r.layer for r in ranked(screen)[:top_k]} | set(flagged) | nonfinite
+    return loss_attribution(model, tokenizer, items, fmt, point, only=chosen, **kw), screen
