@@ -11,7 +11,8 @@ import pytest
 from harness.eval.loss import evaluate_loss
 from harness.inject import QuantInjector
 from harness.srdd import scan
-from harness.srdd.attribution import loss_attribution
+from harness.srdd.attribution import loss_attribution, ranked
+from harness.srdd.sensitivity import TOP_K, fisher_screen
 
 pytestmark = pytest.mark.bench
 
@@ -67,6 +68,15 @@ def test_loss_evaluation_32_items(benchmark, lm, loss_items) -> None:
     assert result.n == 32
 
 
+def one_quantized_pass_s(model, tok, items) -> float:
+    """Seconds of one full loss pass under MXFP4 weights: ``evaluate_loss`` runs the reference and
+    the quantized pass, half of its time each (the unit of the attribution benches)."""
+    t0 = time.perf_counter()
+    with QuantInjector(model, "mxfp4") as injector:
+        evaluate_loss(model, tok, items, injector)
+    return (time.perf_counter() - t0) / 2
+
+
 @pytest.mark.mxfp4
 @pytest.mark.slow  # ~16 loss passes of 8 items here; run with make bench / -m bench
 def test_one_layer_attribution_costs_about_half_a_pass_per_layer(lm, loss_items, metrics) -> None:
@@ -76,10 +86,7 @@ def test_one_layer_attribution_costs_about_half_a_pass_per_layer(lm, loss_items,
     attribution cost 2N + 1 = 61).  Measured against one full quantized loss pass, same items."""
     model, tok = lm
     items = loss_items[:8]
-    t0 = time.perf_counter()
-    with QuantInjector(model, "mxfp4") as injector:
-        evaluate_loss(model, tok, items, injector)  # reference + quantized: two passes
-    one_pass = (time.perf_counter() - t0) / 2
+    one_pass = one_quantized_pass_s(model, tok, items)
     t0 = time.perf_counter()
     rows = loss_attribution(model, tok, items, "mxfp4", "weight")
     attribution = time.perf_counter() - t0
@@ -88,3 +95,29 @@ def test_one_layer_attribution_costs_about_half_a_pass_per_layer(lm, loss_items,
     metrics.record(full_pass_s=one_pass, attribution_s=attribution, full_passes=ratio, layers=layers)
     assert len(rows) == layers + 1
     assert ratio < 0.75 * layers, f"attribution cost {ratio:.1f} full passes for {layers} layers"
+
+
+@pytest.mark.mxfp4
+@pytest.mark.slow  # ~10 loss passes of 8 items here; run with make bench / -m bench
+def test_screened_attribution_of_all_layers_costs_about_3_passes(lm, loss_items, metrics) -> None:
+    """The Fisher screen of all N layers (``harness.srdd.sensitivity``): one reference forward
+    with gradients on the hidden states, one quantized pass of each layer on its recorded input
+    (one stack pass in all) and 2 backward passes (answer tokens, one sampled draw), answer
+    positions only through the LM head: about 3 full loss passes whatever N, asserted <= 4.  The
+    two-stage attribution adds the exact rows of the screen's top 5 (the all-layers row and at
+    most 5 suffixes): recorded, bounded by 4 + 3 + 5."""
+    model, tok = lm
+    items = loss_items[:8]
+    one_pass = one_quantized_pass_s(model, tok, items)
+    t0 = time.perf_counter()
+    screen = fisher_screen(model, tok, items, "mxfp4", "weight")
+    screen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact = loss_attribution(model, tok, items, "mxfp4", "weight", only={r.layer for r in ranked(screen)[:TOP_K]})
+    exact_s = time.perf_counter() - t0
+    layers = model.config.num_hidden_layers
+    ratio, total = screen_s / one_pass, (screen_s + exact_s) / one_pass
+    metrics.record(full_pass_s=one_pass, screen_s=screen_s, screen_passes=ratio, two_stage_passes=total, layers=layers)
+    assert len(screen) == layers and len(exact) == TOP_K + 1
+    assert ratio <= 4, f"the screen of {layers} layers cost {ratio:.1f} full passes"
+    assert total <= 4 + 3 + TOP_K, f"the two-stage attribution cost {total:.1f} full passes"
