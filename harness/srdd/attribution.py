@@ -6,8 +6,12 @@ Cost: the reference pass of each batch records every decoder layer's input (hidd
 the other arguments); quantizing layer i then re-runs only layers i…N−1 and the LM head (at the
 answer positions only) from the recorded input of layer i, since the unquantized prefix 0…i−1
 is exactly the reference's.  Over N layers that is N(N+1)/2 layer passes and N head passes,
-instead of N full passes.  Only modules the injector selects (``targets``/``exclude``/
-``overrides``) are quantized; a layer with none is left out.
+instead of N full passes; the reference itself is the recording pass (its last layer run again
+for the output) and the every-layer row one quantized pass.  ``only`` restricts the one-layer
+rows to some layers (the two-stage attribution, ``harness.srdd.sensitivity``) without changing
+any row's numbers: the quantized weights are the ones cached by the every-layer pass.  Only
+modules the injector selects (``targets``/``exclude``/``overrides``) are quantized; a layer with
+none is left out.
 """
 
 from __future__ import annotations
@@ -114,8 +118,10 @@ def loss_attribution(
             targets = [input_ids[i, start:length] for i, (length, start) in enumerate(lengths)]
             with injector.paused():
                 captured = capture_layer_inputs(model, input_ids, mask)
-                final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-                ref = _head_logprobs(model, final, lengths)
+                last, layer = layers[-1]  # the stack's output: its last layer again, not the whole stack
+                ref = _head_logprobs(
+                    model, _body(model).norm(captured[last].run(layer, captured[last].hidden)), lengths
+                )
             final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             _extend(rows["all"], _item_stats(ref, _head_logprobs(model, final, lengths), targets))
             for name in tqdm(names, desc="attribution", unit="layer", disable=not progress):
