@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,21 @@ def test_scan_document_has_the_documented_keys_and_round_trips(doc: ScanDocument
     assert {"confirmed", "control_recovery", "action"} <= data["recommendation"].keys()
     assert [a["layer"] for a in data["attribution"]] == ["all", "model.layers.0", "model.layers.1"]
     assert all(len(a["ci"]) == 2 and a["ci"][0] <= a["delta_loss"] <= a["ci"][1] for a in data["attribution"])
+    # the two-stage default: screen estimates of both layers, both in its top 5, so both exact too
+    assert [(s["layer"], s["exact"], s["items"]) for s in data["screen"]] == [
+        ("model.layers.0", True, 3),
+        ("model.layers.1", True, 3),
+    ]
     assert ScanDocument.from_json(data) == doc
+
+
+@pytest.mark.parametrize(
+    "sample", sorted((Path(__file__).parents[1] / "reports/sample").glob("*/results.json")), ids=lambda p: p.parent.name
+)
+def test_the_committed_samples_are_read(sample: Path) -> None:
+    """Files written before the screen (no ``screen`` key) are read with an empty one."""
+    doc = ScanDocument.read(sample)
+    assert doc.screen == [] and len(doc.layers) == 30
 
 
 def test_an_old_document_is_refused_with_its_version() -> None:
@@ -70,9 +85,11 @@ def test_report_directory(doc: ScanDocument, tmp_path) -> None:
         "## Layer groups",
         "## Problematic layers",
         "## Loss attribution",
+        "## Sensitivity screen",
         "## Recommendation",
     ):
         assert section in text
+    assert "no verdict rests on them" in text
     assert (tmp_path / "sqnr.png").read_bytes()[:4] == b"\x89PNG"
     assert ScanDocument.read(tmp_path / "results.json") == doc
 
