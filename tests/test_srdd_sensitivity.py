@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_srdd_criteria import ITEMS, PLANTED, gaussian_model, plant_outliers
+from test_srdd_criteria import ITEMS, PLANTED, gaussian_model, planted_model
 
 from harness.eval.loss import answer_batches
 from harness.inject import QuantInjector
@@ -72,9 +72,7 @@ def direct_terms(model, tok, items, layer: str):
 
 @pytest.fixture(scope="module")
 def planted():
-    model, tok = gaussian_model()
-    plant_outliers(model)
-    return model, tok
+    return planted_model()
 
 
 def test_screen_equals_the_first_order_term_and_the_fisher_form_computed_directly(planted) -> None:

@@ -35,11 +35,9 @@ from harness.srdd.scan import _body, capture_layer_inputs, decoder_layers, layer
 MIN_ITEMS = 32
 
 
-@dataclass
-class Attribution:
-    """One layer (or ``all``) quantized alone: per-item Δloss and KL, their means and CIs."""
+class PerItem:
+    """Means and paired 95 % bootstrap CIs over items of ``delta_loss_items`` and ``kl_items``."""
 
-    layer: str
     delta_loss_items: list[float]
     kl_items: list[float]
 
@@ -59,6 +57,15 @@ class Attribution:
     @property
     def kl_ci(self) -> tuple[float, float]:
         return bootstrap_ci(self.kl_items)
+
+
+@dataclass
+class Attribution(PerItem):
+    """One layer (or ``all``) quantized alone: per-item Δloss and KL, their means and CIs."""
+
+    layer: str
+    delta_loss_items: list[float]
+    kl_items: list[float]
 
     @property
     def harmful(self) -> bool:

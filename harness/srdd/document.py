@@ -84,7 +84,7 @@ class ScreenEntry:
             row.kl,
             list(row.kl_ci),
             row.delta_loss,
-            list(row.delta_loss_ci),
+            list(row.ci),
             len(row.kl_items),
             row.layer in exact,
         )

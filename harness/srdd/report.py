@@ -146,18 +146,14 @@ def markdown_summary(doc: ScanDocument) -> str:
             for a in [everything, *per_layer[:10]]
         ]
         which = "the layers the screen ranked first or the detectors flagged" if doc.screen else "top 10 by KL"
-        out += [
+        out += _table_section(
             f"## Loss attribution ({doc.evaluation_items} GSM8K test items; one layer quantized at a time, "
             f"exact; {which})",
-            "",
-            tabulate(
-                table,
-                headers=["Quantized", "KL", "Δloss", "Δloss 95% CI", "CI > 0"],
-                floatfmt="+.4f",
-                tablefmt="github",
-            ),
-            "",
-        ]
+            [],
+            table,
+            ["Quantized", "KL", "Δloss", "Δloss 95% CI", "CI > 0"],
+            "+.4f",
+        )
     out += _screen(doc)
     out += _recommendation(doc, rec, ver)
     plots = ["![SQNR](sqnr.png)", "![Deadzone](deadzone.png)"] + (
@@ -181,19 +177,17 @@ def _screen(doc: ScanDocument) -> list[str]:
         ]
         for s in sorted(doc.screen, key=lambda s: -s.kl)[:10]
     ]
-    return [
+    return _table_section(
         "## Sensitivity screen (estimates for every layer; second-order Fisher, top 10 by KL)",
-        "",
-        "Estimates rank the layers and pick which get an exact attribution; no verdict rests on them.",
-        "",
-        tabulate(
-            table,
-            headers=["Layer", "KL est.", "KL est. 95% CI", "Δloss est.", "Evidence"],
-            floatfmt=".3e",
-            tablefmt="github",
-        ),
-        "",
-    ]
+        ["Estimates rank the layers and pick which get an exact attribution; no verdict rests on them.", ""],
+        table,
+        ["Layer", "KL est.", "KL est. 95% CI", "Δloss est.", "Evidence"],
+        ".3e",
+    )
+
+
+def _table_section(title: str, intro: list[str], table: list[list], headers: list[str], floatfmt: str) -> list[str]:
+    return [title, "", *intro, tabulate(table, headers=headers, floatfmt=floatfmt, tablefmt="github"), ""]
 
 
 def _recommendation(doc: ScanDocument, rec, ver) -> list[str]:

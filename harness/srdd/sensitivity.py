@@ -40,9 +40,15 @@ from tqdm import tqdm
 
 from harness.data import Gsm8kItem
 from harness.eval.loss import answer_batches
-from harness.eval.stats import bootstrap_ci
 from harness.inject import QuantInjector
-from harness.srdd.attribution import Attribution, _head_logprobs, loss_attribution, ranked, selected_layers
+from harness.srdd.attribution import (
+    Attribution,
+    PerItem,
+    _head_logprobs,
+    loss_attribution,
+    ranked,
+    selected_layers,
+)
 from harness.srdd.scan import LayerInputs, _body, decoder_layers
 
 ATTRIBUTION_MODES = ("screen", "exact")  # screen: Fisher screen + exact top-k; exact: every layer exactly
@@ -51,33 +57,18 @@ DEFAULT_MODE = "screen"
 
 
 @dataclass
-class Screened:
-    """One layer's screen estimates per item: KL (Fisher quadratic form) and the first-order Δloss."""
+class Screened(PerItem):
+    """One layer's screen estimates per item: KL (Fisher quadratic form) and the first-order
+    Δloss; ``delta_loss_items`` is the second-order Δloss estimate, the first-order term plus the
+    Gauss–Newton term (which equals the KL estimate)."""
 
     layer: str
     kl_items: list[float]
     first_order_items: list[float]
 
     @property
-    def kl(self) -> float:
-        return float(np.mean(self.kl_items))
-
-    @property
-    def kl_ci(self) -> tuple[float, float]:
-        return bootstrap_ci(self.kl_items)
-
-    @property
     def delta_loss_items(self) -> list[float]:
-        """Second-order Δloss estimate: first-order term plus the Gauss–Newton term (= KL)."""
         return [f + k for f, k in zip(self.first_order_items, self.kl_items)]
-
-    @property
-    def delta_loss(self) -> float:
-        return float(np.mean(self.delta_loss_items))
-
-    @property
-    def delta_loss_ci(self) -> tuple[float, float]:
-        return bootstrap_ci(self.delta_loss_items)
 
 
 @contextlib.contextmanager

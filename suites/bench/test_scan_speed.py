@@ -68,13 +68,17 @@ def test_loss_evaluation_32_items(benchmark, lm, loss_items) -> None:
     assert result.n == 32
 
 
+def timed(fn, *args, **kw):
+    """``(fn(*args, **kw), seconds it took)``."""
+    t0 = time.perf_counter()
+    return fn(*args, **kw), time.perf_counter() - t0
+
+
 def one_quantized_pass_s(model, tok, items) -> float:
     """Seconds of one full loss pass under MXFP4 weights: ``evaluate_loss`` runs the reference and
     the quantized pass, half of its time each (the unit of the attribution benches)."""
-    t0 = time.perf_counter()
     with QuantInjector(model, "mxfp4") as injector:
-        evaluate_loss(model, tok, items, injector)
-    return (time.perf_counter() - t0) / 2
+        return timed(evaluate_loss, model, tok, items, injector)[1] / 2
 
 
 @pytest.mark.mxfp4
@@ -87,9 +91,7 @@ def test_one_layer_attribution_costs_about_half_a_pass_per_layer(lm, loss_items,
     model, tok = lm
     items = loss_items[:8]
     one_pass = one_quantized_pass_s(model, tok, items)
-    t0 = time.perf_counter()
-    rows = loss_attribution(model, tok, items, "mxfp4", "weight")
-    attribution = time.perf_counter() - t0
+    rows, attribution = timed(loss_attribution, model, tok, items, "mxfp4", "weight")
     layers = model.config.num_hidden_layers
     ratio = attribution / one_pass
     metrics.record(full_pass_s=one_pass, attribution_s=attribution, full_passes=ratio, layers=layers)
@@ -109,12 +111,9 @@ def test_screened_attribution_of_all_layers_costs_about_3_passes(lm, loss_items,
     model, tok = lm
     items = loss_items[:8]
     one_pass = one_quantized_pass_s(model, tok, items)
-    t0 = time.perf_counter()
-    screen = fisher_screen(model, tok, items, "mxfp4", "weight")
-    screen_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exact = loss_attribution(model, tok, items, "mxfp4", "weight", only={r.layer for r in ranked(screen)[:TOP_K]})
-    exact_s = time.perf_counter() - t0
+    screen, screen_s = timed(fisher_screen, model, tok, items, "mxfp4", "weight")
+    top = {r.layer for r in ranked(screen)[:TOP_K]}
+    exact, exact_s = timed(loss_attribution, model, tok, items, "mxfp4", "weight", only=top)
     layers = model.config.num_hidden_layers
     ratio, total = screen_s / one_pass, (screen_s + exact_s) / one_pass
     metrics.record(full_pass_s=one_pass, screen_s=screen_s, screen_passes=ratio, two_stage_passes=total, layers=layers)
