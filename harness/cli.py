@@ -425,10 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument(
         "--attribution",
         nargs="?",
-        const="screen",
-        choices=["screen", "exact"],
-        help="per-layer loss attribution with 95%% CIs: 'screen' (default) = Fisher screen of every layer + "
-        "exact attribution of its top 5 and the flagged layers; 'exact' = every layer exactly",
+        const="exact",
+        choices=["exact", "screen"],
+        help="per-layer loss attribution with 95%% CIs: 'exact' (default) = every layer exactly; 'screen' = "
+        "Fisher screen of every layer (estimates) + exact attribution of its top 5 and the flagged layers",
     )
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
     sc.add_argument(

@@ -29,6 +29,7 @@ def doc() -> ScanDocument:
         model_name="tiny-llama",
         evaluation=ITEMS[:3],
         attribution=True,
+        attribution_mode="screen",
         instability_runs=2,
     )
 
@@ -53,7 +54,7 @@ def test_scan_document_has_the_documented_keys_and_round_trips(doc: ScanDocument
     assert {"confirmed", "control_recovery", "action"} <= data["recommendation"].keys()
     assert [a["layer"] for a in data["attribution"]] == ["all", "model.layers.0", "model.layers.1"]
     assert all(len(a["ci"]) == 2 and a["ci"][0] <= a["delta_loss"] <= a["ci"][1] for a in data["attribution"])
-    # the two-stage default: screen estimates of both layers, both in its top 5, so both exact too
+    # two-stage: screen estimates of both layers, both in its top 5, so both exact too
     assert [(s["layer"], s["exact"], s["items"]) for s in data["screen"]] == [
         ("model.layers.0", True, 3),
         ("model.layers.1", True, 3),

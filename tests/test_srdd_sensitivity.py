@@ -110,5 +110,5 @@ def test_two_stage_runs_the_exact_attribution_on_the_screens_top_and_the_flagged
             everything[row.layer].kl_items,
         )
     assert screened_attribution(model, tok, items, "mxfp4", "weight", mode="exact")[1] == []
-    with pytest.raises(ValueError, match="'fast' is not one of screen, exact"):
+    with pytest.raises(ValueError, match="'fast' is not one of exact, screen"):
         screened_attribution(model, tok, items, "mxfp4", "weight", mode="fast")

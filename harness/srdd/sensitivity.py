@@ -8,10 +8,12 @@ Per evaluation item and layer i, with h_{i−1} the reference input of layer i a
 for the answer positions t (next-token distribution p_t, answer token a_t):
 
 - KL(ref ‖ quant) ≈ ½ δ_iᵀ G_i δ_i with G_i = Σ_t J_tᵀ F_t J_t (F_t the softmax Fisher, J_t the
-  Jacobian of position t's logits w.r.t. h_i).  Fisher identity: for y_t ~ p_t drawn independently
-  at each position, g_i^y = ∂/∂h_i Σ_t log p_t(y_t) has E[g g ᵀ] = G_i (cross-position terms have
-  zero mean), so KL ≈ ½ E_y[(g_i^y · δ_i)²], estimated by the mean over ``samples`` draws; one
-  backward pass gives g_i^y for every layer at once;
+  Jacobian of position t's logits w.r.t. h_i).  For random cotangents v_t at the logits, drawn
+  independently per position with E[v_t v_tᵀ] = F_t (``fisher_sketch``; y_t ~ p_t with
+  v_t = e_{y_t} − p_t, the Fisher identity, is another such draw, with heavier tails),
+  g_i = Σ_t J_tᵀ v_t has E[g g ᵀ] = G_i (cross-position terms have zero mean), so
+  KL ≈ ½ E[(g_i · δ_i)²], estimated by the mean over ``samples`` draws; one backward pass gives
+  g_i for every layer at once;
 - Δloss ≈ −(g_i^a · δ_i) + KL with g_i^a the gradient of the answer tokens' log-likelihood (first
   order, near zero and of random sign for quantization noise, plus the Gauss–Newton second-order
   term, which equals the KL estimate).
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -51,9 +54,9 @@ from harness.srdd.attribution import (
 )
 from harness.srdd.scan import LayerInputs, _body, decoder_layers
 
-ATTRIBUTION_MODES = ("screen", "exact")  # screen: Fisher screen + exact top-k; exact: every layer exactly
+ATTRIBUTION_MODES = ("exact", "screen")  # screen: Fisher screen + exact top-k; exact: every layer exactly
 TOP_K = 5
-DEFAULT_MODE = "screen"
+DEFAULT_MODE = "exact"  # the screen ranks well only with several draws (README, SRDD section)
 
 
 @dataclass
@@ -119,6 +122,19 @@ def _traced_forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tenso
     return inputs, outputs, final
 
 
+def fisher_sketch(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random cotangent v_t per position with E[v_t v_tᵀ] = F_t = diag(p_t) − p_t p_tᵀ and
+    Σ v_t = 0: v_t = √p_t ⊙ ξ_t − p_t (√p_t · ξ_t), ξ_t ~ N(0, I) independent per position.
+    (√p ⊙ ξ − p (√p·ξ) = A ξ with A A ᵀ = F.)  Since v_t sums to 0, the gradient of Σ_t v_t · log p_t
+    w.r.t. the logits is v_t itself, so one backward gives g_i = J_iᵀ v for every layer, and
+    (g_i · δ_i)² is N(0, δ_iᵀ G_i δ_i)² exactly (a χ²₁ multiple): lower variance than sampling
+    y_t ~ p_t, whose (e_y − p) has heavy tails where p is peaked."""
+    p = logprobs.exp()
+    root = p.sqrt()
+    xi = torch.randn(logprobs.shape, generator=generator, device=logprobs.device, dtype=logprobs.dtype)
+    return root * xi - p * (root * xi).sum(-1, keepdim=True)
+
+
 def fisher_screen(
     model: nn.Module,
     tokenizer,
@@ -152,11 +168,13 @@ def fisher_screen(
                     with injector.restricted(lambda m, p=name + ".": m.startswith(p)):
                         deltas.append(inputs[name].run(layers[name], inputs[name].hidden) - outputs[name].detach())
             answers = [input_ids[i, start:length] for i, (length, start) in enumerate(lengths)]
-            draws = [torch.multinomial(lp.detach().exp(), samples, True, generator=generator) for lp in logprobs]
-            objectives = [answers, *([d[:, k] for d in draws] for k in range(samples))]
+            objectives = [
+                [F.one_hot(t, lp.shape[-1]).to(lp.dtype) for lp, t in zip(logprobs, answers)],
+                *([fisher_sketch(lp.detach(), generator) for lp in logprobs] for _ in range(samples)),
+            ]
             dots = []  # per objective: (layers, items) of g_i · δ_i
-            for n, tokens in enumerate(objectives):
-                total = sum(lp.gather(-1, t[:, None]).sum() for lp, t in zip(logprobs, tokens))
+            for n, weights in enumerate(objectives):
+                total = sum((w * lp).sum() for w, lp in zip(weights, logprobs))
                 grads = torch.autograd.grad(total, [outputs[name] for name in names], retain_graph=n < samples)
                 dots.append(torch.stack([(g * d).sum(dim=(1, 2)) for g, d in zip(grads, deltas)]))
             ntok = torch.tensor([len(t) for t in answers], dtype=torch.float64, device=device)
