@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_srdd_criteria import ITEMS, PLANTED, gaussian_model, planted_model
+from test_srdd_criteria import ITEMS, PLANTED, gaussian_model, planted_model, scan
 
 from harness.eval.loss import answer_batches
 from harness.inject import QuantInjector
@@ -112,3 +112,20 @@ def test_two_stage_runs_the_exact_attribution_on_the_screens_top_and_the_flagged
     assert screened_attribution(model, tok, items, "mxfp4", "weight", mode="exact")[1] == []
     with pytest.raises(ValueError, match="'fast' is not one of exact, screen"):
         screened_attribution(model, tok, items, "mxfp4", "weight", mode="fast")
+
+
+def test_screen_mode_reaches_the_exact_modes_verdicts_on_the_planted_model(planted) -> None:
+    """Same rules fire on the same layers and tensors whichever attribution ran (the planted
+    layer only, by its floors), and the planted layer has an exact row in both."""
+    model, tok = planted
+    docs = {
+        mode: scan(model, tok, "mxfp4", attribution=True, attribution_mode=mode, do_verify=False)
+        for mode in ("exact", "screen")
+    }
+    verdicts = {
+        mode: [[(r.rule, r.metric, r.tensor) for r in layer.reasons] for layer in doc.layers]
+        for mode, doc in docs.items()
+    }
+    assert verdicts["screen"] == verdicts["exact"]
+    assert [i for i, reasons in enumerate(verdicts["exact"]) if reasons] == [3]
+    assert PLANTED in {a.layer for a in docs["screen"].attribution} and len(docs["screen"].screen) == 6

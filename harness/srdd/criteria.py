@@ -18,8 +18,9 @@ Rules, each named in the finding's reasons with its evidence:
 - ``attribution``: quantizing the layer alone raises the loss beyond noise (its exact Δloss CI
   over items excludes 0, above) *and* its KL is an outlier among the layers (every layer of a
   4-bit model costs something; the question is which cost more than the others).  With the
-  two-stage attribution (``harness.srdd.sensitivity``) the outlier test runs on the screen's KL
-  estimates of every layer, the CI on the exact rows of the layers it picked.
+  two-stage attribution (``harness.srdd.sensitivity``) only the layers it ran exactly can be
+  flagged: their exact KL is tested against all layers' KL, the screen's estimates standing in
+  for the layers without an exact row (a noisy estimate widens the MAD: conservative).
 - ``threshold``: an absolute threshold given explicitly (``Thresholds``; all off by default).
 - ``non-finite``: NaN/Inf in a weight, an activation, a layer output or the attribution loss.
 
@@ -289,9 +290,9 @@ def _attribution_reasons(
                 f.reasons.append(
                     Reason("non-finite", "loss", f"{r.layer} quantized", "NaN/Inf in the answer loss or KL")
                 )
-    kl = {r.layer: r.kl for r in screen or per_layer}
+    kl = {r.layer: r.kl for r in screen} | {r.layer: r.kl for r in per_layer}  # exact where it ran
     high = outliers(kl, rules, lambda v, med: v > rules.outlier_factor * med)
-    among = "layers' screen estimates" if screen else "layers"
+    among = "layers, screen estimates where not exact" if screen else "layers"
     for r in per_layer:
         if r.harmful and r.layer in high:
             lo, hi = r.ci
