@@ -130,10 +130,14 @@ def test_cli_scan_and_compare(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
         str(out),
         "--report-dir",
         str(tmp_path / "rep"),
+        "--attribution",
+        "screen",
     ]
     assert main(argv) == 0
     assert "# SRDD scan: tiny-qwen2 under nvfp4 (weight)" in capsys.readouterr().out
-    assert ScanDocument.read(out).prompts == 4 and (tmp_path / "rep" / "summary.md").exists()
+    scanned = ScanDocument.read(out)
+    assert scanned.prompts == 4 and (tmp_path / "rep" / "summary.md").exists()
+    assert [s.layer for s in scanned.screen] == [a.layer for a in scanned.attribution[1:]]  # 2 layers: all exact
     assert main(["compare", str(out), str(out)]) == 0
     assert "SRDD comparison" in capsys.readouterr().out
     with pytest.raises(SystemExit):
