@@ -180,7 +180,7 @@ def fisher_screen(
             for n, weights in enumerate(objectives):
                 total = sum((w * lp).sum() for w, lp in zip(weights, logprobs))
                 grads = torch.autograd.grad(total, [outputs[name] for name in names], retain_graph=n < samples)
-                dots.append(torch.stack([(g * d).sum(dim=(1, 2)) for g, d in zip(grads, deltas)]))
+                dots.append(torch.stack([(g.float() * d.float()).sum(dim=(1, 2)) for g, d in zip(grads, deltas)]))
             ntok = torch.tensor([len(t) for t in answers], dtype=torch.float64, device=device)
             first = -dots[0].double() / ntok
             kl = 0.5 * torch.stack(dots[1:]).double().square().mean(0) / ntok
