@@ -21,10 +21,11 @@ for the answer positions t (next-token distribution p_t, answer token a_t):
 Both are divided by the item's answer tokens, as the exact attribution's per-token means.  Cost
 per batch: one reference forward with gradients on the hidden states only (parameters frozen), one
 quantized pass of each layer on its recorded input, and ``samples`` + 1 backward passes: on
-SmolLM2 (30 layers) 3.7 full loss passes with 1 draw, 3.9 with 2, 5.4 with 4 (measured in
-``suites/bench/test_scan_speed.py``).  Agreement with the exact per-layer KL there (mxfp4
+SmolLM2 (30 layers) 3.8 full loss passes with 1 draw, 4.5-5.0 with 2, 6.7 with 4 (CPU-time
+ratios, ``suites/bench/test_scan_speed.py``).  Agreement with the exact per-layer KL there (mxfp4
 weights, 32 items): Spearman 0.79-0.83 with 1 draw, 0.90 with 2 (top-5 overlap 4/5), 0.92 with 4;
-hence ``SAMPLES`` = 2 and the exact attribution stays the default (``DEFAULT_MODE``).
+hence ``SAMPLES`` = 2, and the exact attribution stays the default (``DEFAULT_MODE``): the
+screen agrees well only at ~5 passes, not the ~3 hoped for.
 
 The screen only ranks: the two-stage attribution (``screened_attribution``) runs the exact suffix
 attribution (``harness.srdd.attribution.loss_attribution``) on the ``top_k`` screened layers and
