@@ -131,6 +131,7 @@ def _scan(args: argparse.Namespace) -> int:
     from harness.data import load_gsm8k
     from harness.models import model_key
     from harness.srdd.report import markdown_summary, write_report
+    from harness.srdd.sensitivity import DEFAULT_MODE
 
     check_scan_options(args.attribution, args.eval_items, args.instability_runs)
     thresholds = _from_options(args, srdd_criteria.Thresholds, SCAN_THRESHOLDS)
@@ -146,7 +147,8 @@ def _scan(args: argparse.Namespace) -> int:
         model_name=model_key(args.model),
         thresholds=thresholds,
         evaluation=evaluation,
-        attribution=args.attribution,
+        attribution=bool(args.attribution),
+        attribution_mode=args.attribution or DEFAULT_MODE,
         gain=not args.no_gain,
         instability_runs=args.instability_runs,
         batch_size=args.batch_size,
@@ -388,7 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=LOSS_ITEMS,
         help=f"GSM8K test items for attribution and verification (0: skip both; default {LOSS_ITEMS})",
     )
-    sc.add_argument("--attribution", action="store_true", help="per-layer loss attribution with 95%% CIs")
+    sc.add_argument(
+        "--attribution",
+        nargs="?",
+        const="exact",
+        choices=["exact", "screen"],
+        help="per-layer loss attribution with 95%% CIs: 'exact' (default) = every layer exactly; 'screen' = "
+        "Fisher screen of every layer (estimates) + exact attribution of its top 5 and the flagged layers",
+    )
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
     sc.add_argument(
         "--instability-runs",

@@ -74,6 +74,7 @@ RANGE = "is out of range (valid: an integer >= {})"
             "error: --attribution needs evaluation items: --eval-items is 0",
         ),
         ([*SCAN, "--instability-runs", "1"], "error: --instability-runs 1 gives no spread (valid: 0 to skip"),
+        ([*SCAN, "--attribution", "fast"], "argument --attribution: invalid choice: 'fast' (choose from 'exact'"),
     ],
 )
 def test_counts_sizes_and_devices_are_checked_first(argv, message, tmp_path, capsys, no_model_load) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ def doc() -> ScanDocument:
         model_name="tiny-llama",
         evaluation=ITEMS[:3],
         attribution=True,
+        attribution_mode="screen",
         instability_runs=2,
     )
 
@@ -52,7 +54,21 @@ def test_scan_document_has_the_documented_keys_and_round_trips(doc: ScanDocument
     assert {"confirmed", "control_recovery", "action"} <= data["recommendation"].keys()
     assert [a["layer"] for a in data["attribution"]] == ["all", "model.layers.0", "model.layers.1"]
     assert all(len(a["ci"]) == 2 and a["ci"][0] <= a["delta_loss"] <= a["ci"][1] for a in data["attribution"])
+    # two-stage: screen estimates of both layers, both in its top 5, so both exact too
+    assert [(s["layer"], s["exact"], s["items"]) for s in data["screen"]] == [
+        ("model.layers.0", True, 3),
+        ("model.layers.1", True, 3),
+    ]
     assert ScanDocument.from_json(data) == doc
+
+
+@pytest.mark.parametrize(
+    "sample", sorted((Path(__file__).parents[1] / "reports/sample").glob("*/results.json")), ids=lambda p: p.parent.name
+)
+def test_the_committed_samples_are_read(sample: Path) -> None:
+    """Files written before the screen (no ``screen`` key) are read with an empty one."""
+    doc = ScanDocument.read(sample)
+    assert doc.screen == [] and len(doc.layers) == 30
 
 
 def test_an_old_document_is_refused_with_its_version() -> None:
@@ -70,9 +86,11 @@ def test_report_directory(doc: ScanDocument, tmp_path) -> None:
         "## Layer groups",
         "## Problematic layers",
         "## Loss attribution",
+        "## Sensitivity screen",
         "## Recommendation",
     ):
         assert section in text
+    assert "no verdict rests on them" in text
     assert (tmp_path / "sqnr.png").read_bytes()[:4] == b"\x89PNG"
     assert ScanDocument.read(tmp_path / "results.json") == doc
 
@@ -112,10 +130,14 @@ def test_cli_scan_and_compare(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
         str(out),
         "--report-dir",
         str(tmp_path / "rep"),
+        "--attribution",
+        "screen",
     ]
     assert main(argv) == 0
     assert "# SRDD scan: tiny-qwen2 under nvfp4 (weight)" in capsys.readouterr().out
-    assert ScanDocument.read(out).prompts == 4 and (tmp_path / "rep" / "summary.md").exists()
+    scanned = ScanDocument.read(out)
+    assert scanned.prompts == 4 and (tmp_path / "rep" / "summary.md").exists()
+    assert [s.layer for s in scanned.screen] == [a.layer for a in scanned.attribution[1:]]  # 2 layers: all exact
     assert main(["compare", str(out), str(out)]) == 0
     assert "SRDD comparison" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -82,11 +82,16 @@ def test_gaussian_weights_are_never_problematic(fmt: str) -> None:
         assert len(old.problematic_layers) == LAYERS
 
 
-@pytest.fixture(scope="module")
-def planted():
+def planted_model():
+    """The Gaussian model with outliers planted in ``PLANTED``."""
     model, tok = gaussian_model()
     plant_outliers(model)
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_model()
 
 
 def test_planted_layer_is_flagged_by_its_floor_and_ranked_first_by_attribution(planted) -> None:

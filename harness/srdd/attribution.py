@@ -6,14 +6,18 @@ Cost: the reference pass of each batch records every decoder layer's input (hidd
 the other arguments); quantizing layer i then re-runs only layers i…N−1 and the LM head (at the
 answer positions only) from the recorded input of layer i, since the unquantized prefix 0…i−1
 is exactly the reference's.  Over N layers that is N(N+1)/2 layer passes and N head passes,
-instead of N full passes.  Only modules the injector selects (``targets``/``exclude``/
-``overrides``) are quantized; a layer with none is left out.
+instead of N full passes; the reference itself is the recording pass (its last layer run again
+for the output) and the every-layer row one quantized pass.  ``only`` restricts the one-layer
+rows to some layers (the two-stage attribution, ``harness.srdd.sensitivity``) without changing
+any row's numbers: the quantized weights are the ones cached by the every-layer pass.  Only
+modules the injector selects (``targets``/``exclude``/``overrides``) are quantized; a layer with
+none is left out.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,11 +35,9 @@ from harness.srdd.scan import _body, capture_layer_inputs, decoder_layers, layer
 MIN_ITEMS = 32
 
 
-@dataclass
-class Attribution:
-    """One layer (or ``all``) quantized alone: per-item Δloss and KL, their means and CIs."""
+class PerItem:
+    """Means and paired 95 % bootstrap CIs over items of ``delta_loss_items`` and ``kl_items``."""
 
-    layer: str
     delta_loss_items: list[float]
     kl_items: list[float]
 
@@ -56,10 +58,25 @@ class Attribution:
     def kl_ci(self) -> tuple[float, float]:
         return bootstrap_ci(self.kl_items)
 
+
+@dataclass
+class Attribution(PerItem):
+    """One layer (or ``all``) quantized alone: per-item Δloss and KL, their means and CIs."""
+
+    layer: str
+    delta_loss_items: list[float]
+    kl_items: list[float]
+
     @property
     def harmful(self) -> bool:
         """Quantizing the layer raises the loss beyond noise: the Δloss CI lies above 0."""
         return self.ci[0] > 0
+
+
+def selected_layers(model: nn.Module, injector: QuantInjector) -> list[str]:
+    """The decoder layers holding at least one module the injector quantizes, in model order."""
+    chosen = {m for m, _, _ in injector.select()}
+    return [name for name, _ in decoder_layers(model) if any(layer_of(m, [name]) == name for m in chosen)]
 
 
 def _head_logprobs(model: nn.Module, hidden: torch.Tensor, lengths) -> list[torch.Tensor]:
@@ -93,13 +110,14 @@ def loss_attribution(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    only: Collection[str] | None = None,
     **select,
 ) -> list[Attribution]:
-    """``[all layers, then each decoder layer alone]`` under ``fmt`` at ``point``."""
+    """``[all layers, then each decoder layer alone]`` under ``fmt`` at ``point``; ``only``: just
+    those decoder layers alone (each row's numbers are the same as in the run over all layers)."""
     layers = decoder_layers(model)
     injector = QuantInjector(model, fmt, point, seed=seed, **select)
-    chosen = {m for m, _, _ in injector.select()}
-    names = [name for name, _ in layers if any(layer_of(m, [name]) == name for m in chosen)]
+    names = [name for name in selected_layers(model, injector) if only is None or name in only]
     rows = {name: Attribution(name, [], []) for name in ["all", *names]}
     device = next(model.parameters()).device
     with injector:
@@ -107,8 +125,10 @@ def loss_attribution(
             targets = [input_ids[i, start:length] for i, (length, start) in enumerate(lengths)]
             with injector.paused():
                 captured = capture_layer_inputs(model, input_ids, mask)
-                final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-                ref = _head_logprobs(model, final, lengths)
+                last, layer = layers[-1]  # the stack's output: its last layer again, not the whole stack
+                ref = _head_logprobs(
+                    model, _body(model).norm(captured[last].run(layer, captured[last].hidden)), lengths
+                )
             final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             _extend(rows["all"], _item_stats(ref, _head_logprobs(model, final, lengths), targets))
             for name in tqdm(names, desc="attribution", unit="layer", disable=not progress):

@@ -15,9 +15,12 @@ Rules, each named in the finding's reasons with its evidence:
   ``Rules.min_layers`` layers.  Applies to the weight excesses, activation metrics (input
   detectors, layer-output error, activation-aware output error, kurtosis ratio, massive
   activation, residual gain) and attribution KL.
-- ``attribution``: quantizing the layer alone raises the loss beyond noise (its Δloss CI over
-  items excludes 0, above) *and* its KL is an outlier among the layers (every layer of a 4-bit
-  model costs something; the question is which cost more than the others).
+- ``attribution``: quantizing the layer alone raises the loss beyond noise (its exact Δloss CI
+  over items excludes 0, above) *and* its KL is an outlier among the layers (every layer of a
+  4-bit model costs something; the question is which cost more than the others).  With the
+  two-stage attribution (``harness.srdd.sensitivity``) only the layers it ran exactly can be
+  flagged: their exact KL is tested against all layers' KL, the screen's estimates standing in
+  for the layers without an exact row (a noisy estimate widens the MAD: conservative).
 - ``threshold``: an absolute threshold given explicitly (``Thresholds``; all off by default).
 - ``non-finite``: NaN/Inf in a weight, an activation, a layer output or the attribution loss.
 
@@ -38,6 +41,7 @@ from harness.srdd.attribution import Attribution
 from harness.srdd.floors import FLOOR_METRICS, excess
 from harness.srdd.metrics import OutputErrorStats, QuantErrorStats
 from harness.srdd.scan import ScanResult, layer_of
+from harness.srdd.sensitivity import Screened
 
 SOURCES = ("weight", "input")
 ROBUST_Z_SCALE = 0.6745  # Φ⁻¹(0.75): makes MAD a consistent estimator of σ for Gaussian data
@@ -230,6 +234,7 @@ def layer_findings(
     thresholds: Thresholds | None = None,
     rules: Rules | None = None,
     attribution: list[Attribution] = (),
+    screen: list[Screened] = (),
 ) -> list[LayerFinding]:
     """Per decoder layer: its metrics (weights and inputs pooled over its Linears, with their
     Gaussian floors) and the reasons the rules (module docstring) flag it."""
@@ -259,13 +264,17 @@ def layer_findings(
             findings[layer].reasons.append(
                 Reason("outlier", metric, layer, f"quantized/reference {m:.3g}, robust z {z:.1f} among layers")
             )
-    _attribution_reasons(findings, attribution, rules)
+    _attribution_reasons(findings, attribution, rules, screen)
     _threshold_reasons(findings, thresholds)
     return [findings[layer] for layer in layers]
 
 
-def _attribution_reasons(findings: dict[str, LayerFinding], rows: list[Attribution], rules: Rules) -> None:
+def _attribution_reasons(
+    findings: dict[str, LayerFinding], rows: list[Attribution], rules: Rules, screen: list[Screened]
+) -> None:
     per_layer = [r for r in rows if r.layer in findings]
+    for r in screen:
+        findings[r.layer].metrics["screen_kl"] = r.kl
     for r in rows:
         if r.layer in findings:
             lo, hi = r.ci
@@ -281,8 +290,9 @@ def _attribution_reasons(findings: dict[str, LayerFinding], rows: list[Attributi
                 f.reasons.append(
                     Reason("non-finite", "loss", f"{r.layer} quantized", "NaN/Inf in the answer loss or KL")
                 )
-    kl = {r.layer: r.kl for r in per_layer}
+    kl = {r.layer: r.kl for r in screen} | {r.layer: r.kl for r in per_layer}  # exact where it ran
     high = outliers(kl, rules, lambda v, med: v > rules.outlier_factor * med)
+    among = "layers, screen estimates where not exact" if screen else "layers"
     for r in per_layer:
         if r.harmful and r.layer in high:
             lo, hi = r.ci
@@ -291,7 +301,7 @@ def _attribution_reasons(findings: dict[str, LayerFinding], rows: list[Attributi
                     "attribution",
                     "kl",
                     r.layer,
-                    f"KL {r.kl:.4g} (robust z {high[r.layer]:.1f} among layers), "
+                    f"KL {r.kl:.4g} (robust z {high[r.layer]:.1f} among {among}), "
                     f"Δloss {r.delta_loss:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}] over {len(r.delta_loss_items)} items",
                 )
             )

@@ -3,8 +3,12 @@ writes as JSON, what the report renders and ``harness compare`` reads back.
 
 JSON layout: ``layers[i]`` = ``{name, problematic, reasons: [{rule, metric, tensor, evidence}],
 metrics: {...}}``; ``attribution[i]`` = ``{layer, delta_loss, ci: [low, high], kl, kl_ci,
-harmful, items}`` (``layer == "all"`` first: every layer quantized); ``recommendation`` =
-``{action, ..., confirmed, control_recovery, verification}``.
+harmful, items}`` (``layer == "all"`` first: every layer quantized; exact numbers only, for
+every layer or, two-stage, the layers the screen picked); ``screen[i]`` = ``{layer, kl, kl_ci,
+delta_loss, delta_loss_ci, items, exact}`` (the Fisher screen's *estimates* for every layer,
+``harness.srdd.sensitivity``; ``exact``: the layer also has an exact attribution row; empty when
+attribution ran exactly over all layers); ``recommendation`` = ``{action, ..., confirmed,
+control_recovery, verification}``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from harness.srdd.attribution import Attribution
 from harness.srdd.criteria import LayerFinding, Reason, Recommendation
+from harness.srdd.sensitivity import Screened
 from harness.srdd.verify import Verification
 
 SCHEMA_VERSION = 2
@@ -61,6 +66,31 @@ class AttributionEntry:
 
 
 @dataclass
+class ScreenEntry:
+    """The screen's estimates for one layer (never a verdict: those rest on exact rows)."""
+
+    layer: str
+    kl: float
+    kl_ci: list[float]
+    delta_loss: float
+    delta_loss_ci: list[float]
+    items: int
+    exact: bool
+
+    @classmethod
+    def of(cls, row: Screened, exact: set[str]) -> ScreenEntry:
+        return cls(
+            row.layer,
+            row.kl,
+            list(row.kl_ci),
+            row.delta_loss,
+            list(row.ci),
+            len(row.kl_items),
+            row.layer in exact,
+        )
+
+
+@dataclass
 class RecommendationReport(Recommendation):
     """The rules' recommendation and what its verification against a control found."""
 
@@ -94,6 +124,7 @@ class ScanDocument:
     attribution: list[AttributionEntry]
     recommendation: RecommendationReport
     timings_s: dict[str, float] = field(default_factory=dict)
+    screen: list[ScreenEntry] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -129,6 +160,7 @@ class ScanDocument:
             attribution=[AttributionEntry(**a) for a in doc["attribution"]],
             recommendation=RecommendationReport(**rec, verification=Verification(**ver) if ver else None),
             timings_s=doc.get("timings_s", {}),
+            screen=[ScreenEntry(**s) for s in doc.get("screen", [])],
             schema_version=doc["schema_version"],
         )
 

@@ -145,24 +145,49 @@ def markdown_summary(doc: ScanDocument) -> str:
             [a.layer, a.kl, a.delta_loss, f"[{a.ci[0]:+.4f}, {a.ci[1]:+.4f}]", "yes" if a.harmful else "no"]
             for a in [everything, *per_layer[:10]]
         ]
-        out += [
+        which = "the layers the screen ranked first or the detectors flagged" if doc.screen else "top 10 by KL"
+        out += _table_section(
             f"## Loss attribution ({doc.evaluation_items} GSM8K test items; one layer quantized at a time, "
-            "top 10 by KL)",
-            "",
-            tabulate(
-                table,
-                headers=["Quantized", "KL", "Δloss", "Δloss 95% CI", "CI > 0"],
-                floatfmt="+.4f",
-                tablefmt="github",
-            ),
-            "",
-        ]
+            f"exact; {which})",
+            [],
+            table,
+            ["Quantized", "KL", "Δloss", "Δloss 95% CI", "CI > 0"],
+            "+.4f",
+        )
+    out += _screen(doc)
     out += _recommendation(doc, rec, ver)
     plots = ["![SQNR](sqnr.png)", "![Deadzone](deadzone.png)"] + (
         ["![Attribution](attribution.png)"] if doc.attribution else []
     )
     out += ["", "Plots: " + " ".join(plots), ""]
     return "\n".join(out)
+
+
+def _screen(doc: ScanDocument) -> list[str]:
+    """The Fisher screen's estimates (top 10 by KL): labelled as estimates, never verdicts."""
+    if not doc.screen:
+        return []
+    table = [
+        [
+            s.layer,
+            s.kl,
+            f"[{s.kl_ci[0]:.2e}, {s.kl_ci[1]:.2e}]",
+            s.delta_loss,
+            "exact row above" if s.exact else "estimate",
+        ]
+        for s in sorted(doc.screen, key=lambda s: -s.kl)[:10]
+    ]
+    return _table_section(
+        "## Sensitivity screen (estimates for every layer; second-order Fisher, top 10 by KL)",
+        ["Estimates rank the layers and pick which get an exact attribution; no verdict rests on them.", ""],
+        table,
+        ["Layer", "KL est.", "KL est. 95% CI", "Δloss est.", "Evidence"],
+        ".3e",
+    )
+
+
+def _table_section(title: str, intro: list[str], table: list[list], headers: list[str], floatfmt: str) -> list[str]:
+    return [title, "", *intro, tabulate(table, headers=headers, floatfmt=floatfmt, tablefmt="github"), ""]
 
 
 def _recommendation(doc: ScanDocument, rec, ver) -> list[str]:

@@ -13,9 +13,16 @@ import harness
 from harness.data import Gsm8kItem
 from harness.formats import get_format
 from harness.srdd import scan
-from harness.srdd.attribution import loss_attribution
 from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
-from harness.srdd.document import AttributionEntry, LayerReport, ModuleReport, RecommendationReport, ScanDocument
+from harness.srdd.document import (
+    AttributionEntry,
+    LayerReport,
+    ModuleReport,
+    RecommendationReport,
+    ScanDocument,
+    ScreenEntry,
+)
+from harness.srdd.sensitivity import DEFAULT_MODE, screened_attribution
 from harness.srdd.verify import verify
 
 POINTS_SCANNED = {"weight": ("weight",), "input": ("input",), "both": ("weight", "input")}
@@ -56,6 +63,7 @@ def scan_model(
     rules: Rules | None = None,
     evaluation: Sequence[Gsm8kItem] = (),
     attribution: bool = False,
+    attribution_mode: str = DEFAULT_MODE,
     gain: bool = True,
     instability_runs: int | None = None,
     instability_prompts: int = 4,
@@ -64,8 +72,9 @@ def scan_model(
     progress: bool = False,
 ) -> ScanDocument:
     """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts; ``evaluation`` items feed
-    the loss attribution and the verification.  ``instability_runs``: runs of the instability
-    scan (0: skip it; None: :func:`default_instability_runs`)."""
+    the loss attribution (``attribution_mode``: ``harness.srdd.sensitivity.ATTRIBUTION_MODES``;
+    the two-stage ``screen`` runs exactly the layers the detectors flagged) and the verification.
+    ``instability_runs``: runs of the instability scan (0: skip it; None: :func:`default_instability_runs`)."""
     thresholds, rules = thresholds or Thresholds(), rules or Rules()
     if instability_runs is None:
         instability_runs = default_instability_runs(fmt)
@@ -108,21 +117,24 @@ def scan_model(
             result,
             runs=instability_runs,
         )
-    rows = []
+    layers = [name for name, _ in scan.decoder_layers(model)]
+    rows, screen = [], []
     if attribution and evaluation:
-        rows = timed(
+        flagged = [f.name for f in layer_findings(result, layers, thresholds, rules) if f.problematic]
+        rows, screen = timed(
             "loss_attribution",
-            loss_attribution,
+            screened_attribution,
             model,
             tokenizer,
             evaluation,
             fmt,
             point,
+            mode=attribution_mode,
+            flagged=flagged,
             batch_size=batch_size,
             progress=progress,
         )
-    layers = [name for name, _ in scan.decoder_layers(model)]
-    findings = layer_findings(result, layers, thresholds, rules, rows)
+    findings = layer_findings(result, layers, thresholds, rules, rows, screen)
     rec = recommend(findings, fmt)
     verification = None
     if do_verify and evaluation:
@@ -145,4 +157,5 @@ def scan_model(
         attribution=[AttributionEntry.of(r) for r in rows],
         recommendation=RecommendationReport.of(rec, verification),
         timings_s=timings,
+        screen=[ScreenEntry.of(r, {row.layer for row in rows}) for r in screen],
     )
