@@ -3,8 +3,8 @@
 items with each format on the weights (W4A16), the reference included, so a quality regression
 shows up on the same history page as a slowdown. GSM8K comes with the package."""
 
-from harness.data import load_gsm8k
 from harness.eval.loss import evaluate_loss
+from harness.gsm8k import load_gsm8k
 from harness.inject import QuantInjector
 from harness.models import load_model
 from harness.srdd import scan

@@ -13,13 +13,13 @@ from tabulate import tabulate
 from harness.aqn import preflight as aqn_preflight
 from harness.aqn import train as aqn_train
 from harness.baselines import BaselineError
-from harness.data import CALIBRATION_ITEMS, LOSS_ITEMS
 from harness.eval import REFERENCE
 from harness.eval.gsm8k import NO_FORMAT
 from harness.eval.gsm8k import TASKS as GSM8K_TASKS
 from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.gate import ALPHA
+from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS
 from harness.inject import POINTS
 from harness.models import DEFAULT_MODEL, DTYPES
 from harness.srdd import criteria as srdd_criteria
@@ -53,8 +53,8 @@ def _formats(args: argparse.Namespace) -> int:
 
 
 def _eval_loss(args: argparse.Namespace) -> int:
-    from harness.data import load_gsm8k
     from harness.eval.loss import evaluate_loss
+    from harness.gsm8k import load_gsm8k
     from harness.inject import QuantInjector
 
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
@@ -86,8 +86,8 @@ def _eval_loss(args: argparse.Namespace) -> int:
 
 
 def _eval_gsm8k(args: argparse.Namespace) -> int:
-    from harness.data import load_gsm8k
     from harness.eval.gsm8k import lm_eval_table, run_gsm8k
+    from harness.gsm8k import load_gsm8k
 
     compare_to = check_compare_to(args.compare_to, args.task, args.limit) if args.compare_to else None
     load_gsm8k("test", args.limit, args.gsm8k_dir)  # a bad file is named before the model loads
@@ -128,7 +128,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from harness.data import load_gsm8k
+    from harness.gsm8k import load_gsm8k
     from harness.models import model_key
     from harness.srdd.report import markdown_summary, write_report
     from harness.srdd.sensitivity import DEFAULT_MODE
@@ -175,7 +175,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _aqn_preflight(args: argparse.Namespace) -> int:
     from harness.aqn.configs import load_config
-    from harness.data import load_gsm8k
+    from harness.gsm8k import load_gsm8k
 
     config = load_config(args.config)
     config.schedule(total_steps=config.num_stages)  # fail before loading anything
@@ -213,7 +213,7 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
 def _aqn_compare(args: argparse.Namespace) -> int:
     from harness.aqn.configs import load_config
     from harness.aqn.report import aqn_markdown, report_paths, write_comparison
-    from harness.data import load_gsm8k
+    from harness.gsm8k import load_gsm8k
     from harness.models import model_key
 
     config = load_config(args.config)

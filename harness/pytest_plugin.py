@@ -33,9 +33,9 @@ from harness.baselines import (
     tolerance_for,
     write_baselines,
 )
-from harness.data import CALIBRATION_ITEMS, LOSS_ITEMS, Gsm8kItem, load_gsm8k
 from harness.formats import list_formats
 from harness.gate import INCONCLUSIVE, PASS, gate_table, worst_outcome
+from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS, Gsm8kItem, load_gsm8k
 from harness.models import DEFAULT_MODEL, DTYPE_IDS, DTYPES, load_model, model_identity, model_key
 from harness.testing import format_marker, worker_device
 

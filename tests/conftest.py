@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.data import gsm8k_dir as resolve_gsm8k_dir
+from harness.gsm8k import gsm8k_dir as resolve_gsm8k_dir
 
 pytest_plugins = ["pytester"]
 

@@ -14,9 +14,9 @@ from harness.aqn.configs import get_config
 from harness.aqn.preflight import Interval, Thresholds, preflight, preflight_items, verdict
 from harness.aqn.report import write_comparison
 from harness.aqn.train import CONTROL, StrategyComparison, harmful_layers, problematic_layers
-from harness.data import Gsm8kItem
 from harness.eval.loss import answer_logprobs
 from harness.eval.stats import compare_paired, compare_seeds
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.models import load_model
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.batching import encode, prefix_token_id
-from harness.data import Gsm8kItem
 from harness.eval.loss import answer_spans
+from harness.gsm8k import Gsm8kItem
 from harness.models import byte_tokenizer, load_model
 
 TEXT = "Question: What is 2 + 3?\nAnswer: 5"

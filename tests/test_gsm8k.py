@@ -14,7 +14,6 @@ import yaml
 from lm_eval.api.model import LM
 from torch import nn
 
-from harness.data import gsm8k_file, load_gsm8k
 from harness.eval import REFERENCE, gsm8k
 from harness.eval.gsm8k import (
     ITEM_METRICS,
@@ -25,6 +24,7 @@ from harness.eval.gsm8k import (
     stock_task_file,
     write_tasks,
 )
+from harness.gsm8k import gsm8k_file, load_gsm8k
 from harness.paths import data_dir
 
 

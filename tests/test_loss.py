@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.data import Gsm8kItem
 from harness.eval.loss import LossResult, answer_logprobs, answer_means, evaluate_loss
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.models import load_model
 

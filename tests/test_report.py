@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.data import Gsm8kItem
+from harness.gsm8k import Gsm8kItem
 from harness.models import load_model
 from harness.srdd.document import SCHEMA_VERSION, ScanDocument
 from harness.srdd.report import compare_scans, write_report

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.data import Gsm8kItem
 from harness.formats import fake_quantize
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.models import byte_tokenizer
 from harness.srdd.attribution import loss_attribution, ranked

@@ -38,8 +38,8 @@ from torch import nn
 
 from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector
-from harness.data import Gsm8kItem
 from harness.eval.loss import answer_logprobs, answer_means, evaluate_loss
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 
 DRAWS, ITEMS, ANSWER_LINES = 8, 32, 1

@@ -26,9 +26,9 @@ from torch import nn
 from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector, is_rmsnorm
 from harness.batching import padded_batches
-from harness.data import Gsm8kItem
 from harness.eval.loss import EVAL_BATCH_SIZE, answer_logprobs, answer_loss, answer_means, answer_spans, evaluate_loss
 from harness.eval.stats import compare_seeds
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.srdd.scan import decoder_layers
 

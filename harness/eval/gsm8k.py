@@ -22,10 +22,10 @@ import yaml
 from torch import nn
 
 from harness.batching import prefix_token_id
-from harness.data import SPLITS, gsm8k_dir, gsm8k_file
 from harness.eval import REFERENCE
 from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.eval.stats import PairedComparison, compare_paired
+from harness.gsm8k import SPLITS, gsm8k_dir, gsm8k_file
 from harness.inject import QuantInjector
 
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
@@ -60,7 +60,7 @@ def stock_task_file(relative: str) -> Path:
 def write_tasks(out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
     """Write the package's task YAMLs into ``out_dir``, ready for ``lm_eval --include_path``:
     ``include: lm_eval:…`` becomes the installed stock file's absolute path, and the dataset
-    becomes ``json`` over the GSM8K test and train files of :func:`harness.data.gsm8k_dir` (the
+    becomes ``json`` over the GSM8K test and train files of :func:`harness.gsm8k.gsm8k_dir` (the
     packaged ``.jsonl.gz`` by default; the json loader decompresses them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def run_task(
 
     ``limit`` takes the first n test items; ``num_fewshot`` defaults to the task's (5 for
     ``gsm8k``, 0 for ``gsm8k_bpb``); few-shot examples come from train with a fixed seed. The
-    data is local (:func:`harness.data.gsm8k_dir`), so the run is offline (the ``HF_*_OFFLINE``
+    data is local (:func:`harness.gsm8k.gsm8k_dir`), so the run is offline (the ``HF_*_OFFLINE``
     variables are set)."""
     import lm_eval
     from lm_eval.tasks import TaskManager

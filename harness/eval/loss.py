@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.batching import encode, padded_batches
-from harness.data import Gsm8kItem
 from harness.eval.stats import PairedComparison, compare_paired
+from harness.gsm8k import Gsm8kItem
 
 EVAL_BATCH_SIZE = 8  # sequences per forward pass of an evaluation (a memory/speed knob, no effect on the numbers)
 

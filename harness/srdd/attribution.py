@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from harness.data import Gsm8kItem
 from harness.eval.loss import answer_batches
 from harness.eval.stats import bootstrap_ci
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.srdd.scan import _body, capture_layer_inputs, decoder_layers, layer_of
 

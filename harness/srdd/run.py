@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from torch import nn
 
 import harness
-from harness.data import Gsm8kItem
 from harness.formats import get_format
+from harness.gsm8k import Gsm8kItem
 from harness.srdd import scan
 from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
 from harness.srdd.document import (

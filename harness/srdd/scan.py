@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from harness.batching import encode, padded_batches
-from harness.data import Gsm8kItem
 from harness.formats import fake_quantize
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.rng import DeviceGenerators
 from harness.srdd.floors import gaussian_floor

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from harness.data import Gsm8kItem
 from harness.eval.loss import answer_batches
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.srdd.attribution import (
     Attribution,

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from harness.data import Gsm8kItem
 from harness.eval.loss import LossResult, answer_logprobs, evaluate_loss
 from harness.eval.stats import bootstrap_ci
+from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.srdd.criteria import Recommendation
 

@@ -12,7 +12,7 @@ from scipy import stats
 
 from harness.aqn.configs import AQNConfig
 from harness.aqn.train import CONTROL, compare_strategies
-from harness.data import load_gsm8k
+from harness.gsm8k import load_gsm8k
 from harness.models import load_model
 from harness.srdd import scan
 

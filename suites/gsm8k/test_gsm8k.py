@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from harness.data import load_gsm8k
 from harness.eval import REFERENCE
 from harness.eval.gsm8k import compare_results, evaluate_gsm8k
+from harness.gsm8k import load_gsm8k
 from harness.inject import QuantInjector
 from harness.testing import format_marks
 

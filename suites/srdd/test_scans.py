@@ -39,7 +39,7 @@ def test_instability_is_zero_exactly_for_deterministic_formats(
 @pytest.mark.mxfp4_sr
 def test_instability_of_stochastic_weights_on_a_tiny_model() -> None:
     """W4A16 with mxfp4_sr: every run re-draws the weights' rounding, so outputs spread."""
-    from harness.data import Gsm8kItem
+    from harness.gsm8k import Gsm8kItem
     from harness.models import load_model
 
     model, tok = load_model("tiny-llama")

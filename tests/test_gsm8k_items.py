@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.data import GSM8K_ENV, Gsm8kItem, gsm8k_file, load_gsm8k
+from harness.gsm8k import GSM8K_ENV, Gsm8kItem, gsm8k_file, load_gsm8k
 from harness.paths import data_dir
 
 
