@@ -1,7 +1,11 @@
 """The bandwidth table of ``fake_quantize``: per format and dtype, the time of one call on a
 square tensor, the bytes it moves per second (input read plus output written) and its ratio to
 ``x.clone()`` of the same tensor timed in the same run (a copy is the memory-bound floor a
-one-pass kernel can reach, so the ratio compares machines).
+one-pass kernel can reach, so the ratio compares machines).  On CPU the table also gives the
+ratio to ``out.copy_(x)`` into a buffer allocated once: ``clone`` and ``fake_quantize`` both
+return a fresh tensor, whose page faults can dominate both (whether the allocator hands back
+fresh or recycled pages depends on what ran before), while the warm copy is the floor without
+them.
 
 Timing: on CUDA ``triton.testing.do_bench`` (synchronised with CUDA events, L2 flushed between
 runs, median); on CPU the median of ``timeit`` rounds. With ``--check`` each CUDA row also says
@@ -44,14 +48,19 @@ def median_ms(fn: Callable[[], object], device: torch.device, rounds: int = 7) -
     return statistics.median(timeit.repeat(fn, number=1, repeat=rounds)) * 1e3
 
 
-def paired_ms(fn: Callable[[], object], x: torch.Tensor, rounds: int = 7) -> tuple[float, float]:
-    """(median ms of ``fn()``, median ms of ``x.clone()``). On CPU the two alternate round by
-    round, so a shared machine's load changes both alike; on CUDA each is ``do_bench``ed."""
+def paired_ms(fn: Callable[[], object], x: torch.Tensor, rounds: int = 7) -> tuple[float, float, float | None]:
+    """Median ms of ``fn()``, of ``x.clone()`` and (CPU only) of ``out.copy_(x)`` into a buffer
+    allocated once. On CPU the three alternate round by round, so a shared machine's load changes
+    them alike; on CUDA the first two are ``do_bench``ed (the caching allocator has no page faults)."""
     if x.device.type == "cuda":
-        return median_ms(fn, x.device), median_ms(x.clone, x.device)
-    fn()
-    pairs = [(timeit.timeit(fn, number=1), timeit.timeit(x.clone, number=1)) for _ in range(rounds)]
-    return statistics.median(p[0] for p in pairs) * 1e3, statistics.median(p[1] for p in pairs) * 1e3
+        return median_ms(fn, x.device), median_ms(x.clone, x.device), None
+    out = torch.empty_like(x)
+    fns = (fn, x.clone, functools.partial(out.copy_, x))
+    for f in fns:
+        f()
+    times = [[timeit.timeit(f, number=1) for f in fns] for _ in range(rounds)]
+    fn_ms, clone_ms, copy_ms = (statistics.median(t[i] for t in times) * 1e3 for i in range(3))
+    return fn_ms, clone_ms, copy_ms
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,10 @@ class Row:
     dtype: str
     ms: float
     clone_ms: float
+    copy_ms: float | None
     gb_per_s: float
     ratio_to_clone: float
+    ratio_to_warm_copy: float | None
     bits_equal_cpu_reference: bool | None = None
     torchao_ratio_to_clone: float | None = None
 
@@ -77,7 +88,8 @@ def torchao_fake_quantize(name: str) -> Callable[[torch.Tensor], torch.Tensor] |
     return lambda x: torchao_fake_quantize(x, name)
 
 
-def _ratio(ms: float, clone_ms: float) -> float:
+def torchao_ratio(ao: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    ms, clone_ms, _ = paired_ms(functools.partial(ao, x), x)
     return ms / clone_ms
 
 
@@ -90,7 +102,7 @@ def measure(
         x = base.to(device, DTYPES[dtype])
         for name in formats:
             run = functools.partial(fake_quantize, x, name, generator=torch.Generator().manual_seed(0))
-            ms, clone_ms = paired_ms(run, x)
+            ms, clone_ms, copy_ms = paired_ms(run, x)
             equal = None
             if check:
                 got = fake_quantize(x, name, generator=torch.Generator().manual_seed(0))[:CHECK_ROWS].cpu()
@@ -106,30 +118,38 @@ def measure(
                     dtype=dtype,
                     ms=ms,
                     clone_ms=clone_ms,
+                    copy_ms=copy_ms,
                     gb_per_s=2 * x.numel() * x.element_size() / ms / 1e6,
                     ratio_to_clone=ms / clone_ms,
+                    ratio_to_warm_copy=ms / copy_ms if copy_ms else None,
                     bits_equal_cpu_reference=equal,
-                    torchao_ratio_to_clone=_ratio(*paired_ms(functools.partial(ao, x), x)) if ao else None,
+                    torchao_ratio_to_clone=torchao_ratio(ao, x) if ao else None,
                 )
             )
     return rows
 
 
 def markdown(rows: list[Row]) -> str:
-    """One line per format, one column pair (x clone, GB/s) per dtype."""
+    """One line per format, columns (x clone, [x warm copy,] GB/s) per dtype."""
     dtypes = list(dict.fromkeys(r.dtype for r in rows))
-    head = "| format | " + " | ".join(f"{d} x clone | {d} GB/s" for d in dtypes) + " |"
-    lines = [head, "|" + " --- |" * (1 + 2 * len(dtypes))]
+    warm = all(r.ratio_to_warm_copy for r in rows)
+    cols = ["x clone", "x warm copy", "GB/s"] if warm else ["x clone", "GB/s"]
+    head = "| format | " + " | ".join(f"{d} {c}" for d in dtypes for c in cols) + " |"
+    lines = [head, "|" + " --- |" * (1 + len(cols) * len(dtypes))]
     for name in dict.fromkeys(r.format for r in rows):
         cells = []
         for d in dtypes:
             r = next(r for r in rows if r.format == name and r.dtype == d)
             mark = "" if r.bits_equal_cpu_reference in (None, True) else " (bits differ!)"
             ao = f" (torchao {r.torchao_ratio_to_clone:.2f}x)" if r.torchao_ratio_to_clone else ""
-            cells += [f"{r.ratio_to_clone:.2f}x{ao}{mark}", f"{r.gb_per_s:.1f}"]
+            cells += [f"{r.ratio_to_clone:.2f}x{ao}{mark}"]
+            cells += [f"{r.ratio_to_warm_copy:.2f}x"] if warm else []
+            cells += [f"{r.gb_per_s:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    clones = ", ".join(f"{d} {next(r.clone_ms for r in rows if r.dtype == d):.3f} ms" for d in dtypes)
-    return "\n".join(lines) + f"\n\nclone: {clones}"
+    first = {d: next(r for r in rows if r.dtype == d) for d in dtypes}
+    clones = ", ".join(f"{d} {r.clone_ms:.3f} ms" for d, r in first.items())
+    copies = ", ".join(f"{d} {r.copy_ms:.3f} ms" for d, r in first.items()) if warm else "-"
+    return "\n".join(lines) + f"\n\nclone (first row): {clones}; warm copy: {copies}"
 
 
 def main(argv: list[str] | None = None) -> int:
