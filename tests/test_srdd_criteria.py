@@ -10,62 +10,16 @@ import statistics
 
 import pytest
 import torch
+from srdd_models import ITEMS, LAYERS, PLANTED, gaussian_model, planted_model, scan
 
 from harness.cli import main
 from harness.formats import fake_quantize
-from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
-from harness.models import byte_tokenizer
 from harness.srdd.attribution import loss_attribution, ranked
 from harness.srdd.criteria import Recommendation, Rules, Thresholds, outliers, robust_z
 from harness.srdd.floors import excess, gaussian_floor
 from harness.srdd.metrics import QuantErrorStats, clip_threshold
-from harness.srdd.run import scan_model
 from harness.srdd.verify import judge, verify
-
-LAYERS = 6
-PLANTED = "model.layers.3"
-ITEMS = [Gsm8kItem(f"What is {i} plus {2 * i}?", f"{i} + {2 * i} = {3 * i}\n#### {3 * i}") for i in range(32)]
-
-
-def gaussian_model(seed: int = 0):
-    """A 6-layer Llama whose Linear weights are i.i.d. N(0, 0.02²) (HF's initialisation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
-    return model, tok
-
-
-def plant_outliers(model, layer: str = PLANTED) -> None:
-    """Two entries per row of each of the layer's Linear weights at ±25 σ: MXFP4 blocks holding
-    one crush the other 31 values towards zero."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.startswith(layer + ".") and isinstance(module, torch.nn.Linear):
-                w = module.weight
-                cols = torch.randint(0, w.shape[1], (w.shape[0], 2), generator=g)
-                w.scatter_(1, cols, 25 * w.std() * torch.sign(torch.randn(w.shape[0], 2, generator=g)))
-
-
-def scan(model, tok, fmt: str, **kw):
-    return scan_model(
-        model, tok, ITEMS[:8], fmt, "weight", model_name="gaussian", evaluation=ITEMS, instability_runs=0, **kw
-    )
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxfp8_e4m3"])
@@ -80,13 +34,6 @@ def test_gaussian_weights_are_never_problematic(fmt: str) -> None:
         old = scan(model, tok, fmt, thresholds=Thresholds(sqnr_db=20.0), attribution=False, do_verify=False)
         assert all(r.rule == "threshold" for layer in old.layers for r in layer.reasons)
         assert len(old.problematic_layers) == LAYERS
-
-
-def planted_model():
-    """The Gaussian model with outliers planted in ``PLANTED``."""
-    model, tok = gaussian_model()
-    plant_outliers(model)
-    return model, tok
 
 
 @pytest.fixture(scope="module")

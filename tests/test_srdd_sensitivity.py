@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_srdd_criteria import ITEMS, PLANTED, gaussian_model, planted_model, scan
+from srdd_models import ITEMS, PLANTED, gaussian_model, planted_model, scan
 
 from harness.eval.loss import answer_batches
 from harness.inject import QuantInjector
