@@ -6,8 +6,8 @@ Cost: the reference pass of each batch records every decoder layer's input (hidd
 the other arguments); quantizing layer i then re-runs only layers i…N−1 and the LM head (at the
 answer positions only) from the recorded input of layer i, since the unquantized prefix 0…i−1
 is exactly the reference's.  Over N layers that is N(N+1)/2 layer passes and N head passes,
-instead of N full passes; the reference itself is the recording pass (its last layer run again
-for the output) and the every-layer row one quantized pass.  ``only`` restricts the one-layer
+instead of N full passes; the reference itself is the recording pass (it keeps the stack's final
+hidden states beside the inputs) and the every-layer row one quantized pass.  ``only`` restricts the one-layer
 rows to some layers (the two-stage attribution, ``harness.srdd.sensitivity``) without changing
 any row's numbers: the quantized weights are the ones cached by the every-layer pass.  Only
 modules the injector selects (``targets``/``exclude``/``overrides``) are quantized; a layer with
@@ -30,7 +30,7 @@ from harness.eval.loss import answer_batches
 from harness.eval.stats import bootstrap_ci
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
-from harness.srdd.scan import _body, capture_layer_inputs, decoder_layers, layer_of
+from harness.srdd.scan import _body, decoder_layers, layer_of, record_layers
 
 MIN_ITEMS = 32
 
@@ -124,11 +124,9 @@ def loss_attribution(
         for input_ids, mask, lengths in answer_batches(tokenizer, items, batch_size, device, progress):
             targets = [input_ids[i, start:length] for i, (length, start) in enumerate(lengths)]
             with injector.paused():
-                captured = capture_layer_inputs(model, input_ids, mask)
-                last, layer = layers[-1]  # the stack's output: its last layer again, not the whole stack
-                ref = _head_logprobs(
-                    model, _body(model).norm(captured[last].run(layer, captured[last].hidden)), lengths
-                )
+                record = record_layers(model, input_ids, mask)
+                captured = record.inputs
+                ref = _head_logprobs(model, record.final, lengths)
             final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             _extend(rows["all"], _item_stats(ref, _head_logprobs(model, final, lengths), targets))
             for name in tqdm(names, desc="attribution", unit="layer", disable=not progress):

@@ -229,7 +229,7 @@ def gain_scan(
     and RMS over real non-sink tokens, zero on the sink and on padding), reference vs quantized."""
     layers = decoder_layers(model)
     input_ids, mask = _one_batch(model, tokenizer, items)
-    captured = capture_layer_inputs(model, input_ids, mask)
+    captured = record_layers(model, input_ids, mask).inputs
     keep = real_tokens(mask)
     probes = DeviceGenerators(seed)
     with QuantInjector(model, fmt, point, seed=seed) as injector:
@@ -269,23 +269,51 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, LayerInputs]:
-    """One forward pass of the decoder stack (as the model is now); each layer's inputs."""
-    captured: dict[str, LayerInputs] = {}
+@dataclass
+class LayerRecord:
+    """One forward pass of the decoder stack: each layer's inputs, each layer's output hidden
+    states and the stack's normed final hidden states."""
 
-    def grab(name: str):
+    inputs: dict[str, LayerInputs]
+    outputs: dict[str, torch.Tensor]
+    final: torch.Tensor
+
+
+def record_layers(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, *, trace: bool = False) -> LayerRecord:
+    """One forward pass of the decoder stack (as the model is now), recording every layer's inputs
+    and outputs.  ``trace``: the first layer's hidden input is a fresh leaf requiring gradients, so
+    (under ``torch.enable_grad``) the outputs stay in a graph that starts there (the embeddings need
+    no gradient)."""
+    layers = decoder_layers(model)
+    inputs: dict[str, LayerInputs] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def grab(name: str, first: bool):
         def fn(module, args, kwargs):
-            captured[name] = LayerInputs(args, kwargs)
+            if first and trace:
+                if args:
+                    args = (args[0].detach().requires_grad_(), *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+            inputs[name] = LayerInputs(args, kwargs)
+            return args, kwargs
 
         return fn
 
-    handles = [m.register_forward_pre_hook(grab(n), with_kwargs=True) for n, m in decoder_layers(model)]
+    def keep(name: str):
+        def fn(module, args, kwargs, output):
+            outputs[name] = output[0] if isinstance(output, tuple) else output
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(grab(n, i == 0), with_kwargs=True) for i, (n, m) in enumerate(layers)]
+    handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in layers]
     try:
-        _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
         for h in handles:
             h.remove()
-    return captured
+    return LayerRecord(inputs, outputs, final)
 
 
 @torch.no_grad()

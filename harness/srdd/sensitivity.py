@@ -56,7 +56,7 @@ from harness.srdd.attribution import (
     ranked,
     selected_layers,
 )
-from harness.srdd.scan import LayerInputs, _body, decoder_layers
+from harness.srdd.scan import decoder_layers, record_layers
 
 ATTRIBUTION_MODES = ("exact", "screen")  # screen: Fisher screen + exact top-k; exact: every layer exactly
 TOP_K = 5
@@ -90,41 +90,6 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def _traced_forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor):
-    """The decoder stack's forward with gradients tracked from the first layer's input on:
-    (each layer's inputs, each layer's output in the graph, the normed final hidden states)."""
-    layers = decoder_layers(model)
-    inputs: dict[str, LayerInputs] = {}
-    outputs: dict[str, torch.Tensor] = {}
-
-    def grab(name: str, first: bool):
-        def fn(module, args, kwargs):
-            if first:  # the graph starts at the first layer's input (the embeddings need no gradient)
-                if args:
-                    args = (args[0].detach().requires_grad_(), *args[1:])
-                else:
-                    kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
-            inputs[name] = LayerInputs(args, kwargs)
-            return args, kwargs
-
-        return fn
-
-    def keep(name: str):
-        def fn(module, args, kwargs, output):
-            outputs[name] = output[0] if isinstance(output, tuple) else output
-
-        return fn
-
-    handles = [m.register_forward_pre_hook(grab(n, i == 0), with_kwargs=True) for i, (n, m) in enumerate(layers)]
-    handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in layers]
-    try:
-        final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs, outputs, final
 
 
 def fisher_sketch(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -165,8 +130,9 @@ def fisher_screen(
     with injector, _frozen(model):
         for input_ids, mask, lengths in answer_batches(tokenizer, items, batch_size, device, progress):
             with injector.paused(), torch.enable_grad():
-                inputs, outputs, final = _traced_forward(model, input_ids, mask)
-                logprobs = _head_logprobs(model, final, lengths)
+                record = record_layers(model, input_ids, mask, trace=True)
+                inputs, outputs = record.inputs, record.outputs
+                logprobs = _head_logprobs(model, record.final, lengths)
             with torch.no_grad():
                 deltas = []
                 for name in tqdm(names, desc="screen", unit="layer", disable=not progress):
