@@ -6,6 +6,8 @@ e.g. harness.testing, or in a suite's helper module such as suites/formats/data.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +56,25 @@ def test_the_import_rule_catches_what_it_forbids(tmp_path: Path) -> None:
         ".test_ref",
         ".test_ref.CASES",
     }
+
+
+def test_importing_the_harness_warns_about_nothing_of_its_own() -> None:
+    """Every module of the package imports without a warning raised from the package's own code
+    (e.g. torch's FutureWarning for a ``@torch.no_grad()`` left on a class), which every CLI run
+    and every pytest session would print.  ``__main__`` (it runs the CLI) and modules whose optional
+    dependency is missing are left out."""
+    code = (
+        "import importlib, pkgutil, warnings, harness\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for m in pkgutil.walk_packages(harness.__path__, 'harness.'):\n"
+        "        if m.name.endswith('__main__'):\n"
+        "            continue\n"
+        "        try:\n"
+        "            importlib.import_module(m.name)\n"
+        "        except ImportError:\n"
+        "            pass\n"
+        "print(sorted({f'{w.filename}:{w.lineno}: {w.message}' for w in caught if '/harness/' in w.filename}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]", out

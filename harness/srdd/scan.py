@@ -268,7 +268,6 @@ class LayerInputs:
         return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
 @dataclass
 class LayerRecord:
     """One forward pass of the decoder stack: each layer's inputs, each layer's output hidden
@@ -281,9 +280,9 @@ class LayerRecord:
 
 def record_layers(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, *, trace: bool = False) -> LayerRecord:
     """One forward pass of the decoder stack (as the model is now), recording every layer's inputs
-    and outputs.  ``trace``: the first layer's hidden input is a fresh leaf requiring gradients, so
-    (under ``torch.enable_grad``) the outputs stay in a graph that starts there (the embeddings need
-    no gradient)."""
+    and outputs.  ``trace``: the first layer's hidden input is a fresh leaf requiring gradients and
+    the outputs stay in a graph that starts there (the embeddings need no gradient); otherwise no
+    graph is built."""
     layers = decoder_layers(model)
     inputs: dict[str, LayerInputs] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -309,7 +308,8 @@ def record_layers(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
     handles = [m.register_forward_pre_hook(grab(n, i == 0), with_kwargs=True) for i, (n, m) in enumerate(layers)]
     handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in layers]
     try:
-        final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        with torch.set_grad_enabled(trace):
+            final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
         for h in handles:
             h.remove()
