@@ -189,6 +189,16 @@ def quantize_c(x: torch.Tensor, codes: torch.Tensor, scale_codes: torch.Tensor, 
     _build()[0].quantize_tiles(x.data_ptr(), codes.data_ptr(), scale_codes.data_ptr(), params)
 
 
+def _device_kernel(x: torch.Tensor, op: str):
+    """The kernel of ``op`` (``fake_quantize`` or ``quantize``) for ``x``'s device: Triton on CUDA
+    (imported only then), C on CPU."""
+    if x.device.type == "cuda":
+        from harness.formats import triton_kernel
+
+        return getattr(triton_kernel, f"{op}_triton")
+    return {"fake_quantize": fake_quantize_c, "quantize": quantize_c}[op]
+
+
 def fake_quantize_fast(
     x: torch.Tensor,
     fmt: Format,
@@ -201,11 +211,7 @@ def fake_quantize_fast(
     """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`).
     ``kernel(x, out, job)`` fills ``out`` in ``x``'s dtype; it defaults to the device's: Triton
     for CUDA tensors, C for CPU tensors. See :func:`_tile_job` for the layout and the scale rule."""
-    if kernel is None:
-        if x.device.type == "cuda":
-            from harness.formats.triton_kernel import fake_quantize_triton as kernel
-        else:
-            kernel = fake_quantize_c
+    kernel = kernel or _device_kernel(x, "fake_quantize")
     src, job = _tile_job(x, fmt, axis, per_tensor_scale, generator)
     out = torch.empty_like(src)
     kernel(src, out, job)
@@ -226,11 +232,7 @@ def quantize_fast(
     :attr:`harness.formats.blocks.BlockLayout.blocks_shape`: codes ``(n_tiles, code_bytes)``
     (padding's codes included), scale codes ``(n_tiles,)``, both uint8.
     ``kernel(x, codes, scale_codes, job)`` defaults to the device's (Triton on CUDA, C on CPU)."""
-    if kernel is None:
-        if x.device.type == "cuda":
-            from harness.formats.triton_kernel import quantize_triton as kernel
-        else:
-            kernel = quantize_c
+    kernel = kernel or _device_kernel(x, "quantize")
     src, job = _tile_job(x, fmt, axis, per_tensor_scale, generator)
     codes = torch.empty((job.n_tiles, job.code_bytes), dtype=torch.uint8, device=x.device)
     scale_codes = torch.empty(job.n_tiles, dtype=torch.uint8, device=x.device)
