@@ -266,7 +266,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=count_arg(1),
         default=EVAL_BATCH_SIZE,
-        help=f"sequences per evaluation forward pass (default {EVAL_BATCH_SIZE})",
+        help="sequences per evaluation forward pass (default %(default)s)",
     )
     p.add_argument(
         "--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR, else the copy in the package)"
@@ -331,7 +331,7 @@ def _scale_mode_option(p: argparse.ArgumentParser) -> None:
         "--scale-mode",
         default=SCALE_MODES[0],
         choices=SCALE_MODES,
-        help=f"E8M0 shared-exponent rule (default: {SCALE_MODES[0]}, OCP)",
+        help="E8M0 shared-exponent rule (default: %(default)s, OCP)",
     )
 
 
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--format", required=True, choices=list_formats())
     loss.add_argument("--point", default="weight", choices=POINTS)
     loss.add_argument(
-        "--items", type=count_arg(1), default=LOSS_ITEMS, help=f"first N GSM8K test items (default {LOSS_ITEMS})"
+        "--items", type=count_arg(1), default=LOSS_ITEMS, help="first N GSM8K test items (default %(default)s)"
     )
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
     _scale_mode_option(loss)
@@ -381,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         type=count_arg(1),
         default=CALIBRATION_ITEMS,
-        help=f"calibration texts from GSM8K train (default {CALIBRATION_ITEMS})",
+        help="calibration texts from GSM8K train (default %(default)s)",
     )
     _field_options(sc, srdd_criteria.Thresholds, SCAN_THRESHOLDS, "absolute threshold")
     sc.add_argument(
         "--eval-items",
         type=count_arg(0),
         default=LOSS_ITEMS,
-        help=f"GSM8K test items for attribution and verification (0: skip both; default {LOSS_ITEMS})",
+        help="GSM8K test items for attribution and verification (0: skip both; default %(default)s)",
     )
     sc.add_argument(
         "--attribution",
@@ -427,19 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "--items",
                 type=count_arg(1),
                 default=aqn_preflight.ITEMS,
-                help=f"GSM8K test items (default {aqn_preflight.ITEMS})",
+                help="GSM8K test items (default %(default)s)",
             )
             p.add_argument(
                 "--draws",
                 type=count_arg(2),
                 default=aqn_preflight.DRAWS,
-                help=f"seeded noise draws (default {aqn_preflight.DRAWS})",
+                help="seeded noise draws (default %(default)s)",
             )
             p.add_argument(
                 "--answer-lines",
                 type=count_arg(0),
                 default=aqn_preflight.ANSWER_LINES,
-                help=f"answer lines scored per item (0: all; default {aqn_preflight.ANSWER_LINES})",
+                help="answer lines scored per item (0: all; default %(default)s)",
             )
             p.add_argument("--seed", type=int, default=0, help="first noise seed (draw d uses seed + d)")
             _field_options(p, aqn_preflight.Thresholds, PREFLIGHT_THRESHOLDS, "verdict line")
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--seeds",
                 type=count_arg(2),
                 default=aqn_train.SEEDS,
-                help=f"training runs per strategy, the unit (default {aqn_train.SEEDS})",
+                help="training runs per strategy, the unit (default %(default)s)",
             )
             settings = aqn_train.TrainSettings()
             p.add_argument("--steps", type=count_arg(1), default=settings.steps)
@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--train-batch-size",
                 type=count_arg(1),
                 default=settings.batch_size,
-                help=f"training sequences per step (default {settings.batch_size})",
+                help="training sequences per step (default %(default)s)",
             )
             p.add_argument("--train-items", type=count_arg(1), default=aqn_train.TRAIN_ITEMS)
             p.add_argument("--eval-items", type=count_arg(1), default=LOSS_ITEMS)
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("baseline", help='`eval gsm8k --output`, `eval loss --json` or {"per_item": {metric: [...]}}')
     gate.add_argument("candidate", help="the same kind of document, on the same items")
     gate.add_argument("--metric", help="default: exact match (strict), bits per byte or loss, or the only shared one")
-    gate.add_argument("--alpha", type=float, default=ALPHA, help=f"one-sided significance level (default {ALPHA})")
+    gate.add_argument("--alpha", type=float, default=ALPHA, help="one-sided significance level (default %(default)s)")
     gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
     gate.set_defaults(run=_gate)
 
