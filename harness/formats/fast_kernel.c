@@ -186,77 +186,105 @@ static inline void scales_of(float amax, const params_t *p, float *multiplier, f
     *code = (uint8_t)magnitude_code(stored, p->scale_emin, p->scale_mbits);
 }
 
-/* One tile: first element at `base`, `rows` x `cols` of it inside the tensor, `u` its uniforms
- * when stochastic; CODES: write the tile's element codes at `codes` (TR * TC, or half as many
- * bytes for 4-bit codes, padding included) and its scale code at `scale_code` instead of `out`;
- * TR, TC, DTYPE, SR, CODES are compile-time constants after inlining (in run_range's
- * specialised instances; the codes instance has TR, TC, DTYPE and SR at run time).
- * amax and finiteness come from one integer max of |x|'s bits (non-negative floats order as
- * their bits; NaN and Inf are the bit patterns >= 0x7F800000), which vectorizes. */
-static inline __attribute__((always_inline)) void do_tile(const void *x, void *out, uint8_t *codes,
-                                                         uint8_t *scale_code, const params_t *p,
-                                                         const float *u, int64_t base, int rows, int cols,
-                                                         const int TR, const int TC, const int DTYPE,
-                                                         const int SR, const int CODES) {
-    float buf[MAX_TILE];
-    if (rows == TR && cols == TC) {
-        for (int r = 0; r < TR; ++r)
-            for (int c = 0; c < TC; ++c) buf[r * TC + c] = load(x, DTYPE, base + r * p->row_len + c);
-    } else { /* partial tile: zero padding leaves the amax unchanged */
-        for (int i = 0; i < TR * TC; ++i) buf[i] = 0.0f;
-        for (int r = 0; r < rows; ++r)
-            for (int c = 0; c < cols; ++c) buf[r * TC + c] = load(x, DTYPE, base + r * p->row_len + c);
-    }
-    int32_t amax_bits = 0;
-    for (int i = 0; i < TR * TC; ++i) {
-        int32_t a = (int32_t)(bits_of(buf[i]) & 0x7FFFFFFFu);
-        amax_bits = a > amax_bits ? a : amax_bits;
-    }
-    if (amax_bits >= 0x7F800000) { /* NaN or Inf in the tile */
-        if (CODES) {
-            memset(codes, 0, packs_two(p) ? TR * TC / 2 : TR * TC);
-            *scale_code = (uint8_t)p->scale_nan_code;
-            return;
-        }
-        for (int r = 0; r < rows; ++r)
-            for (int c = 0; c < cols; ++c) store_nan(out, DTYPE, base + r * p->row_len + c);
-        return;
-    }
-    float multiplier, scale;
-    uint8_t stored_code;
-    scales_of(float_of((uint32_t)amax_bits), p, &multiplier, &scale, &stored_code);
-    if (CODES) {
-        *scale_code = stored_code;
-        scale = 1.0f; /* codes: of the grid values themselves */
-    }
-    const float zero = p->twos_complement && !CODES ? 0.0f : -0.0f;
+/* element i (row r, column c) of a tile: quantized and scaled by its tile's multiplier and scale,
+ * to nearest even or (SR) up with probability t - floor(t) for its uniform u_i */
+static inline __attribute__((always_inline)) float quantized(float x, float multiplier, float scale, float zero,
+                                                            const params_t *p, const float *u, int i,
+                                                            const int SR) {
+    float v = x * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step), n;
     if (SR) {
-        for (int i = 0; i < TR * TC; ++i) {
-            float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
-            float n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
-            n += u[i] < t - n ? 1.0f : 0.0f;
-            buf[i] = finish(n, step, p->max_value, v, scale) + zero;
-        }
-    } else {
-        for (int i = 0; i < TR * TC; ++i) {
-            float v = buf[i] * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step);
-            buf[i] = finish((t + 8388608.0f) - 8388608.0f, step, p->max_value, v, scale) + zero;
+        n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
+        n += u[i] < t - n ? 1.0f : 0.0f;
+    } else n = (t + 8388608.0f) - 8388608.0f;
+    return finish(n, step, p->max_value, v, scale) + zero;
+}
+
+/* `nt` tiles side by side in one strip (tile g's first element at base + g * TC): `rows` x TC
+ * elements each, the last one `cols` wide, `u` their uniforms (tile after tile) when stochastic.
+ * Passes over the whole group, which stays in L1 between them: the tiles' amax, their scales,
+ * their elements; so the scalar scale work of one tile overlaps the vector work of the others.
+ * fp32 rows (TR == 1, DIRECT) are read where they lie, twice; other dtypes and 2-D tiles are
+ * first widened into `buf` (zero padding leaves the amax unchanged), quantized there and written
+ * back. CODES: each tile's element codes at codes + g * code_bytes (TR * TC, or half as many bytes
+ * for 4-bit codes, padding included) and its scale code at scale_codes[g] instead of `out`.
+ * TR, TC, DTYPE, SR, CODES are compile-time constants after inlining (in run_range's specialised
+ * instances; the codes instance has TR, TC, DTYPE and SR at run time). amax and finiteness come
+ * from one integer max of |x|'s bits (non-negative floats order as their bits; NaN and Inf are
+ * the bit patterns >= 0x7F800000), which vectorizes. */
+static inline __attribute__((always_inline)) void do_tiles(const void *x, void *out, uint8_t *codes,
+                                                          uint8_t *scale_codes, const params_t *p,
+                                                          const float *u, int64_t base, int nt, int rows,
+                                                          int cols, const int TR, const int TC,
+                                                          const int DTYPE, const int SR, const int CODES) {
+    const int DIRECT = DTYPE == 0 && TR == 1 && !CODES;
+    float buf[DIRECT ? 1 : MAX_TILE], multiplier[MAX_TILE], scale[MAX_TILE];
+    int32_t amax_bits[MAX_TILE];
+    uint8_t stored_code[MAX_TILE];
+    const int per = TR * TC, full = rows == TR && cols == TC;
+    const int64_t rl = p->row_len;
+    const float zero = p->twos_complement && !CODES ? 0.0f : -0.0f;
+    if (!DIRECT) {
+        if (!full)
+            for (int i = 0; i < nt * per; ++i) buf[i] = 0.0f;
+        for (int g = 0; g < nt; ++g) {
+            const int gr = full ? TR : rows, gc = full || g < nt - 1 ? TC : cols;
+            for (int r = 0; r < gr; ++r)
+                for (int c = 0; c < gc; ++c) buf[g * per + r * TC + c] = load(x, DTYPE, base + g * TC + r * rl + c);
         }
     }
-    if (CODES) {
-        if (packs_two(p)) /* two per byte, element 2i in the low nibble */
-            for (int i = 0; i < TR * TC / 2; ++i)
-                codes[i] = (uint8_t)(element_code(buf[2 * i], p) | element_code(buf[2 * i + 1], p) << 4);
-        else
-            for (int i = 0; i < TR * TC; ++i) codes[i] = element_code(buf[i], p);
-        return;
+    for (int g = 0; g < nt; ++g) {
+        int32_t m = 0;
+        const int gc = DIRECT && g == nt - 1 ? cols : TC; /* DIRECT: one row, the last tile may be partial */
+        for (int i = 0; i < (DIRECT ? gc : per); ++i) {
+            int32_t a = (int32_t)(bits_of(DIRECT ? ((const float *)x)[base + g * TC + i] : buf[g * per + i]) & 0x7FFFFFFFu);
+            m = a > m ? a : m;
+        }
+        amax_bits[g] = m;
     }
-    if (rows == TR && cols == TC) {
-        for (int r = 0; r < TR; ++r)
-            for (int c = 0; c < TC; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
-    } else {
-        for (int r = 0; r < rows; ++r)
-            for (int c = 0; c < cols; ++c) store(out, DTYPE, base + r * p->row_len + c, buf[r * TC + c]);
+    for (int g = 0; g < nt; ++g) {
+        if (amax_bits[g] < 0x7F800000)
+            scales_of(float_of((uint32_t)amax_bits[g]), p, &multiplier[g], &scale[g], &stored_code[g]);
+        else { /* NaN or Inf in the tile */
+            multiplier[g] = scale[g] = 0.0f;
+            stored_code[g] = (uint8_t)p->scale_nan_code;
+        }
+        if (CODES) scale[g] = 1.0f; /* codes: of the grid values themselves */
+    }
+    for (int g = 0; g < nt; ++g) {
+        const float mul = multiplier[g], sc = scale[g];
+        const float *ug = SR ? u + g * per : NULL;
+        const int gr = full ? TR : rows, gc = full || g < nt - 1 ? TC : cols;
+        const int64_t at = base + g * TC;
+        if (DIRECT) {
+            if (amax_bits[g] >= 0x7F800000)
+                for (int c = 0; c < gc; ++c) ((float *)out)[at + c] = NAN;
+            else
+                for (int c = 0; c < gc; ++c)
+                    ((float *)out)[at + c] = quantized(((const float *)x)[at + c], mul, sc, zero, p, ug, c, SR);
+            continue;
+        }
+        float *b = buf + g * per;
+        if (amax_bits[g] < 0x7F800000)
+            for (int i = 0; i < per; ++i) b[i] = quantized(b[i], mul, sc, zero, p, ug, i, SR);
+        if (CODES) {
+            const int64_t code_bytes = packs_two(p) ? per / 2 : per;
+            uint8_t *cg = codes + g * code_bytes;
+            scale_codes[g] = stored_code[g];
+            if (amax_bits[g] >= 0x7F800000) memset(cg, 0, (size_t)code_bytes);
+            else if (packs_two(p)) /* two per byte, element 2i in the low nibble */
+                for (int i = 0; i < per / 2; ++i) cg[i] = (uint8_t)(element_code(b[2 * i], p) | element_code(b[2 * i + 1], p) << 4);
+            else
+                for (int i = 0; i < per; ++i) cg[i] = element_code(b[i], p);
+        } else if (amax_bits[g] >= 0x7F800000) {
+            for (int r = 0; r < gr; ++r)
+                for (int c = 0; c < gc; ++c) store_nan(out, DTYPE, at + r * rl + c);
+        } else if (full) {
+            for (int r = 0; r < TR; ++r)
+                for (int c = 0; c < TC; ++c) store(out, DTYPE, at + r * rl + c, b[r * TC + c]);
+        } else {
+            for (int r = 0; r < gr; ++r)
+                for (int c = 0; c < gc; ++c) store(out, DTYPE, at + r * rl + c, b[r * TC + c]);
+        }
     }
 }
 
@@ -268,13 +296,14 @@ typedef struct {
     int64_t begin, end;
 } range_t;
 
-/* tiles [begin, end) in order, strip by strip (a strip: TR rows of one matrix), no division per
- * tile; stochastic: the uniforms of up to MAX_TILE elements' worth of consecutive tiles at once
- * (their Philox counters are consecutive), so the generator's loops are long enough to vectorize */
+/* tiles [begin, end) in order, strip by strip (a strip: TR rows of one matrix), in groups of up to
+ * MAX_TILE elements' worth of consecutive tiles of one strip, no division per tile; stochastic:
+ * the group's uniforms at once (their Philox counters are consecutive), so the generator's loops
+ * are long enough to vectorize */
 #define LOOP(TR, TC, DTYPE, SR, CODES)                                                             \
     {                                                                                              \
         const int64_t tiles_c = (p->row_len + (TC) - 1) / (TC), tiles_r = (p->n_rows + (TR) - 1) / (TR); \
-        int64_t t = r->begin, tc = t % tiles_c, strip = t / tiles_c, u_first = -1;                 \
+        int64_t t = r->begin, tc = t % tiles_c, strip = t / tiles_c;                               \
         const int64_t group = MAX_TILE / ((TR) * (TC));                                            \
         const int64_t code_bytes = packs_two(p) ? (TR) * (TC) / 2 : (TR) * (TC);                   \
         float u[MAX_TILE];                                                                         \
@@ -282,16 +311,17 @@ typedef struct {
             const int64_t r0 = (strip % tiles_r) * (TR);                                           \
             const int rows = (int)(p->n_rows - r0 < (TR) ? p->n_rows - r0 : (TR));                 \
             const int64_t row_base = ((strip / tiles_r) * p->n_rows + r0) * p->row_len;            \
-            for (; tc < tiles_c && t < r->end; ++tc, ++t) {                                        \
-                const int cols = (int)(p->row_len - tc * (TC) < (TC) ? p->row_len - tc * (TC) : (TC)); \
-                if ((SR) && (u_first < 0 || t >= u_first + group)) {                               \
-                    const int64_t n = r->end - t < group ? r->end - t : group;                     \
-                    u_first = t;                                                                   \
-                    philox_uniforms((uint64_t)t * ((TR) * (TC) / 4), (int)(n * (TR) * (TC) / 4), p->seed, u); \
-                }                                                                                  \
-                do_tile(r->x, r->out, (CODES) ? r->codes + t * code_bytes : NULL,                  \
-                        (CODES) ? r->scale_codes + t : NULL, p, (SR) ? u + (t - u_first) * (TR) * (TC) : NULL, \
-                        row_base + tc * (TC), rows, cols, TR, TC, DTYPE, SR, CODES);               \
+            while (tc < tiles_c && t < r->end) {                                                   \
+                int64_t nt = tiles_c - tc < group ? tiles_c - tc : group;                          \
+                nt = r->end - t < nt ? r->end - t : nt;                                            \
+                const int64_t last = tc + nt - 1;                                                  \
+                const int cols = (int)(p->row_len - last * (TC) < (TC) ? p->row_len - last * (TC) : (TC)); \
+                if (SR) philox_uniforms((uint64_t)t * ((TR) * (TC) / 4), (int)(nt * (TR) * (TC) / 4), p->seed, u); \
+                do_tiles(r->x, r->out, (CODES) ? r->codes + t * code_bytes : NULL,                 \
+                         (CODES) ? r->scale_codes + t : NULL, p, u, row_base + tc * (TC), (int)nt, rows, cols, \
+                         TR, TC, DTYPE, SR, CODES);                                                \
+                tc += nt;                                                                          \
+                t += nt;                                                                           \
             }                                                                                      \
         }                                                                                          \
     }
