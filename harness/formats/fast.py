@@ -107,20 +107,29 @@ class _CParams(ctypes.Structure):
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, why not).  The build is cached, atomic and verified
     by :func:`harness.cache.cached_dir`: a truncated or planted ``.so`` is rebuilt, never loaded."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         return None, "no C compiler (cc/gcc) on PATH"
     try:
         built = cached_dir(kernel_dir(), lambda d: _compile(compiler, d), "the C kernel")
-        lib = ctypes.CDLL(str(built / LIBRARY))
+        return load_kernel(built / LIBRARY), ""
     except (OSError, RuntimeError) as err:
         notice(f"warning: the C fast path is off, fake_quantize uses the reference path ({err})")
         return None, str(err)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def load_kernel(path: Path) -> ctypes.CDLL:
+    """The built kernel at ``path``, its entry points typed."""
+    lib = ctypes.CDLL(str(path))
     lib.fake_quantize_tiles.restype = None
     lib.fake_quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
     lib.quantize_tiles.restype = None
     lib.quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
-    return lib, ""
+    return lib
 
 
 def kernel_dir() -> Path:
@@ -132,12 +141,18 @@ def kernel_dir() -> Path:
 
 def _compile(compiler: str, directory: Path) -> None:
     for flags in ((*CFLAGS, *NATIVE), CFLAGS):  # a compiler without -march=native: the portable build
-        proc = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(directory / LIBRARY), "-lm"], capture_output=True, text=True
-        )
+        proc = compile_kernel(directory / LIBRARY, flags, compiler)
         if proc.returncode == 0:
             return
     raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()[:500]}")
+
+
+def compile_kernel(path: Path, flags: tuple[str, ...], compiler: str | None = None) -> subprocess.CompletedProcess:
+    """``compiler flags fast_kernel.c -o path -lm``; ``compiler`` defaults to $CC, else cc or gcc."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    return subprocess.run([compiler, *flags, str(SOURCE), "-o", str(path), "-lm"], capture_output=True, text=True)
 
 
 def unavailable_reason() -> str:
@@ -177,16 +192,19 @@ def _c_params(x: torch.Tensor, job: TileJob) -> _CParams:
     )  # fmt: skip
 
 
-def fake_quantize_c(x: torch.Tensor, out: torch.Tensor, job: TileJob) -> None:
-    """The C kernel on contiguous CPU ``x`` into ``out`` (same dtype)."""
-    _build()[0].fake_quantize_tiles(x.data_ptr(), out.data_ptr(), ctypes.byref(_c_params(x, job)))
+def fake_quantize_c(x: torch.Tensor, out: torch.Tensor, job: TileJob, *, lib: ctypes.CDLL | None = None) -> None:
+    """The C kernel (``lib``, default this machine's cached build) on contiguous CPU ``x`` into
+    ``out`` (same dtype)."""
+    (lib or _build()[0]).fake_quantize_tiles(x.data_ptr(), out.data_ptr(), ctypes.byref(_c_params(x, job)))
 
 
-def quantize_c(x: torch.Tensor, codes: torch.Tensor, scale_codes: torch.Tensor, job: TileJob) -> None:
+def quantize_c(
+    x: torch.Tensor, codes: torch.Tensor, scale_codes: torch.Tensor, job: TileJob, *, lib: ctypes.CDLL | None = None
+) -> None:
     """The C kernel's real quantization of contiguous CPU ``x``: ``codes`` (uint8, ``(n_tiles,
     code_bytes)``) and ``scale_codes`` (uint8, ``(n_tiles,)``)."""
     params = ctypes.byref(_c_params(x, job))
-    _build()[0].quantize_tiles(x.data_ptr(), codes.data_ptr(), scale_codes.data_ptr(), params)
+    (lib or _build()[0]).quantize_tiles(x.data_ptr(), codes.data_ptr(), scale_codes.data_ptr(), params)
 
 
 def _device_kernel(x: torch.Tensor, op: str):

@@ -1,5 +1,7 @@
-"""The fast kernels themselves, each called directly: the C kernel on CPU and the Triton kernel
-(compiled on CUDA where there is a GPU, in Triton's CPU interpreter otherwise, see conftest.py).
+"""The fast kernels themselves, each called directly: the C kernel on CPU (as built here with
+-march=native, and built portably, which takes its generic paths such as the Philox loop without
+AVX-512) and the Triton kernel (compiled on CUDA where there is a GPU, in Triton's CPU interpreter
+otherwise, see conftest.py).
 
 - Bit parity with the reference path for every format, ``mxfp4_2d`` tiles and ``mxfp4_sr``
   (same generator state, same Philox stream) included, in fp32, bf16 and fp16, on the parity
@@ -14,13 +16,24 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
 
 from harness.formats import SCALE_MODES, fake_quantize, get_format, nvfp4_per_tensor_scale, quantize
-from harness.formats.fast import fake_quantize_c, fake_quantize_fast, quantize_c, quantize_fast, unavailable_reason
+from harness.formats.fast import (
+    CFLAGS,
+    LIBRARY,
+    compile_kernel,
+    fake_quantize_c,
+    fake_quantize_fast,
+    load_kernel,
+    quantize_c,
+    quantize_fast,
+    unavailable_reason,
+)
 from harness.formats.philox import philox4x32
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
@@ -38,21 +51,33 @@ def _triton():
     return fake_quantize_triton
 
 
-@pytest.fixture(params=["c", "triton"])
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    """The C kernel built without -march=native, as on a CPU or compiler without it: its generic
+    code paths (the portable Philox loop, no AVX-512) must give the same bits as the native build."""
+    path = tmp_path_factory.mktemp("portable-kernel") / LIBRARY
+    proc = compile_kernel(path, CFLAGS)
+    assert proc.returncode == 0, proc.stderr
+    return load_kernel(path)
+
+
+@pytest.fixture(params=["c", "c-portable", "triton"])
 def backend(request):
     """(kernel, device) of the kernel under test (overrides the suite's two-path fixture: this
-    module calls each kernel directly)."""
-    if request.param == "c":
+    module calls each kernel directly): the C kernel as built here (-march=native) and built
+    portably, and the Triton kernel."""
+    if request.param.startswith("c"):
         if unavailable_reason():
             pytest.skip(f"C fast path unavailable here: {unavailable_reason()}")
-        return fake_quantize_c, torch.device("cpu")
+        lib = request.getfixturevalue("portable_lib") if request.param == "c-portable" else None
+        return functools.partial(fake_quantize_c, lib=lib), torch.device("cpu")
     return _triton(), DEVICE
 
 
 def _codes_kernel(kernel):
-    """The real-quantization entry of the same kernel (C or Triton)."""
-    if kernel is fake_quantize_c:
-        return quantize_c
+    """The real-quantization entry of the same kernel (C, the same build; or Triton)."""
+    if isinstance(kernel, functools.partial) and kernel.func is fake_quantize_c:
+        return functools.partial(quantize_c, **kernel.keywords)
     from harness.formats.triton_kernel import quantize_triton
 
     return quantize_triton
@@ -92,7 +117,7 @@ def _parity_params() -> list:
         fmt = get_format(p.values[0])
         for dtype in DTYPES:
             covered = not fmt.stochastic and len(fmt.block_shape) == 1 and dtype != torch.float16
-            for kernel in ("c",) if covered else ("c", "triton"):
+            for kernel in ("c", "c-portable") if covered else ("c", "c-portable", "triton"):
                 out.append(
                     pytest.param(kernel, p.values[0], dtype, marks=p.marks, id=f"{kernel}-{p.id}-{str(dtype)[6:]}")
                 )
@@ -115,7 +140,7 @@ def _quantize_params() -> list:
         pytest.param(kernel, p.values[0], dtype, marks=p.marks, id=f"{kernel}-{p.id}-{str(dtype)[6:]}")
         for p in format_params()
         for dtype in DTYPES
-        for kernel in ("c", "triton")
+        for kernel in ("c", "c-portable", "triton")
     ]
 
 
