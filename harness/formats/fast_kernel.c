@@ -274,7 +274,7 @@ static inline __attribute__((always_inline)) void do_tiles(const void *x, void *
                                                           int cols, const int TR, const int TC,
                                                           const int DTYPE, const int SR, const int CODES) {
     const int DIRECT = DTYPE == 0 && TR == 1 && !CODES;
-    float buf[DIRECT ? 1 : MAX_TILE], multiplier[MAX_TILE], scale[MAX_TILE];
+    float buf[MAX_TILE], multiplier[MAX_TILE], scale[MAX_TILE]; /* buf: unused when DIRECT */
     int32_t amax_bits[MAX_TILE];
     uint8_t stored_code[MAX_TILE];
     const int per = TR * TC, full = rows == TR && cols == TC;
