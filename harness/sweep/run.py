@@ -106,7 +106,8 @@ def run_sweep(
 
     owns = not ray.is_initialized()
     if owns:
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, log_to_driver=False)
+        local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
+        ray.init(address=address, log_to_driver=False, **local)
     try:
         _run(ray, plan, store, todo, execute, log)
     finally:
