@@ -21,7 +21,7 @@ from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.gate import ALPHA
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS
 from harness.inject import POINTS
-from harness.models import DEFAULT_MODEL, DTYPES
+from harness.models import DEFAULT_MODEL, DTYPES, parse_max_memory
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
 from harness.testing import format_marker
@@ -304,6 +304,19 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         "--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR, else the copy in the package)"
     )
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--device-map", choices=["auto"], help="auto: spread the model over the visible devices (accelerate)"
+    )
+    p.add_argument(
+        "--max-memory", type=_max_memory_arg, help="with --device-map auto: e.g. 0=20GiB,1=20GiB,cpu=60GiB,disk=900GB"
+    )
+
+
+def _max_memory_arg(text: str) -> dict:
+    try:
+        return parse_max_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _load(args: argparse.Namespace):
@@ -311,7 +324,12 @@ def _load(args: argparse.Namespace):
     from harness.models import load_model
 
     return load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
     )
 
 

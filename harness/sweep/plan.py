@@ -49,7 +49,7 @@ FORMAT_KEYS = ("format",)
 JOB_KEYS = ("kind", "num_cpus", "num_gpus", "formats", "points", "seeds")
 # Options the sweep sets itself (from the matrix, or where it stores the document).
 SET_BY_SWEEP = ("model", "format", "point", "seed", "first_item", "output", "json", "report_dir", "compare_to")
-MODEL_ONLY = ("dtype", "device", "batch_size", "gsm8k_dir", "trust_remote_code")
+MODEL_ONLY = ("dtype", "device", "device_map", "max_memory", "batch_size", "gsm8k_dir", "trust_remote_code")
 # The option that counts the items of a shardable kind.
 SHARDED_BY = {JobKind.EVAL_LOSS: "items"}
 MAX_RETRIES = 2
