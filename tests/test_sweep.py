@@ -122,6 +122,8 @@ def first_sweep(ray_address, tmp_path_factory) -> tuple[Path, Path]:
             "multiple of batch_size 2",
         ),
         ("models = [{name = 'tiny-llama'}]\nformats = ['mxfp4']\n[[jobs]]\nkind = 'scan'\nprompts = 0", "--prompts"),
+        ("models = [{name = 'tiny-llama', device = 'cuda'}]\nformats = ['mxfp4']\n[[jobs]]\nkind = 'scan'", "num_gpus"),
+        ("models = [{name = 'tiny-llama', device = 'tpu'}]\nformats = ['mxfp4']\n[[jobs]]\nkind = 'scan'", "cpu, cuda"),
     ],
 )
 def test_bad_plans_are_refused_naming_the_key_and_the_choices(tmp_path, text, message):

@@ -105,14 +105,41 @@ def options(kind: JobKind) -> dict[str, argparse.Action]:
     return {a.dest: a for a in _subparser(kind)._actions if a.option_strings and a.dest != "help"}
 
 
-def parse(argv: Sequence[str], where: str = "") -> argparse.Namespace:
-    """The CLI parser's namespace for ``argv``; its error (option and valid choices) as a PlanError."""
+def _device_syntax(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, not checked against this machine's devices."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid devices: cpu, cuda, cuda:N")
+    return text
+
+
+def _devices_anywhere(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.dest == "device":
+            action.type = _device_syntax
+        elif isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _devices_anywhere(sub)
+
+
+def parse(argv: Sequence[str], where: str = "", *, devices_here: bool = False) -> argparse.Namespace:
+    """The CLI parser's namespace for ``argv``; its error (option and valid choices) as a PlanError.
+    ``devices_here``: check ``--device`` against this machine's devices (in the task that runs the
+    job; the driver, which may have no GPU, checks the spelling only)."""
     from harness.cli import build_parser
 
+    parser = build_parser()
+    if not devices_here:
+        _devices_anywhere(parser)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(list(argv))
+            return parser.parse_args(list(argv))
     except SystemExit:
         message = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
         raise PlanError(f"{where}: {message}") from None

@@ -45,7 +45,7 @@ def execute(task: dict) -> dict:
 
     check_gpus()
     kind = JobKind(task["kind"])
-    args = parse(task["argv"], task["kind"])
+    args = parse(task["argv"], task["kind"], devices_here=True)
     if kind is JobKind.EVAL_LOSS:
         args.json = True  # no progress bars in a task
         result, settings, _ = loss_run(args)
