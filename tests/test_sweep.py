@@ -235,3 +235,31 @@ def test_gate_sweep_exits_1_on_a_planted_regression(first_sweep, tmp_path, capsy
     assert len(lines) == 8
     assert [line.split(": ")[2] for line in lines if line.startswith(row["key"])] == ["REGRESSION"]
     assert sum("PASS" in line for line in lines) == 3 and sum("not gated" in line for line in lines) == 4
+
+
+def test_ctrl_c_keeps_the_finished_documents_and_the_next_run_completes(first_sweep, tmp_path):
+    _, reference = first_sweep
+    two = PLAN.replace('["mxfp4", "nvfp4"]', '["nvfp4"]').replace('["weight", "both"]', '["both"]')
+    plan = load_plan(_plan(tmp_path, two))
+
+    def ctrl_c_after_the_first_document(line: str) -> None:
+        if line.startswith("done "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, tmp_path / "out", log=ctrl_c_after_the_first_document)
+    assert len(list((tmp_path / "out" / "jobs").glob("*.meta.json"))) == 1
+    outcome = run_sweep(plan, tmp_path / "out")
+    assert (outcome.skipped, outcome.ran) == (1, 1)
+    want = _documents(reference)
+    assert _documents(tmp_path / "out") == {k: want[k] for k in _documents(tmp_path / "out")}
+
+
+def test_a_task_sees_only_the_gpus_ray_assigned(monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    tasks.check_gpus()  # CUDA_VISIBLE_DEVICES=3: one device, cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(RuntimeError, match=r"assigned GPUs \[3\] but CUDA shows 8"):
+        tasks.check_gpus()

@@ -134,6 +134,16 @@ def _run(ray, plan: Plan, store: Store, todo: list[_Entry], execute, log) -> Non
             task = {"kind": job.kind.value, "argv": list(argv), "shard": shard_hash is not None}
             ref = remote.options(**opts, name=job.key).remote(task)
             pending[ref] = (entry, shard_hash, time.monotonic())
+    try:
+        _collect(ray, store, pending, log)
+    except KeyboardInterrupt:  # stop the tasks still running; what is stored stays
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _collect(ray, store: Store, pending: dict, log) -> None:
+    """Store each result as it arrives (``pending`` empties as they do)."""
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         entry, shard_hash, started = pending.pop(ref)
