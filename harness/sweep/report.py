@@ -69,9 +69,12 @@ def metrics(kind: str, doc: dict) -> dict[str, Cell]:
 
 def _outcome(kind: str, doc: dict) -> str:
     if kind == JobKind.SCAN.value:
-        rec = doc["recommendation"]
-        flagged = [layer["name"] for layer in doc["layers"] if layer["problematic"]]
-        return f"{rec['action']}: {len(flagged)} of {len(doc['layers'])} layers flagged"
+        from harness.srdd.document import ScanDocument
+
+        scan = ScanDocument.from_json(doc)
+        flagged = sum(layer.problematic for layer in scan.layers)
+        nonfinite = "; NaN/Inf found" if scan.has_nonfinite else ""
+        return f"{scan.recommendation.action}: {flagged} of {len(scan.layers)} layers flagged{nonfinite}"
     if kind == JobKind.AQN_PREFLIGHT.value:
         return doc["verdict"]
     return ""
