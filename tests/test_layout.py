@@ -1,4 +1,4 @@
-"""The house rules of the test folders (README, "Tests and suites"): tests/ holds the harness's own
+"""The house rules of the test folders (docs/layout.md, "Tests and suites"): tests/ holds the harness's own
 tests, which never touch the model under test; suites/ holds what users run against a model or a
 format; no test module imports from a test module or a conftest (shared code lives in the package,
 e.g. harness.testing, or in a suite's helper module such as suites/formats/data.py)."""

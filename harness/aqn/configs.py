@@ -1,4 +1,6 @@
-"""Named AQN configurations (a registry of frozen entries) from QeRL and the experiment's notes."""
+"""Named AQN configurations (a registry of frozen entries): QeRL's defaults (Huang et al. 2025,
+``trl_trainer/noise_scheduler.py`` and its NVFP4 training scripts) and the sigma/target variants
+1A-1E of the manual Qwen2.5-1.5B experiment the harness grew out of."""
 
 from __future__ import annotations
 
