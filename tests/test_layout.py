@@ -6,13 +6,21 @@ e.g. harness.testing, or in a suite's helper module such as suites/formats/data.
 from __future__ import annotations
 
 import ast
+import io
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = sorted([*ROOT.glob("tests/**/*.py"), *ROOT.glob("suites/**/*.py")])
 MODEL_UNDER_TEST = {"model_under_test"}  # the fixture of --model
+# Citations a maintainer of the package cannot follow: the design contract, issue numbers, section
+# numbers of the notes of the experiment the harness grew out of, files outside the repository.
+INTERNAL_CITATION = re.compile(
+    r"design\s*§|design\.md|\(design\b|\bissues?\s+#?\d|experiment(?:'s)?\s+(?:notes|§)|\bshared/", re.I
+)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -78,3 +86,37 @@ def test_importing_the_harness_warns_about_nothing_of_its_own() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]", out
+
+
+def internal_citations(source: str) -> list[str]:
+    """Docstrings and comments of ``source`` that cite an internal document (``INTERNAL_CITATION``)."""
+    texts = [
+        ast.get_docstring(node) or ""
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    texts += [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    return [m.group(0) for text in texts for m in INTERNAL_CITATION.finditer(text)]
+
+
+def test_docstrings_cite_public_sources_not_internal_documents() -> None:
+    """The package's docstrings and comments say what the code does and cite public sources (the OCP
+    MX spec, QeRL, lm-eval, torchao files), never the design contract, an issue number or the
+    experiment's notes, which a maintainer of the package does not have."""
+    bad = {
+        p.relative_to(ROOT).as_posix(): found
+        for p in sorted(ROOT.glob("harness/**/*.py"))
+        if (found := internal_citations(p.read_text()))
+    }
+    assert bad == {}, f"say what the code does, cite a public source: {bad}"
+
+
+def test_the_citation_rule_catches_what_it_forbids() -> None:
+    sample = (
+        '"""Loss attribution (design §5)."""\n'
+        "X = 1  # see issue 15\n"
+        "def f():\n"
+        '    """The experiment\'s §13.3 framework; OCP MX v1.0 §6.3 is fine."""\n'
+        'MSG = "design §7 in a plain string is not a docstring"\n'
+    )
+    assert internal_citations(sample) == ["(design", "experiment's §", "issue 1"]  # docstrings, then comments
