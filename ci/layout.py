@@ -1,5 +1,5 @@
 """Regenerate the module table of docs/layout.md from the package itself: every module of
-``harness`` (found with ``pkgutil.walk_packages``, so a new module cannot be forgotten) with the
+``harness`` (found with ``pkgutil.iter_modules``, so a new module cannot be forgotten) with the
 first sentence of its docstring, read with ``ast`` (nothing is imported).
 
 Run ``python ci/layout.py`` after adding, removing or re-describing a module."""
@@ -33,13 +33,24 @@ def first_sentence(path: Path) -> str:
     return text.replace("|", "\\|")
 
 
+def modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its ``__init__.py``), found on disk
+    as ``pkgutil.iter_modules`` finds them, level by level, without importing anything."""
+    found: dict[str, Path] = {}
+    todo = [(ROOT / "harness", "harness.")]
+    while todo:
+        folder, prefix = todo.pop()
+        for info in pkgutil.iter_modules([str(folder)], prefix):
+            leaf = info.name.rsplit(".", 1)[-1]
+            found[info.name] = folder / leaf / "__init__.py" if info.ispkg else folder / f"{leaf}.py"
+            if info.ispkg:
+                todo.append((folder / leaf, f"{info.name}."))
+    return dict(sorted(found.items()))
+
+
 def module_table() -> str:
-    package = ROOT / "harness"
     rows = ["| module | what it does |", "| --- | --- |"]
-    for info in sorted(pkgutil.walk_packages([str(package)], "harness."), key=lambda m: m.name):
-        rel = Path(*info.name.split(".")[1:])
-        path = package / rel / "__init__.py" if info.ispkg else package / rel.with_suffix(".py")
-        rows.append(f"| `{info.name}` | {first_sentence(path)} |")
+    rows += [f"| `{name}` | {first_sentence(path)} |" for name, path in modules().items()]
     return "\n".join(rows)
 
 

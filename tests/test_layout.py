@@ -6,6 +6,7 @@ e.g. harness.testing, or in a suite's helper module such as suites/formats/data.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import re
 import subprocess
@@ -120,3 +121,16 @@ def test_the_citation_rule_catches_what_it_forbids() -> None:
         'MSG = "design §7 in a plain string is not a docstring"\n'
     )
     assert internal_citations(sample) == ["(design", "experiment's §", "issue 1"]  # docstrings, then comments
+
+
+def test_the_layout_page_lists_every_module_of_the_package() -> None:
+    """docs/layout.md's module table is generated from the package (``python ci/layout.py``): it
+    names exactly the package's modules, so a new or removed module shows."""
+    spec = importlib.util.spec_from_file_location("ci_layout", ROOT / "ci" / "layout.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    page = (ROOT / "docs" / "layout.md").read_text()
+    listed = set(re.findall(r"^\| `(harness(?:\.\w+)*)` \|", page, re.M))
+    found = set(generator.modules())
+    lacks, removed = sorted(found - listed), sorted(listed - found)
+    assert not lacks and not removed, f"run `python ci/layout.py`: docs/layout.md lacks {lacks}, lists {removed}"
