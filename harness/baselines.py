@@ -1,4 +1,4 @@
-"""Stored baselines (design §8): ``baselines/<model>/<device>/<suite>.json`` holding
+"""Stored baselines: ``baselines/<model>/<device>/<suite>.json`` holding
 ``{case_id: {metric: value}}`` plus provenance and the identity of the model the numbers came
 from.  Every run is compared with per-metric tolerances; files are rewritten only on request,
 under a file lock (read, merge, replace), atomically, and never silently replaced.
@@ -81,9 +81,9 @@ def _by_suffix(metric: str, table: dict):
     return None
 
 
-# A --gpu case without a CUDA baseline is compared with the CPU one (design §8), allowing the larger
+# A --gpu case without a CUDA baseline is compared with the CPU one, allowing the larger
 # of the metric's own tolerance and the cross-device difference measured on 2026-11-26 (an H200,
-# torch 2.11.0+cu130, against the 2-core CPU's baselines, shared/gpu-runs/2026-11-26-h200):
+# torch 2.11.0+cu130, against the 2-core CPU's baselines, docs/measurements/2026-11-26-h200.md):
 # unquantized and weight-only cases agreed to <= 2e-5 relative (loss, kl, bits_per_byte) and exactly
 # (top1_agree, every SRDD weight metric), so 1e-3 relative; activation-quantized cases differ where a
 # block scale or a rounding tie flips under another matmul summation order: about 1.5x the largest

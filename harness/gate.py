@@ -1,4 +1,4 @@
-"""Paired gates with three outcomes (design §7): ``regression``, ``pass`` or ``inconclusive``,
+"""Paired gates with three outcomes: ``regression``, ``pass`` or ``inconclusive``,
 never two, so "passed" never hides "could not have failed".
 
 A candidate run is judged against a baseline run on the same n items (per-item values):
