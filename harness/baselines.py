@@ -137,12 +137,13 @@ def cpu_fallback(
     path: Path, case_id: str, identity: dict[str, object] | None = None
 ) -> tuple[Path, dict[str, dict[str, float]], dict, Callable] | None:
     """For a case missing from a CUDA baseline file: ``(the CPU file, its cases, its items, its
-    cross-device tolerance)`` when the CPU file of the same model and suite has the case (and a
-    :class:`CrossDeviceBaseline` warning saying so), else None. Case ids name the dtype where a
-    suite runs several, so this never compares across dtypes."""
-    if path.parent.name != "cuda":
+    cross-device tolerance)`` when the CPU file of the same model, dtype and suite has the case
+    (``cuda-bfloat16`` falls back to ``cpu-bfloat16``; and a :class:`CrossDeviceBaseline` warning
+    says so), else None. It never compares across dtypes."""
+    device, _, dtype = path.parent.name.partition("-")
+    if device != "cuda":
         return None
-    cpu = path.parent.with_name("cpu") / path.name
+    cpu = path.parent.with_name("-".join(filter(None, ("cpu", dtype)))) / path.name
     cases, items = read_baseline_file(cpu, identity)
     if case_id not in cases:
         return None
