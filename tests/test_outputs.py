@@ -79,8 +79,8 @@ def test_an_injected_full_disk_keeps_the_previous_output_and_report(previous, mo
     where, data, before = previous
     _disk_fills_after_half(monkeypatch)
     line = _one_line_error(_scan(where, data, 3), capsys, 1)
-    assert "not written (the disk is full" in line and "any previous one is unchanged" in line
     assert _snapshot(where) == before
+    assert "not written (the disk is full" in line and "any previous one is unchanged" in line
     assert sorted(p.name for p in where.iterdir()) == ["out.json", "report"]  # no temporaries left
 
 
@@ -94,8 +94,8 @@ def test_an_error_between_the_files_of_a_report_keeps_the_old_report_whole(previ
 
     monkeypatch.setattr(harness.srdd.report, "_bar_plot", failing_plot)
     line = _one_line_error(_scan(where, data, 3), capsys, 1)
-    assert "not written (an I/O error" in line
     assert _snapshot(where) == before
+    assert "not written (an I/O error" in line
 
 
 def test_ctrl_c_while_the_outputs_are_written_keeps_them(previous, monkeypatch, capsys) -> None:
@@ -150,8 +150,8 @@ def test_a_real_full_disk_keeps_the_previous_output_and_report(tmp_path: Path, c
         os.close(fd)
         before["filler"] = (disk / "filler").read_bytes()
         line = _one_line_error(_scan(disk, data, 3), capsys, 1)
-        assert "not written (the disk is full" in line
         assert _snapshot(disk) == before
+        assert "not written (the disk is full" in line
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "out.json", "report"]
 
 
