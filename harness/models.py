@@ -38,7 +38,52 @@ EMBEDDED = {
         caveat="SmolLM2-135M-Instruct from a Q4_1 GGUF: the reference is a dequantized 4-bit model",
     ),
 }
-TINY = ("tiny-llama", "tiny-qwen2")
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A 2-layer random model of one architecture family, from its stock transformers config with
+    the sizes shrunk (``sizes``, in that config's own key names)."""
+
+    config: str
+    model: str
+    sizes: tuple[tuple[str, object], ...] = ()
+
+
+_SMALL = (("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2))
+_HEADS = (("num_attention_heads", 4), ("num_key_value_heads", 2))
+_EXPERTS = (("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 32))
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "tiny-llama": TinyFamily("LlamaConfig", "LlamaForCausalLM", (*_SMALL, *_HEADS, ("tie_word_embeddings", True))),
+    "tiny-qwen2": TinyFamily("Qwen2Config", "Qwen2ForCausalLM", (*_SMALL, *_HEADS, ("tie_word_embeddings", True))),
+    "tiny-qwen3": TinyFamily("Qwen3Config", "Qwen3ForCausalLM", (*_SMALL, *_HEADS, ("head_dim", 16))),
+    "tiny-mistral": TinyFamily("MistralConfig", "MistralForCausalLM", (*_SMALL, *_HEADS, ("head_dim", 16))),
+    "tiny-gemma2": TinyFamily("Gemma2Config", "Gemma2ForCausalLM", (*_SMALL, *_HEADS, ("head_dim", 16))),
+    "tiny-phi3": TinyFamily("Phi3Config", "Phi3ForCausalLM", (*_SMALL, *_HEADS)),
+    "tiny-opt": TinyFamily(
+        "OPTConfig",
+        "OPTForCausalLM",
+        (
+            ("hidden_size", 64),
+            ("ffn_dim", 128),
+            ("num_hidden_layers", 2),
+            ("num_attention_heads", 4),
+            ("word_embed_proj_dim", 64),
+        ),
+    ),
+    "tiny-gpt2": TinyFamily("GPT2Config", "GPT2LMHeadModel", (("n_embd", 64), ("n_layer", 2), ("n_head", 4))),
+    "tiny-mixtral": TinyFamily(
+        "MixtralConfig", "MixtralForCausalLM", (*_SMALL, *_HEADS, ("num_local_experts", 4), ("num_experts_per_tok", 2))
+    ),
+    "tiny-qwen2-moe": TinyFamily(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", (*_SMALL, *_HEADS, *_EXPERTS, ("shared_expert_intermediate_size", 64))
+    ),
+    "tiny-qwen3-moe": TinyFamily(
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM", (*_SMALL, *_HEADS, *_EXPERTS, ("head_dim", 16))
+    ),
+    "tiny-olmoe": TinyFamily("OlmoeConfig", "OlmoeForCausalLM", (*_SMALL, *_HEADS, *_EXPERTS[:2])),
+}
+TINY = tuple(TINY_FAMILIES)
 
 
 def model_key(spec: str) -> str:
@@ -95,7 +140,7 @@ def load_model(
     seeded), or a local HF directory (safetensors; ``device_map="auto"`` when it does not fit one
     device).  The model is in eval mode."""
     if spec in TINY:
-        model, tok = _tiny(spec, seed)
+        model, tok = tiny_model(spec, seed)
     elif spec in EMBEDDED:
         model, tok = _from_dir(_embedded_dir(spec), dtype, trust_remote_code=False)
     else:
@@ -214,28 +259,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def _tiny(name: str, seed: int) -> tuple[nn.Module, object]:
-    """A 2-layer random model of the named family (seeded), tied embeddings like SmolLM2."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, object]:
+    """A 2-layer random model of the family ``name`` (:data:`TINY_FAMILIES`, seeded) with the
+    byte-level tokenizer; built from the stock config, nothing downloaded."""
+    import transformers
 
+    fam = TINY_FAMILIES[name]
     tok = byte_tokenizer()
-    common = dict(
+    config = getattr(transformers, fam.config)(
+        **dict(fam.sizes),
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    cls, config = (
-        (LlamaForCausalLM, LlamaConfig(**common)) if name == "tiny-llama" else (Qwen2ForCausalLM, Qwen2Config(**common))
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls(config)
+        model = getattr(transformers, fam.model)(config)
     return model, tok
