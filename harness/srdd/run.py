@@ -12,6 +12,7 @@ from torch import nn
 import harness
 from harness.formats import get_format
 from harness.gsm8k import Gsm8kItem
+from harness.modelview import ModelView
 from harness.srdd import scan
 from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
 from harness.srdd.document import (
@@ -117,7 +118,7 @@ def scan_model(
             result,
             runs=instability_runs,
         )
-    layers = [name for name, _ in scan.decoder_layers(model)]
+    layers = ModelView(model).layer_names
     rows, screen = [], []
     if attribution and evaluation:
         flagged = [f.name for f in layer_findings(result, layers, thresholds, rules) if f.problematic]
