@@ -30,7 +30,7 @@ from harness.eval.loss import EVAL_BATCH_SIZE, answer_logprobs, answer_loss, ans
 from harness.eval.stats import compare_seeds
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
-from harness.srdd.scan import decoder_layers
+from harness.modelview import ModelView
 
 STRATEGIES = ("none", "global", "targeted", "healthy")
 SEEDS = 5  # training runs per strategy: the unit of every comparison
@@ -243,7 +243,7 @@ def compare_strategies(
     and ``healthy`` splits with ``targeted`` (default: every decoder layer of ``model``)."""
     config.schedule(steps)  # an invalid configuration fails before any training
     if layers is None:
-        layers = [name for name, _ in decoder_layers(model)]
+        layers = ModelView(model).layer_names
     started = time.perf_counter()
     result = StrategyComparison(fmt, config.name, list(strategies), list(seeds), steps)
     result.eval_items = len(eval_items)
