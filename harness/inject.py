@@ -320,7 +320,7 @@ class QuantInjector:
             else:
                 selected.append((w, fmt))
         decoder = [w for w, _ in selected if w.layer is not None]
-        quantized = sum(w.tensor.numel() for w in decoder)
+        quantized = sum(w.parameter().numel() for w in decoder)
         self.coverage = Coverage(
             point=self.point,
             quantized=quantized,
@@ -353,7 +353,7 @@ class QuantInjector:
                 _ACTIVE.setdefault(module, []).append(self)
                 self._touched.append(module)
                 if self.point in ("weight", "both"):
-                    if embedding is not None and weight.tensor is getattr(embedding, "weight", None):
+                    if embedding is not None and weight.parameter() is getattr(embedding, "weight", None):
                         self.notes.append(
                             f"{weight.name}.weight is tied to the input embedding: {weight.name} uses {fmt} weights, "
                             "the embedding lookup keeps the original weights"
@@ -367,7 +367,7 @@ class QuantInjector:
                     else:
                         self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
                 self.modules.append(
-                    InjectedModule(weight.name, tuple(weight.tensor.shape), fmt, self.point, weight.kind.value)
+                    InjectedModule(weight.name, tuple(weight.parameter().shape), fmt, self.point, weight.kind.value)
                 )
             for module, quantizers in experts.items():
                 self._forwards.append((module, module.__dict__.get("forward")))

@@ -129,6 +129,14 @@ class QuantWeight:
     def tensor(self) -> torch.Tensor:
         return getattr(self.module, self.param)
 
+    def parameter(self) -> nn.Parameter:
+        """The Parameter itself, also under a parametrization (a QuantInjector's)."""
+        from torch.nn.utils.parametrize import is_parametrized
+
+        if is_parametrized(self.module, self.param):
+            return self.module.parametrizations[self.param].original
+        return getattr(self.module, self.param)
+
     def matrix(self) -> torch.Tensor:
         """As (out, in) — per expert (experts, out, in) — whatever the storage."""
         w = self.tensor
@@ -261,7 +269,7 @@ class ModelView:
     def unreachable(self) -> list[tuple[str, int]]:
         """``(name, numel)`` of every weight of the decoder layers with 2 or more dims that no
         :meth:`weights` entry covers: a module type the view cannot quantize."""
-        covered = {id(_original(w.module, w.param)) for w in self.weights()}
+        covered = {id(w.parameter()) for w in self.weights()}
         out = []
         for layer_name, layer in self.layers:
             for rel, p in layer.named_parameters():
@@ -280,13 +288,6 @@ class ModelView:
 
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers' fused expert tensors, (experts, out, in)
-
-
-def _original(module: nn.Module, param: str) -> torch.Tensor:
-    """The Parameter itself, also under a parametrization."""
-    from torch.nn.utils.parametrize import is_parametrized
-
-    return module.parametrizations[param].original if is_parametrized(module, param) else getattr(module, param)
 
 
 def experts_forward(

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from harness.aqn.configs import AQNConfig
-from harness.aqn.noise import NoiseInjector, is_rmsnorm
+from harness.aqn.noise import NoiseInjector
 from harness.batching import padded_batches
 from harness.eval.loss import EVAL_BATCH_SIZE, answer_logprobs, answer_loss, answer_means, answer_spans, evaluate_loss
 from harness.eval.stats import compare_seeds
@@ -63,9 +63,10 @@ def strategy_targets(strategy: str, layers: Sequence[str], problematic: Sequence
 
 @contextlib.contextmanager
 def trainable_norms(model: nn.Module):
-    """RMSNorm weights trainable inside the context; every parameter's values and flags restored after."""
+    """The norm weights (the model view's) trainable inside the context; every parameter's values
+    and flags restored after."""
     flags = {p: p.requires_grad for p in model.parameters()}
-    norms = [m.weight for m in model.modules() if is_rmsnorm(m)]
+    norms = [n.module.weight for n in ModelView(model).norms()]
     saved = [p.detach().clone() for p in norms]
     try:
         for p in model.parameters():
