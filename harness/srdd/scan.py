@@ -100,10 +100,10 @@ class ScanResult:
             self.floors.setdefault(name, {}).setdefault(kind, QuantErrorStats()).merge(floor)
 
 
-def weight_scan(model: nn.Module, fmt: str, result: ScanResult) -> None:
+def weight_scan(model: nn.Module, fmt: str, result: ScanResult, *, allow_partial: bool = False) -> None:
     """Every target weight, as (out, in), along its input dim against its quantization; fused
     experts one expert at a time (``name[e]``), so a defect in one expert stands out."""
-    for weight, f in QuantInjector(model, fmt, "weight").select():
+    for weight, f in QuantInjector(model, fmt, "weight", allow_partial=allow_partial).select():
         w = weight.matrix().detach()
         for name, m in [(f"{weight.name}[{e}]", w[e]) for e in range(len(w))] if w.dim() == 3 else [(weight.name, w)]:
             result.add(name, "weight", m, fake_quantize(m, f), f, m.shape)
@@ -147,6 +147,7 @@ def activation_scan(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    allow_partial: bool = False,
 ) -> None:
     """Reference and quantized forward passes batch by batch; Linear inputs are observed inside
     the injector (what it really quantizes), each Linear's output error measured on its reference
@@ -164,7 +165,7 @@ def activation_scan(
 
     ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
-    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe)
+    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe, allow_partial=allow_partial)
     selected = injector.select()
     with injector:
         for weight, _ in selected:
@@ -227,6 +228,7 @@ def gain_scan(
     result: ScanResult,
     *,
     seed: int = 0,
+    allow_partial: bool = False,
 ) -> None:
     """Each decoder layer's residual-branch gain for a seeded probe at its real input (probe
     and RMS over real non-sink tokens, zero on the sink and on padding), reference vs quantized."""
@@ -235,7 +237,7 @@ def gain_scan(
     captured = record_layers(model, input_ids, mask).inputs
     keep = real_tokens(mask)
     probes = DeviceGenerators(seed)
-    with QuantInjector(model, fmt, point, seed=seed) as injector:
+    with QuantInjector(model, fmt, point, seed=seed, allow_partial=allow_partial) as injector:
         for name, layer in layers:
             hidden = captured[name].hidden
             rms = hidden[keep].pow(2).mean().sqrt()
@@ -331,6 +333,7 @@ def instability_scan(
     *,
     runs: int = 5,
     seed: int = 0,
+    allow_partial: bool = False,
 ) -> None:
     """Spread of each decoder layer's output across ``runs`` quantized runs with different seeds
     (each run re-quantizes from scratch): > 0 only for stochastic formats."""
@@ -343,7 +346,7 @@ def instability_scan(
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}
         with (
-            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1)),
+            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), allow_partial=allow_partial),
             _capture_layer_outputs(layers, sink),
         ):
             view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)
