@@ -59,16 +59,22 @@ def _eval_loss(args: argparse.Namespace) -> int:
 
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
     model, tok = _load(args)
-    with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
+    injector = QuantInjector(
+        model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode, allow_partial=args.allow_partial
+    )
+    with injector as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
+    dtype = _dtype_name(model)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point", "dtype")}
-        print(json.dumps(result.document(**settings, modules=len(inj.modules)), indent=2))
+        settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point")}
+        doc = result.document(**settings, dtype=dtype, modules=len(inj.modules), coverage=inj.coverage.to_json())
+        print(json.dumps(doc, indent=2))
         return 0
     summary, cmp = result.summary(), result.comparison()
+    print(inj.coverage.line())
     print(
-        f"model {args.model}, {args.format} on {args.point} of {len(inj.modules)} Linear modules, "
-        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
+        f"model {args.model}, {args.format} on {args.point} of {len(inj.modules)} weights, "
+        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {dtype}"
     )
     for note in inj.notes:
         print(f"note: {note}")
@@ -97,7 +103,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         tok,
         args.task,
         model_name=args.model,
-        dtype=args.dtype,
+        dtype=_dtype_name(model),
         fmt=args.format,
         point=args.point,
         with_reference=not args.no_reference,
@@ -153,6 +159,7 @@ def _scan(args: argparse.Namespace) -> int:
         instability_runs=args.instability_runs,
         batch_size=args.batch_size,
         progress=True,
+        allow_partial=args.allow_partial,
     )
     if args.output:
         doc.write(args.output)
@@ -194,10 +201,12 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
         answer_lines=args.answer_lines,
         batch_size=args.batch_size,
         thresholds=thresholds,
+        allow_partial=args.allow_partial,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
+    print(result.coverage_line)
     print(tabulate([[k, v] for k, v in result.as_dict().items() if not isinstance(v, (dict, list))], floatfmt=".4f"))
     print(tabulate(result.draws, headers="keys", floatfmt=".4f"))
     li, t1 = result.loss_increase, result.top1_agree
@@ -260,7 +269,12 @@ def _gate(args: argparse.Namespace) -> int:
 def _model_options(p: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (:func:`_load` reads them)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
-    p.add_argument("--dtype", default=next(iter(DTYPES)), choices=list(DTYPES))
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="default: the dtype the model is stored in (float32 if none)",
+    )
     p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument(
         "--batch-size",
@@ -274,12 +288,29 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+def _allow_partial_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="accept weights the harness cannot quantize (the report's first lines say which); default: exit 2",
+    )
+
+
+def _dtype_name(model) -> str:
+    """The loaded model's dtype by its ``--dtype`` name."""
+    dtype = next(model.parameters()).dtype
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+
+
 def _load(args: argparse.Namespace):
     """``(model, tokenizer)`` from the :func:`_model_options` of ``args``."""
     from harness.models import load_model
 
     return load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -351,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
     _scale_mode_option(loss)
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _allow_partial_option(loss)
     loss.set_defaults(run=_eval_loss)
 
     gs = evaluate.add_parser("gsm8k", help="GSM8K through lm-eval on the quantized model, vs the reference")
@@ -407,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"else {srdd_run.DETERMINISTIC_RUNS})",
     )
     sc.add_argument("--output", type=output_file_arg, help="write the scan JSON here")
+    _allow_partial_option(sc)
     sc.add_argument("--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here")
     sc.set_defaults(run=_scan)
 
@@ -444,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="first noise seed (draw d uses seed + d)")
             _field_options(p, aqn_preflight.Thresholds, PREFLIGHT_THRESHOLDS, "verdict line")
             p.add_argument("--json", action="store_true")
+            _allow_partial_option(p)
         else:
             p.add_argument("--strategies", default=",".join(aqn_train.STRATEGIES))
             p.add_argument(
