@@ -69,9 +69,14 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             ("num_hidden_layers", 2),
             ("num_attention_heads", 4),
             ("word_embed_proj_dim", 64),
+            ("max_position_embeddings", 2048),  # learned positions: byte-level GSM8K items reach ~1000
         ),
     ),
-    "tiny-gpt2": TinyFamily("GPT2Config", "GPT2LMHeadModel", (("n_embd", 64), ("n_layer", 2), ("n_head", 4))),
+    "tiny-gpt2": TinyFamily(
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        (("n_embd", 64), ("n_layer", 2), ("n_head", 4), ("max_position_embeddings", 2048)),
+    ),
     "tiny-mixtral": TinyFamily(
         "MixtralConfig", "MixtralForCausalLM", (*_SMALL, *_HEADS, ("num_local_experts", 4), ("num_experts_per_tok", 2))
     ),
@@ -105,21 +110,26 @@ IDENTITY_CONFIG_KEYS = (
     "rope_theta",
     "rms_norm_eps",
 )
-IDENTITY_WEIGHT_VALUES = 4096  # values hashed from the first and the last parameter
+IDENTITY_SAMPLES = 4096  # evenly spaced values hashed from every parameter
 
 
 def model_identity(model: nn.Module) -> dict[str, object]:
     """What a baseline file records about the model its numbers came from: the architecture,
     the layer count, and sha256 (first 16 hex digits) of the architecture-defining config keys
-    (:data:`IDENTITY_CONFIG_KEYS`) and of the first 4096 values, as fp32, of the model's first
-    and last parameters.  Equal for the same weights in any directory, on any device."""
+    (:data:`IDENTITY_CONFIG_KEYS`) and of every parameter: its name, shape and up to 4096 evenly
+    spaced values (all of a smaller one), as fp32.  Every tensor counts, so two fine-tunes of one
+    base that differ in a middle layer differ; equal for the same weights in any directory, on any
+    device."""
     config = getattr(model, "config", None)
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     shape = {k: getattr(config, k, None) for k in IDENTITY_CONFIG_KEYS}
     weights = hashlib.sha256()
-    params = list(model.parameters())
-    for p in (params[0], params[-1]) if params else ():
-        weights.update(p.detach().reshape(-1)[:IDENTITY_WEIGHT_VALUES].to("cpu", torch.float32).numpy().tobytes())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        k = min(flat.numel(), IDENTITY_SAMPLES)
+        index = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)  # exact, in int64
+        weights.update(f"{name}{tuple(p.shape)}".encode())
+        weights.update(flat[index].to("cpu", torch.float32).numpy().tobytes())
     return {
         "architecture": arch,
         "layers": getattr(config, "num_hidden_layers", None),
@@ -131,20 +141,26 @@ def model_identity(model: nn.Module) -> dict[str, object]:
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     seed: int = 0,
 ) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``spec``: an embedded name, ``tiny-llama``/``tiny-qwen2`` (random,
-    seeded), or a local HF directory (safetensors; ``device_map="auto"`` when it does not fit one
-    device).  The model is in eval mode."""
+    """``(model, tokenizer)`` for ``spec``: an embedded name, a tiny random model
+    (:data:`TINY_FAMILIES`, seeded), or a local HF directory (safetensors; ``device_map="auto"`` when
+    it does not fit one device).  ``dtype=None``: the dtype the weights are stored in (a
+    directory's ``config.json`` ``dtype``/``torch_dtype``; float32 when it names none, and for the
+    tiny and embedded models).  The model is in eval mode."""
     if spec in TINY:
         model, tok = tiny_model(spec, seed)
+        dtype = dtype or torch.float32
     elif spec in EMBEDDED:
+        dtype = dtype or torch.float32
         model, tok = _from_dir(_embedded_dir(spec), dtype, trust_remote_code=False)
     else:
-        model, tok = _from_dir(_check_local_dir(spec, trust_remote_code), dtype, trust_remote_code)
+        path = _check_local_dir(spec, trust_remote_code)
+        dtype = dtype or stored_dtype(path)
+        model, tok = _from_dir(path, dtype, trust_remote_code)
     if getattr(model, "hf_device_map", None) is None:
         model = model.to(device=device, dtype=dtype)
     model.eval()
@@ -186,6 +202,15 @@ def _check_local_dir(spec: str, trust_remote_code: bool) -> Path:
             f"model {spec!r}: {path} has no *.safetensors weights (found: {found}); the harness loads safetensors only"
         )
     return path
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype a model directory's ``config.json`` says its weights are stored in
+    (``dtype``, or the older ``torch_dtype``); float32 when it names none or a non-float one."""
+    doc = json.loads((path / "config.json").read_text())
+    name = doc.get("dtype") or doc.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _causal_lm_types() -> set[str]:
@@ -260,21 +285,21 @@ def byte_tokenizer():
 
 
 def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, object]:
-    """A 2-layer random model of the family ``name`` (:data:`TINY_FAMILIES`, seeded) with the
-    byte-level tokenizer; built from the stock config, nothing downloaded."""
+    """A 2-layer random model of the family ``name`` (:data:`TINY_FAMILIES`, seeded) in eval mode,
+    with the byte-level tokenizer; built from the stock config, nothing downloaded."""
     import transformers
 
     fam = TINY_FAMILIES[name]
     tok = byte_tokenizer()
-    config = getattr(transformers, fam.config)(
-        **dict(fam.sizes),
+    common = dict(
         vocab_size=len(tok),
         max_position_embeddings=512,
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    config = getattr(transformers, fam.config)(**{**common, **dict(fam.sizes)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = getattr(transformers, fam.model)(config)
+        model = getattr(transformers, fam.model)(config).eval()
     return model, tok
