@@ -285,8 +285,8 @@ class QuantInjector:
         ``allow_partial``, for a weight asked for that cannot be quantized."""
         view = ModelView(self.model)
         candidates = view.weights()
-        names = [w.name for w in candidates]
         unreachable = view.unreachable()
+        names = [w.name for w in candidates] + [n for n, _ in unreachable]
 
         def matches(name: str, globs: Sequence[str]) -> bool:
             return any(fnmatch.fnmatchcase(name, g) for g in globs)
@@ -296,7 +296,7 @@ class QuantInjector:
                 if isinstance(g, str) and not any(fnmatch.fnmatchcase(n, g) for n in names):
                     raise ValueError(
                         f"{option} {g!r} matches no quantizable weight of {type(self.model).__name__} "
-                        f"(names look like: {', '.join(names[:3])}, ..., {names[-1]})"
+                        f"(names look like: {', '.join(names[:3])}, ..., {candidates[-1].name})"
                     )
         if self.targets is None:
             asked = [w for w in candidates if w.layer is not None and w.kind is not WeightKind.ROUTER]
