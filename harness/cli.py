@@ -20,7 +20,7 @@ from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.gate import ALPHA
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS
-from harness.inject import POINTS
+from harness.inject import POINTS, Coverage, QuantInjector
 from harness.models import DEFAULT_MODEL, DTYPES
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
@@ -55,7 +55,6 @@ def _formats(args: argparse.Namespace) -> int:
 def _eval_loss(args: argparse.Namespace) -> int:
     from harness.eval.loss import evaluate_loss
     from harness.gsm8k import load_gsm8k
-    from harness.inject import QuantInjector
 
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
     model, tok = _load(args)
@@ -117,7 +116,10 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_gen_toks=args.max_gen_toks,
         tasks_dir=args.tasks_dir,
+        allow_partial=args.allow_partial,
     )
+    if runs.coverage:
+        print(Coverage.from_json(runs.coverage).line())
     for name, result in runs.runs.items():
         print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")
     subject = args.format if args.format != NO_FORMAT else args.model
@@ -234,6 +236,9 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
     model, tok = _load(args)
+    quantized = QuantInjector(model, args.format, "weight")  # what training quantizes (partial: exit 2)
+    quantized.select()
+    print(quantized.coverage.line())
     comparison = aqn_train.compare_strategies(
         model,
         tok,
@@ -403,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scale_mode_option(gs)
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
     gs.add_argument("--output", type=output_file_arg, help="write metrics, per-item results and samples as JSON")
+    _allow_partial_option(gs)
     gs.set_defaults(run=_eval_gsm8k)
 
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
