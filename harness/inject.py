@@ -358,7 +358,9 @@ class QuantInjector:
                             f"{weight.name}.weight is tied to the input embedding: {weight.name} uses {fmt} weights, "
                             "the embedding lookup keeps the original weights"
                         )
-                    parametrization = _WeightParametrization(quantizer, weight.axis)
+                    # square 2-D tiles of (in, out) are the transposes of those of (out, in): any axis is the input's
+                    axis = weight.axis if len(get_format(fmt).block_shape) == 1 else -1
+                    parametrization = _WeightParametrization(quantizer, axis)
                     parametrize.register_parametrization(module, weight.param, parametrization, unsafe=True)
                     self._parametrized.append((module, weight.param, parametrization))
                 if self.point in ("input", "both"):

@@ -297,3 +297,15 @@ def test_a_model_stored_in_bf16_loads_in_bf16_unless_dtype_is_given(tmp_path: Pa
     assert next(cli._load(args)[0].parameters()).dtype == torch.float32
     assert next(load_model(str(tmp_path))[0].parameters()).dtype == torch.bfloat16
     assert next(load_model(str(tmp_path), dtype=torch.float32)[0].parameters()).dtype == torch.float32
+
+
+def test_2d_tiles_quantize_conv1d_and_experts_as_their_input_dim_matrices() -> None:
+    """``mxfp4_2d`` tiles (out, in) 32x32: GPT-2's (in, out) Conv1D gets the transposed tiles,
+    fused experts one expert's matrix at a time."""
+    gpt2, _ = tiny_model("tiny-gpt2")
+    mixtral, _ = tiny_model("tiny-mixtral")
+    c_fc, experts = gpt2.transformer.h[0].mlp.c_fc, mixtral.model.layers[0].mlp.experts
+    w, gate_up = c_fc.weight.detach().clone(), experts.gate_up_proj.detach().clone()
+    with QuantInjector(gpt2, "mxfp4_2d"), QuantInjector(mixtral, "mxfp4_2d"):
+        assert torch.equal(c_fc.weight, fake_quantize(w.t(), "mxfp4_2d").t())
+        assert torch.equal(experts.gate_up_proj[1], fake_quantize(gate_up[1], "mxfp4_2d"))
