@@ -148,11 +148,11 @@ class _Quantizer:
         stack = _ACTIVE.get(self.module(), [])
         return bool(stack) and stack[-1] is self.injector and self.injector.active_for(self.name)
 
-    def __call__(self, x: torch.Tensor, kind: str, axis: int = -1, name: str | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, kind: str, axis: int = -1) -> torch.Tensor:
         injector = self.injector
         q = fake_quantize(x.detach(), self.fmt, axis=axis, generator=injector.generator, scale_mode=injector.scale_mode)
         if self.injector.observer is not None:
-            self.injector.observer(name or self.name, kind, x.detach(), q, self.fmt)
+            self.injector.observer(self.name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
             return StraightThrough.apply(x, q)
         return q
