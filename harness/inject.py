@@ -1,10 +1,6 @@
 """Applying a format to a model's Linear layers inside a context that always undoes itself:
 weights (W4A16, as QeRL's fake-quantized training, Huang et al. 2025), inputs (W16A4) or both, per
-module, with mixed-precision overrides.
-
-"Linear layers" are every quantizable weight of the model view (``harness.modelview``):
-``nn.Linear``, GPT-2's ``Conv1D``, fused MoE experts; :class:`Coverage` reports how much of the
-decoder an injector reached."""
+module, with mixed-precision overrides."""
 
 from __future__ import annotations
 
