@@ -21,7 +21,7 @@ from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.gate import ALPHA
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS
-from harness.inject import POINTS
+from harness.inject import POINTS, Coverage, QuantInjector
 from harness.models import DEFAULT_MODEL, DTYPES, parse_max_memory
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
@@ -55,31 +55,35 @@ def _formats(args: argparse.Namespace) -> int:
 
 def loss_run(args: argparse.Namespace):
     """The ``eval loss`` computation from its parsed options (``harness sweep`` calls it too):
-    ``(LossResult, the document's settings, the injector's notes)``, on the GSM8K test items
+    ``(LossResult, the document's settings, the injector)``, on the GSM8K test items
     ``first_item … first_item + items - 1``."""
     from harness.eval.loss import evaluate_loss
     from harness.gsm8k import load_gsm8k
-    from harness.inject import QuantInjector
 
     items = load_gsm8k("test", args.first_item + args.items, args.gsm8k_dir)[args.first_item :]
     model, tok = _load(args)
-    with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
+    injector = QuantInjector(
+        model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode, allow_partial=args.allow_partial
+    )
+    with injector as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
-    settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point", "dtype")}
-    return result, {**settings, "modules": len(inj.modules)}, inj.notes
+    settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point")}
+    settings |= {"dtype": _dtype_name(model), "modules": len(inj.modules), "coverage": inj.coverage.to_json()}
+    return result, settings, inj
 
 
 def _eval_loss(args: argparse.Namespace) -> int:
-    result, settings, notes = loss_run(args)
+    result, settings, inj = loss_run(args)
     if args.json:
         print(json.dumps(result.document(**settings), indent=2))
         return 0
     summary, cmp = result.summary(), result.comparison()
+    print(inj.coverage.line())
     print(
-        f"model {args.model}, {args.format} on {args.point} of {settings['modules']} Linear modules, "
-        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
+        f"model {args.model}, {args.format} on {args.point} of {settings['modules']} weights, "
+        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {settings['dtype']}"
     )
-    for note in notes:
+    for note in inj.notes:
         print(f"note: {note}")
     rows = [
         [REFERENCE, summary["reference_loss"], 0.0, 1.0],
@@ -108,7 +112,7 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         tok,
         args.task,
         model_name=args.model,
-        dtype=args.dtype,
+        dtype=_dtype_name(model),
         fmt=args.format,
         point=args.point,
         with_reference=not args.no_reference,
@@ -122,7 +126,10 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_gen_toks=args.max_gen_toks,
         tasks_dir=args.tasks_dir,
+        allow_partial=args.allow_partial,
     )
+    if runs.coverage:
+        print(Coverage.from_json(runs.coverage).line())
     for name, result in runs.runs.items():
         print(f"\n{name}: {args.model}, {result.n} items, {result.settings['n_shot']}-shot\n{lm_eval_table(result)}")
     subject = args.format if args.format != NO_FORMAT else args.model
@@ -168,6 +175,7 @@ def _scan(args: argparse.Namespace) -> int:
         instability_runs=args.instability_runs,
         batch_size=args.batch_size,
         progress=True,
+        allow_partial=args.allow_partial,
     )
     with atomic.Transaction() as tx:  # the report and --output together, all-or-nothing
         if args.report_dir:
@@ -212,12 +220,14 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
         answer_lines=args.answer_lines,
         batch_size=args.batch_size,
         thresholds=thresholds,
+        allow_partial=args.allow_partial,
     )
     if args.output:
         _write_json(args.output, result.as_dict())
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
+    print(result.coverage_line)
     print(tabulate([[k, v] for k, v in result.as_dict().items() if not isinstance(v, (dict, list))], floatfmt=".4f"))
     print(tabulate(result.draws, headers="keys", floatfmt=".4f"))
     li, t1 = result.loss_increase, result.top1_agree
@@ -246,6 +256,9 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
     model, tok = _load(args)
+    quantized = QuantInjector(model, args.format, "weight")  # what training quantizes (partial: exit 2)
+    quantized.select()
+    print(quantized.coverage.line())
     comparison = aqn_train.compare_strategies(
         model,
         tok,
@@ -303,7 +316,12 @@ def _sweep(args: argparse.Namespace) -> int:
 def _model_options(p: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (:func:`_load` reads them)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local HF directory")
-    p.add_argument("--dtype", default=next(iter(DTYPES)), choices=list(DTYPES))
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="default: the dtype the model is stored in (float32 if none)",
+    )
     p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument(
         "--batch-size",
@@ -330,13 +348,27 @@ def _max_memory_arg(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _allow_partial_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="accept weights the harness cannot quantize (the report's first lines say which); default: exit 2",
+    )
+
+
+def _dtype_name(model) -> str:
+    """The loaded model's dtype by its ``--dtype`` name."""
+    dtype = next(model.parameters()).dtype
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+
+
 def _load(args: argparse.Namespace):
     """``(model, tokenizer)`` from the :func:`_model_options` of ``args``."""
     from harness.models import load_model
 
     return load_model(
         args.model,
-        dtype=DTYPES[args.dtype],
+        dtype=DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         device_map=args.device_map,
@@ -421,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
     _scale_mode_option(loss)
     loss.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _allow_partial_option(loss)
     loss.set_defaults(run=_eval_loss)
 
     gs = evaluate.add_parser("gsm8k", help="GSM8K through lm-eval on the quantized model, vs the reference")
@@ -442,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
     gs.add_argument("--output", type=output_file_arg, help="write metrics, per-item results and samples as JSON")
     _force_option(gs)
+    _allow_partial_option(gs)
     gs.set_defaults(run=_eval_gsm8k)
 
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
@@ -478,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"else {srdd_run.DETERMINISTIC_RUNS})",
     )
     sc.add_argument("--output", type=output_file_arg, help="write the scan JSON here")
+    _allow_partial_option(sc)
     sc.add_argument(
         "--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here (replaced whole)"
     )
@@ -519,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
             _field_options(p, aqn_preflight.Thresholds, PREFLIGHT_THRESHOLDS, "verdict line")
             p.add_argument("--json", action="store_true")
             p.add_argument("--output", type=output_file_arg, help="write the pre-flight JSON here")
+            _allow_partial_option(p)
         else:
             p.add_argument("--strategies", default=",".join(aqn_train.STRATEGIES))
             p.add_argument(

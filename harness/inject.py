@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from harness.formats import fake_quantize, get_format
+from harness.modelview import ModelView, QuantWeight, WeightKind, experts_forward
 
 POINTS = ("weight", "input", "both")
 
@@ -30,12 +31,92 @@ def causal_at(fmt: str, point: str) -> bool:
 
 @dataclass(frozen=True)
 class InjectedModule:
-    """One Linear the injector touched: its name, weight shape, format and point."""
+    """One weight the injector touched: its name, shape (as stored), format, point and kind."""
 
     name: str
     shape: tuple[int, ...]
     format: str
     point: str
+    kind: str = WeightKind.LINEAR.value
+
+
+COVERAGE_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the decoder layers' weights (tensors of 2 or more dims; norms and biases
+    excluded) an injector quantizes, counted in parameters.  ``requested``: the parameters the
+    selection asked for (targets minus exclude and ``None`` overrides); ``quantized`` of those were
+    reached; ``unreachable`` names what was asked for but cannot be quantized (a module type the
+    model view does not know); ``kept`` what stays in high precision on purpose (the router by
+    default, excluded and ``None``-overridden weights).  ``allowed_partial``: the user accepted
+    ``quantized < requested``."""
+
+    point: str
+    quantized: int
+    requested: int
+    decoder: int
+    kept: tuple[str, ...] = ()
+    unreachable: tuple[str, ...] = ()
+    head: bool = False
+    allowed_partial: bool = False
+    schema_version: int = COVERAGE_SCHEMA
+
+    @property
+    def share(self) -> float:
+        """Quantized parameters / all decoder weight parameters."""
+        return self.quantized / self.decoder if self.decoder else 0.0
+
+    @property
+    def requested_share(self) -> float:
+        """Quantized parameters / the parameters asked for (1.0 when nothing was asked)."""
+        return self.quantized / self.requested if self.requested else 1.0
+
+    @property
+    def complete(self) -> bool:
+        return self.quantized == self.requested
+
+    def line(self) -> str:
+        """One line for the first lines of a report."""
+        what = "inputs of " if self.point == "input" else ""
+        text = (
+            f"quantized {what}{self.quantized:,} of {self.decoder:,} decoder weight parameters "
+            f"({self.share:.1%}; {self.requested_share:.1%} of the {self.requested:,} asked for)"
+            + (", lm_head too" if self.head else "")
+        )
+        if self.kept:
+            text += f"; kept in high precision: {_names(self.kept)}"
+        if not self.complete:
+            text = f"PARTIAL (accepted with --allow-partial): {text}; cannot quantize: {_names(self.unreachable)}"
+        return text
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "point": self.point,
+            "quantized": self.quantized,
+            "requested": self.requested,
+            "decoder": self.decoder,
+            "share": self.share,
+            "requested_share": self.requested_share,
+            "complete": self.complete,
+            "kept": list(self.kept),
+            "unreachable": list(self.unreachable),
+            "head": self.head,
+            "allowed_partial": self.allowed_partial,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Coverage:
+        if doc.get("schema_version") != COVERAGE_SCHEMA:
+            raise ValueError(f"coverage schema {doc.get('schema_version')!r}; this harness reads {COVERAGE_SCHEMA}")
+        keys = ("point", "quantized", "requested", "decoder", "head", "allowed_partial")
+        return cls(**{k: doc[k] for k in keys}, kept=tuple(doc["kept"]), unreachable=tuple(doc["unreachable"]))
+
+
+def _names(names: Sequence[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 class StraightThrough(torch.autograd.Function):
@@ -66,9 +147,9 @@ class _Quantizer:
         stack = _ACTIVE.get(self.module(), [])
         return bool(stack) and stack[-1] is self.injector and self.injector.active_for(self.name)
 
-    def __call__(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, kind: str, axis: int = -1) -> torch.Tensor:
         injector = self.injector
-        q = fake_quantize(x.detach(), self.fmt, axis=-1, generator=injector.generator, scale_mode=injector.scale_mode)
+        q = fake_quantize(x.detach(), self.fmt, axis=axis, generator=injector.generator, scale_mode=injector.scale_mode)
         if self.injector.observer is not None:
             self.injector.observer(self.name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
@@ -77,12 +158,12 @@ class _Quantizer:
 
 
 class _WeightParametrization(nn.Module):
-    """``weight -> fake_quantize(weight)`` along the input dim.  The quantized copy is computed
-    once per version of the weight (an optimizer step bumps it) and reused on every forward."""
+    """``weight -> fake_quantize(weight)`` along the input dim (``axis``).  The quantized copy is
+    computed once per version of the weight (an optimizer step bumps it) and reused on every forward."""
 
-    def __init__(self, quantizer: _Quantizer) -> None:
+    def __init__(self, quantizer: _Quantizer, axis: int = -1) -> None:
         super().__init__()
-        self.quantizer = quantizer
+        self.quantizer, self.axis = quantizer, axis
         self._key: tuple[int, int] | None = None
         self._cached: torch.Tensor | None = None
 
@@ -91,22 +172,28 @@ class _WeightParametrization(nn.Module):
         if not self.quantizer.active:
             return weight
         if injector.straight_through and torch.is_grad_enabled() and weight.requires_grad:
-            return self.quantizer(weight, "weight")
+            return self.quantizer(weight, "weight", self.axis)
         key = (weight.data_ptr(), weight._version)
         if key != self._key:
-            self._cached, self._key = self.quantizer(weight, "weight"), key
+            self._cached, self._key = self.quantizer(weight, "weight", self.axis), key
         return self._cached
 
 
 class QuantInjector:
-    """Context manager applying format ``fmt`` to a model's Linear layers.
+    """Context manager applying format ``fmt`` to a model's quantizable weights (the model view's:
+    ``nn.Linear``, GPT-2's ``Conv1D``, fused MoE expert tensors, per expert; ``harness.modelview``).
 
     ``point``: ``weight`` quantizes each target's weight along its input dim (W4A16, QeRL style);
     ``input`` quantizes each target's input activation along the hidden dim, per token, in a
-    forward pre-hook (W16A4); ``both``.  ``targets``: module-name globs or classes (default: every
-    ``nn.Linear`` except the output embedding ``lm_head``, which is quantized only when named);
+    forward pre-hook (W16A4; fused experts: each projection's input, inside their computation);
+    ``both``.  ``targets``: name globs or module classes (default: every quantizable weight of the
+    decoder layers except the MoE router; the head ``lm_head`` and the router only when named);
     ``exclude``: globs to leave alone; ``overrides``: ``{glob: format or None}`` for mixed precision
-    (first matching glob wins; None keeps the module in its original precision).
+    (first matching glob wins; None keeps the weight in its original precision).  A glob in any of
+    the three that matches no quantizable weight is a ValueError (a typo would otherwise quantize
+    everything or nothing).  A weight asked for that the view cannot quantize (a module type it does
+    not know) is a ValueError unless ``allow_partial=True``; :attr:`coverage` reports the share
+    either way.
     ``straight_through=True`` lets gradients reach the unquantized weights and inputs (training).
     ``seed`` drives stochastic formats through one CPU generator that keys their Philox stream, so
     a seed quantizes alike on every device (or pass one ``generator``).  ``scale_mode``: the
@@ -114,16 +201,17 @@ class QuantInjector:
     ``observer(name, kind, x, q, fmt)``, if given, sees every tensor quantized (``kind`` is
     ``"weight"`` or ``"input"``): the SRDD scanner measures exactly what the model quantizes.
 
-    Weights are never edited: the Linear's weight Parameter is wrapped by a parametrization and
-    the very same Parameter object is put back on exit, also when the body raises, and every hook
-    is removed.  A tied ``lm_head`` (sharing its weight with the input embedding) is quantized
-    where it is used as ``lm_head`` only; the embedding lookup keeps the original values, and
-    ``notes`` says so.  ``modules`` lists what was touched (reset on every ``with``: one object
-    can be entered again after it exits).
+    Weights are never edited: each weight Parameter is wrapped by a parametrization and the very
+    same Parameter object is put back on exit, also when the body raises, and every hook (and
+    the experts' input-quantizing forward) is removed.  A tied ``lm_head`` (sharing its weight
+    with the input embedding) is quantized where it is used as ``lm_head`` only; the embedding
+    lookup keeps the original values, and ``notes`` says so.  ``modules`` lists what was touched
+    (reset on every ``with``: one object can be entered again after it exits).
 
     Nesting: an injector entered inside another one wins on the modules both touch (the inner
     format replaces the outer one, it is not applied on top of it); when the inner one exits the
-    outer one quantizes those modules again.  A model without any ``nn.Linear`` is a ValueError.
+    outer one quantizes those modules again.  An architecture the model view does not know is a
+    ValueError naming what it found.
     """
 
     def __init__(
@@ -140,6 +228,7 @@ class QuantInjector:
         seed: int | None = None,
         observer: Callable[[str, str, torch.Tensor, torch.Tensor, str], None] | None = None,
         scale_mode: str = "floor",
+        allow_partial: bool = False,
     ) -> None:
         if generator is not None and seed is not None:
             raise ValueError("pass a generator or a seed, not both")
@@ -161,11 +250,13 @@ class QuantInjector:
         if seed is not None:  # a CPU generator keys the Philox stream on every device (formats.philox)
             generator = torch.Generator().manual_seed(seed)
         self.straight_through, self.generator, self.observer = straight_through, generator, observer
-        self.scale_mode = scale_mode
+        self.scale_mode, self.allow_partial = scale_mode, allow_partial
         self.modules: list[InjectedModule] = []
         self.notes: list[str] = []
+        self.coverage: Coverage | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._parametrized: list[tuple[nn.Module, _WeightParametrization]] = []
+        self._parametrized: list[tuple[nn.Module, str, _WeightParametrization]] = []
+        self._forwards: list[tuple[nn.Module, object]] = []  # (experts module, the forward it had)
         self._touched: list[nn.Module] = []
         self._active: Callable[[str], bool] = lambda name: True
 
@@ -187,36 +278,65 @@ class QuantInjector:
         """Run the original model inside the context (e.g. the reference pass of a comparison)."""
         return self.restricted(lambda name: False)
 
-    def select(self) -> list[tuple[str, nn.Linear, str]]:
-        """``(name, module, format)`` of every Linear this injector quantizes (nothing applied)."""
-        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                f"{type(self.model).__name__} has no nn.Linear module: QuantInjector quantizes the weights "
-                "or inputs of nn.Linear layers only"
-            )
+    def select(self) -> list[tuple[QuantWeight, str]]:
+        """``(weight, format)`` of every weight this injector quantizes (nothing applied); sets
+        :attr:`coverage`.  Raises ValueError for a glob that matches nothing and, unless
+        ``allow_partial``, for a weight asked for that cannot be quantized."""
+        view = ModelView(self.model)
+        candidates = view.weights()
+        unreachable = view.unreachable()
+        names = [w.name for w in candidates] + [n for n, _ in unreachable]
+
+        def matches(name: str, globs: Sequence[str]) -> bool:
+            return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+        for option, globs in (("target", self.targets or ()), ("exclude", self.exclude), ("override", self.overrides)):
+            for g in globs:
+                if isinstance(g, str) and not any(fnmatch.fnmatchcase(n, g) for n in names):
+                    raise ValueError(
+                        f"{option} {g!r} matches no quantizable weight of {type(self.model).__name__} "
+                        f"(names look like: {', '.join(names[:3])}, ..., {candidates[-1].name})"
+                    )
         if self.targets is None:
-            chosen = [(n, m) for n, m in linears if m is not output]
+            asked = [w for w in candidates if w.layer is not None and w.kind is not WeightKind.ROUTER]
+            kept = [w.name for w in candidates if w.kind is WeightKind.ROUTER]
+            missing = [(n, k) for n, k in unreachable if not matches(n, self.exclude)]
         else:
             globs = [t for t in self.targets if isinstance(t, str)]
             classes = tuple(t for t in self.targets if isinstance(t, type))
-            chosen = [
-                (n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, g) for g in globs) or isinstance(m, classes)
-            ]
-            for g in globs:
-                if not any(fnmatch.fnmatchcase(n, g) for n, _ in linears):
-                    examples = ", ".join(n for n, _ in linears[:3])
-                    raise ValueError(
-                        f"target {g!r} matches no nn.Linear in the model (names look like: {examples}, ...)"
-                    )
+            asked = [w for w in candidates if matches(w.name, globs) or isinstance(w.module, classes)]
+            kept = []
+            missing = [(n, k) for n, k in unreachable if matches(n, globs) and not matches(n, self.exclude)]
         selected = []
-        for name, module in chosen:
-            if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
-                continue
-            fmt = next((f for g, f in self.overrides.items() if fnmatch.fnmatchcase(name, g)), self.fmt)
-            if fmt is not None:
-                selected.append((name, module, fmt))
+        for w in asked:
+            fmt = (
+                None
+                if matches(w.name, self.exclude)
+                else next((f for g, f in self.overrides.items() if fnmatch.fnmatchcase(w.name, g)), self.fmt)
+            )
+            if fmt is None:
+                kept.append(w.name)
+            else:
+                selected.append((w, fmt))
+        decoder = [w for w, _ in selected if w.layer is not None]
+        quantized = sum(w.parameter().numel() for w in decoder)
+        self.coverage = Coverage(
+            point=self.point,
+            quantized=quantized,
+            requested=quantized + sum(k for _, k in missing),
+            decoder=view.decoder_weight_numel(),
+            kept=tuple(kept),
+            unreachable=tuple(n for n, _ in missing),
+            head=any(w.layer is None for w, _ in selected),
+            allowed_partial=self.allow_partial,
+        )
+        if missing and not self.allow_partial:
+            raise ValueError(
+                f"cannot quantize {len(missing)} weight(s) asked for in {type(self.model).__name__}, "
+                f"{1 - self.coverage.requested_share:.1%} of what was asked: {_names([n for n, _ in missing])} "
+                "(a module type the model view does not know); exclude them, or accept a partial result with "
+                "--allow-partial (allow_partial=True)"
+            )
         return selected
 
     def __enter__(self) -> QuantInjector:
@@ -225,27 +345,39 @@ class QuantInjector:
         self.modules, self.notes = [], []
         try:
             embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-            for name, module, fmt in self.select():
-                quantizer = _Quantizer(self, fmt, name, module)
+            experts: dict[nn.Module, dict[str, _Quantizer]] = {}
+            for weight, fmt in self.select():
+                module = weight.module
+                quantizer = _Quantizer(self, fmt, weight.name, module)
                 _ACTIVE.setdefault(module, []).append(self)
                 self._touched.append(module)
                 if self.point in ("weight", "both"):
-                    if module.weight.device.type == "meta":
+                    if weight.parameter().device.type == "meta":
                         raise ValueError(
-                            f"{name}.weight is offloaded (device_map placed it on disk or the CPU): weight "
-                            "quantization needs the weights in place; use point=input or give it more max_memory"
+                            f"{weight.name}.{weight.param} is offloaded (device_map placed it on disk or the CPU): "
+                            "weight quantization needs the weights in place; use point=input or give it more max_memory"
                         )
-                    if embedding is not None and module.weight is getattr(embedding, "weight", None):
+                    if embedding is not None and weight.parameter() is getattr(embedding, "weight", None):
                         self.notes.append(
-                            f"{name}.weight is tied to the input embedding: {name} uses {fmt} weights, "
+                            f"{weight.name}.weight is tied to the input embedding: {weight.name} uses {fmt} weights, "
                             "the embedding lookup keeps the original weights"
                         )
-                    parametrization = _WeightParametrization(quantizer)
-                    parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
-                    self._parametrized.append((module, parametrization))
+                    # square 2-D tiles of (in, out) are the transposes of those of (out, in): any axis is the input's
+                    axis = weight.axis if len(get_format(fmt).block_shape) == 1 else -1
+                    parametrization = _WeightParametrization(quantizer, axis)
+                    parametrize.register_parametrization(module, weight.param, parametrization, unsafe=True)
+                    self._parametrized.append((module, weight.param, parametrization))
                 if self.point in ("input", "both"):
-                    self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
-                self.modules.append(InjectedModule(name, tuple(module.weight.shape), fmt, self.point))
+                    if weight.kind is WeightKind.EXPERTS:
+                        experts.setdefault(module, {})[weight.param] = quantizer
+                    else:
+                        self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
+                self.modules.append(
+                    InjectedModule(weight.name, tuple(weight.parameter().shape), fmt, self.point, weight.kind.value)
+                )
+            for module, quantizers in experts.items():
+                self._forwards.append((module, module.__dict__.get("forward")))
+                module.forward = _experts_input_forward(module, quantizers)
         except BaseException:
             self._restore()
             raise
@@ -258,17 +390,36 @@ class QuantInjector:
         """Remove this injector's hooks and parametrizations only (an enclosing injector's stay)."""
         for handle in self._hooks:
             handle.remove()
-        for module, parametrization in self._parametrized:
-            chain = module.parametrizations["weight"]
+        for module, forward in reversed(self._forwards):
+            if forward is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = forward  # an enclosing injector's
+        for module, param, parametrization in self._parametrized:
+            chain = module.parametrizations[param]
             if len(chain) == 1:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                parametrize.remove_parametrizations(module, param, leave_parametrized=False)
             else:
                 del chain[next(i for i, p in enumerate(chain) if p is parametrization)]
         for module in self._touched:
             stack = _ACTIVE.get(module, [])
             if self in stack:
                 stack.remove(self)
-        self._hooks, self._parametrized, self._touched = [], [], []
+        self._hooks, self._parametrized, self._touched, self._forwards = [], [], [], []
+
+
+def _experts_input_forward(module: nn.Module, quantizers: dict[str, _Quantizer]):
+    """The fused experts' computation with the inputs of the selected projections quantized
+    (``harness.modelview.experts_forward``); the others' inputs pass unchanged."""
+
+    def quantize_input(param: str, x: torch.Tensor) -> torch.Tensor:
+        q = quantizers.get(param)
+        return q(x, "input") if q is not None and q.active else x
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return experts_forward(module, hidden_states, top_k_index, top_k_weights, quantize_input)
+
+    return forward
 
 
 def _input_hook(quantizer: _Quantizer):

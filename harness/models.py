@@ -38,7 +38,57 @@ EMBEDDED = {
         caveat="SmolLM2-135M-Instruct from a Q4_1 GGUF: the reference is a dequantized 4-bit model",
     ),
 }
-TINY = ("tiny-llama", "tiny-qwen2")
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A 2-layer random model of one architecture family, from its stock transformers config with
+    the sizes shrunk (``sizes``, in that config's own key names)."""
+
+    config: str
+    model: str
+    sizes: tuple[tuple[str, object], ...] = ()
+
+
+_SMALL = (("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2))
+_HEADS = (("num_attention_heads", 4), ("num_key_value_heads", 2))
+_EXPERTS = (("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 32))
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "tiny-llama": TinyFamily("LlamaConfig", "LlamaForCausalLM", (*_SMALL, *_HEADS, ("tie_word_embeddings", True))),
+    "tiny-qwen2": TinyFamily("Qwen2Config", "Qwen2ForCausalLM", (*_SMALL, *_HEADS, ("tie_word_embeddings", True))),
+    "tiny-qwen3": TinyFamily("Qwen3Config", "Qwen3ForCausalLM", (*_SMALL, *_HEADS, ("head_dim", 16))),
+    "tiny-mistral": TinyFamily("MistralConfig", "MistralForCausalLM", (*_SMALL, *_HEADS, ("head_dim", 16))),
+    "tiny-gemma2": TinyFamily("Gemma2Config", "Gemma2ForCausalLM", (*_SMALL, *_HEADS, ("head_dim", 16))),
+    "tiny-phi3": TinyFamily("Phi3Config", "Phi3ForCausalLM", (*_SMALL, *_HEADS)),
+    "tiny-opt": TinyFamily(
+        "OPTConfig",
+        "OPTForCausalLM",
+        (
+            ("hidden_size", 64),
+            ("ffn_dim", 128),
+            ("num_hidden_layers", 2),
+            ("num_attention_heads", 4),
+            ("word_embed_proj_dim", 64),
+            ("max_position_embeddings", 2048),  # learned positions: byte-level GSM8K items reach ~1000
+        ),
+    ),
+    "tiny-gpt2": TinyFamily(
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        (("n_embd", 64), ("n_layer", 2), ("n_head", 4), ("max_position_embeddings", 2048)),
+    ),
+    "tiny-mixtral": TinyFamily(
+        "MixtralConfig", "MixtralForCausalLM", (*_SMALL, *_HEADS, ("num_local_experts", 4), ("num_experts_per_tok", 2))
+    ),
+    "tiny-qwen2-moe": TinyFamily(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", (*_SMALL, *_HEADS, *_EXPERTS, ("shared_expert_intermediate_size", 64))
+    ),
+    "tiny-qwen3-moe": TinyFamily(
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM", (*_SMALL, *_HEADS, *_EXPERTS, ("head_dim", 16))
+    ),
+    "tiny-olmoe": TinyFamily("OlmoeConfig", "OlmoeForCausalLM", (*_SMALL, *_HEADS, *_EXPERTS[:2])),
+}
+TINY = tuple(TINY_FAMILIES)
 
 
 def model_key(spec: str) -> str:
@@ -60,21 +110,26 @@ IDENTITY_CONFIG_KEYS = (
     "rope_theta",
     "rms_norm_eps",
 )
-IDENTITY_WEIGHT_VALUES = 4096  # values hashed from the first and the last parameter
+IDENTITY_SAMPLES = 4096  # evenly spaced values hashed from every parameter
 
 
 def model_identity(model: nn.Module) -> dict[str, object]:
     """What a baseline file records about the model its numbers came from: the architecture,
     the layer count, and sha256 (first 16 hex digits) of the architecture-defining config keys
-    (:data:`IDENTITY_CONFIG_KEYS`) and of the first 4096 values, as fp32, of the model's first
-    and last parameters.  Equal for the same weights in any directory, on any device."""
+    (:data:`IDENTITY_CONFIG_KEYS`) and of every parameter: its name, shape and up to 4096 evenly
+    spaced values (all of a smaller one), as fp32.  Every tensor counts, so two fine-tunes of one
+    base that differ in a middle layer differ; equal for the same weights in any directory, on any
+    device."""
     config = getattr(model, "config", None)
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     shape = {k: getattr(config, k, None) for k in IDENTITY_CONFIG_KEYS}
     weights = hashlib.sha256()
-    params = list(model.parameters())
-    for p in (params[0], params[-1]) if params else ():
-        weights.update(p.detach().reshape(-1)[:IDENTITY_WEIGHT_VALUES].to("cpu", torch.float32).numpy().tobytes())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        k = min(flat.numel(), IDENTITY_SAMPLES)
+        index = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)  # exact, in int64
+        weights.update(f"{name}{tuple(p.shape)}".encode())
+        weights.update(flat[index].to("cpu", torch.float32).numpy().tobytes())
     return {
         "architecture": arch,
         "layers": getattr(config, "num_hidden_layers", None),
@@ -86,31 +141,36 @@ def model_identity(model: nn.Module) -> dict[str, object]:
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     seed: int = 0,
     device_map: str | None = None,
     max_memory: dict | None = None,
 ) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``spec``: an embedded name, ``tiny-llama``/``tiny-qwen2`` (random,
-    seeded), or a local HF directory (safetensors; ``device_map="auto"`` when it does not fit one
-    device).  ``device_map="auto"``: spread over the visible devices by accelerate
-    (``infer_auto_device_map`` within ``max_memory``, e.g. ``{0: "20GiB", "cpu": "60GiB",
-    "disk": "200GiB"}``), whole decoder layers per device (so every Linear, with its per-tensor
-    scales and blocks, stays on one device); what does not fit is offloaded.  The model is in eval
-    mode."""
+    """``(model, tokenizer)`` for ``spec``: an embedded name, a tiny random model
+    (:data:`TINY_FAMILIES`, seeded), or a local HF directory (safetensors).  ``dtype=None``: the
+    dtype the weights are stored in (a directory's ``config.json`` ``dtype``/``torch_dtype``;
+    float32 when it names none, and for the tiny and embedded models).  ``device_map="auto"``:
+    spread over the visible devices by accelerate (``infer_auto_device_map`` within ``max_memory``,
+    e.g. ``{0: "20GiB", "cpu": "60GiB", "disk": "200GiB"}``), whole decoder layers per device (so
+    every Linear, with its per-tensor scales and blocks, stays on one device); what does not fit is
+    offloaded.  The model is in eval mode."""
     if device_map not in (None, "auto"):
         raise ValueError(f"unknown device_map {device_map!r}; valid: auto")
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     if spec in TINY:
-        model, tok = _tiny(spec, seed)
+        model, tok = tiny_model(spec, seed)
+        dtype = dtype or torch.float32
         if device_map:
             model = _dispatch(model.to(dtype=dtype), max_memory)
     elif spec in EMBEDDED:
+        dtype = dtype or torch.float32
         model, tok = _from_dir(_embedded_dir(spec), dtype, trust_remote_code=False, **placement)
     else:
-        model, tok = _from_dir(_check_local_dir(spec, trust_remote_code), dtype, trust_remote_code, **placement)
+        path = _check_local_dir(spec, trust_remote_code)
+        dtype = dtype or stored_dtype(path)
+        model, tok = _from_dir(path, dtype, trust_remote_code, **placement)
     if getattr(model, "hf_device_map", None) is None:
         model = model.to(device=device, dtype=dtype)
     model.eval()
@@ -152,6 +212,15 @@ def _check_local_dir(spec: str, trust_remote_code: bool) -> Path:
             f"model {spec!r}: {path} has no *.safetensors weights (found: {found}); the harness loads safetensors only"
         )
     return path
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype a model directory's ``config.json`` says its weights are stored in
+    (``dtype``, or the older ``torch_dtype``); float32 when it names none or a non-float one."""
+    doc = json.loads((path / "config.json").read_text())
+    name = doc.get("dtype") or doc.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _causal_lm_types() -> set[str]:
@@ -276,30 +345,24 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def _tiny(name: str, seed: int) -> tuple[nn.Module, object]:
-    """A 2-layer random model of the named family (seeded), tied embeddings like SmolLM2."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, object]:
+    """A 2-layer random model of the family ``name`` (:data:`TINY_FAMILIES`, seeded) in eval mode,
+    with the byte-level tokenizer; built from the stock config, nothing downloaded."""
+    import transformers
 
+    fam = TINY_FAMILIES[name]
     tok = byte_tokenizer()
     common = dict(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    cls, config = (
-        (LlamaForCausalLM, LlamaConfig(**common)) if name == "tiny-llama" else (Qwen2ForCausalLM, Qwen2Config(**common))
-    )
+    config = getattr(transformers, fam.config)(**{**common, **dict(fam.sizes)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls(config)
+        model = getattr(transformers, fam.model)(config).eval()
     return model, tok
 
 

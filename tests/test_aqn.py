@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.aqn.configs import CONFIGS, get_config, load_config
-from harness.aqn.noise import NoiseInjector, is_linear, is_rmsnorm
+from harness.aqn.noise import NoiseInjector
 from harness.aqn.schedule import ScheduleError, SigmaSchedule
 from harness.inject import QuantInjector
 from harness.models import load_model
@@ -108,30 +108,33 @@ def test_noise_reaches_the_parameter_under_a_quant_injector() -> None:
         assert any(p is original for p in noise._params)
 
 
-def test_detection_by_class_name_and_moe_default() -> None:
-    class VllmRMSNorm(nn.Module):  # a runtime's own class, not transformers'
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(4))
-
-    class ColumnParallelLinear(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(4, 4))
-
-    assert is_rmsnorm(VllmRMSNorm()) and is_linear(ColumnParallelLinear()) and not is_linear(VllmRMSNorm())
-
-    class Moe(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.input_layernorm = VllmRMSNorm()
-            self.post_attention_layernorm = VllmRMSNorm()
-            self.experts = nn.ModuleList([nn.Linear(4, 4)])
-
-    model = nn.Module()
-    model.layers = nn.ModuleList([Moe()])
+def test_moe_default_and_unknown_architectures() -> None:
+    """MoE models noise only post_attention_layernorm by default; a model the view does not know
+    is refused (its norms and Linears are never guessed by class name)."""
+    model, _ = load_model("tiny-mixtral")
     with NoiseInjector(model) as noise:
-        assert [t.name for t in noise.targets] == ["layers.0.post_attention_layernorm"]
+        assert [t.name for t in noise.targets] == [f"model.layers.{i}.post_attention_layernorm" for i in range(2)]
+    unknown = nn.Module()
+    unknown.layers = nn.ModuleList([nn.Linear(4, 4)])
+    with pytest.raises(ValueError, match=r"architecture Module \(model_type None\) is not one the harness knows"):
+        NoiseInjector(unknown)
+
+
+def test_relative_noise_on_one_plus_w_norms_is_sized_by_the_effective_gain() -> None:
+    """Gemma2's norms compute x̂ · (1 + w) with w near 0: relative noise is sigma · RMS(1 + w)."""
+    model, _ = load_model("tiny-gemma2")
+    norm = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.01)  # gains near 1, weights near 0
+    clean = norm.weight.detach().clone()
+    gain_rms = (clean + 1).pow(2).mean().sqrt().item()
+    assert gain_rms > 50 * clean.pow(2).mean().sqrt().item()
+    with NoiseInjector(model, include=["model.layers.0.input_layernorm"], scale="relative", seed=0) as noise:
+        assert noise.targets[0].offset == 1.0
+        with noise.noisy(0.1):
+            std = (norm.weight - clean).std().item()
+    assert std == pytest.approx(0.1 * gain_rms, rel=0.25)  # 64 draws: sd of a sample sd ~ 9 %
+    assert torch.equal(norm.weight, clean)
 
 
 def test_bad_arguments() -> None:

@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from lm_eval.api.model import LM
-from torch import nn
 
 from harness.eval import REFERENCE, gsm8k
 from harness.eval.gsm8k import (
@@ -25,6 +24,7 @@ from harness.eval.gsm8k import (
     write_tasks,
 )
 from harness.gsm8k import gsm8k_file, load_gsm8k
+from harness.models import load_model
 from harness.paths import data_dir
 
 
@@ -120,25 +120,26 @@ def test_compare_results_uses_mcnemar_for_exact_match() -> None:
 
 def test_run_gsm8k_quantizes_only_the_format_run_and_pairs_it_with_each_earlier_run(monkeypatch) -> None:
     """``eval gsm8k``'s runs and document, with lm-eval replaced by a per-item value read off the
-    model itself (|output| of a Linear on 6 fixed inputs): the format's run sees the quantized
-    weights, the reference run the original ones, and each comparison pairs the items."""
+    model itself (|output| of one Linear of a tiny model on 6 fixed inputs): the format's run sees
+    the quantized weights, the reference run the original ones, and each comparison pairs the items."""
     torch.manual_seed(0)
-    model, x = nn.Sequential(nn.Linear(64, 1)), torch.randn(6, 64)
+    model, x = load_model("tiny-llama")[0], torch.randn(6, 128)
+    linear = model.model.layers[0].mlp.down_proj
     metric = "bits_per_byte,none"
 
     def evaluate(model, tokenizer, task, **options):
-        values = model(x).abs().flatten().tolist()
+        values = linear(x).abs().sum(-1).tolist()
         settings = {"task": gsm8k.TASKS[task], "limit": options["limit"], "seed": options["seed"]}
         return Gsm8kResult(task, len(values), {metric: sum(values) / 6}, {metric: values}, [{}], {}, settings)
 
     monkeypatch.setattr(gsm8k, "evaluate_gsm8k", evaluate)
-    plain = model(x).abs().flatten().tolist()
+    plain = linear(x).abs().sum(-1).tolist()
     runs = run_gsm8k(model, None, "gsm8k_bpb", model_name="m", dtype="float32", limit=6)
     assert list(runs.runs) == [REFERENCE] and runs.comparisons == {} and runs.under_test.per_item[metric] == plain
     runs = run_gsm8k(model, None, "gsm8k_bpb", model_name="m", dtype="float32", fmt="mxfp4", seed=3, limit=6)
     quantized = runs.runs["mxfp4"].per_item[metric]
     assert runs.runs[REFERENCE].per_item[metric] == plain and quantized != plain
-    assert model(x).abs().flatten().tolist() == plain  # the weights are back
+    assert linear(x).abs().sum(-1).tolist() == plain  # the weights are back
     cmp = runs.comparisons[REFERENCE][metric]
     assert cmp.n == 6 and cmp.mean_diff == pytest.approx(sum(quantized) / 6 - sum(plain) / 6)
     doc = runs.document()

@@ -13,8 +13,8 @@ from srdd_models import ITEMS, PLANTED, gaussian_model, planted_model, scan
 
 from harness.eval.loss import answer_batches
 from harness.inject import QuantInjector
+from harness.modelview import ModelView
 from harness.srdd.attribution import loss_attribution, ranked
-from harness.srdd.scan import decoder_layers
 from harness.srdd.sensitivity import fisher_screen, screened_attribution
 
 LAYER = "model.layers.2"
@@ -37,7 +37,7 @@ def direct_terms(model, tok, items, layer: str):
     the first-order term −d/dε Σ_t log p_t(a_t) (autograd on the scalar ε) and the Fisher form
     ½ Σ_t δz_tᵀ (diag p_t − p_t p_tᵀ) δz_t with δz_t = dz_t/dε by central differences;
     both per answer token."""
-    module = dict(decoder_layers(model))[layer]
+    module = dict(ModelView(model).layers)[layer]
     (input_ids, mask, lengths) = next(answer_batches(tok, items, len(items), torch.device("cpu"), False))
     outs = []
     with QuantInjector(model, "mxfp4", "weight") as inj, torch.no_grad():
@@ -47,7 +47,7 @@ def direct_terms(model, tok, items, layer: str):
     delta = (outs[1] - outs[0]).double()
     model64 = gaussian_model()[0].double()
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    module64 = dict(decoder_layers(model64))[layer]
+    module64 = dict(ModelView(model64).layers)[layer]
 
     def logits(eps):
         with layer_output_hook(module64, lambda h: h + eps * delta):

@@ -40,7 +40,7 @@ from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector
 from harness.eval.loss import answer_logprobs, answer_means, evaluate_loss
 from harness.gsm8k import Gsm8kItem
-from harness.inject import QuantInjector
+from harness.inject import Coverage, QuantInjector
 
 DRAWS, ITEMS, ANSWER_LINES = 8, 32, 1
 ZONES = ("ok", "risky", "collapse")
@@ -107,9 +107,14 @@ class PreflightResult:
     verdict: str
     thresholds: Thresholds = field(default_factory=Thresholds)
     ci_method: str = "Student t over noise draws (items fixed)"
+    coverage: dict = field(default_factory=dict)  # harness.inject.Coverage.to_json() of the quantization
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def coverage_line(self) -> str:
+        return Coverage.from_json(self.coverage).line()
 
 
 def preflight_items(items: Sequence[Gsm8kItem], answer_lines: int = ANSWER_LINES) -> list[Gsm8kItem]:
@@ -139,6 +144,7 @@ def preflight(
     batch_size: int = 8,
     thresholds: Thresholds = Thresholds(),
     clean: list | None = None,
+    allow_partial: bool = False,
 ) -> PreflightResult:
     """``draws`` noise draws (seeds ``seed`` … ``seed + draws - 1``) on ``preflight_items(items,
     answer_lines)``.  ``clean``: the noise-free quantized model's ``answer_logprobs`` on those
@@ -148,7 +154,7 @@ def preflight(
         raise ValueError(f"draws must be >= 2 for a confidence interval, got {draws}")
     scored = preflight_items(items, answer_lines)
     per_draw = []
-    with QuantInjector(model, fmt, point, seed=seed) as injector:
+    with QuantInjector(model, fmt, point, seed=seed, allow_partial=allow_partial) as injector:
         if clean is None:
             clean = answer_logprobs(model, tokenizer, scored, batch_size=batch_size)
         loss_quantized, entropy_quantized = answer_means(clean)
@@ -184,4 +190,5 @@ def preflight(
         kl=Interval.over([d["kl"] for d in per_draw]),
         verdict=verdict(loss_ci, top1_ci, thresholds),
         thresholds=thresholds,
+        coverage=injector.coverage.to_json(),
     )

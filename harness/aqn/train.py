@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from harness.aqn.configs import AQNConfig
-from harness.aqn.noise import NoiseInjector, is_rmsnorm
+from harness.aqn.noise import NoiseInjector
 from harness.batching import padded_batches
 from harness.eval.loss import EVAL_BATCH_SIZE, answer_logprobs, answer_loss, answer_means, answer_spans, evaluate_loss
 from harness.eval.stats import compare_seeds
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
-from harness.srdd.scan import decoder_layers
+from harness.modelview import ModelView
 
 STRATEGIES = ("none", "global", "targeted", "healthy")
 SEEDS = 5  # training runs per strategy: the unit of every comparison
@@ -63,9 +63,10 @@ def strategy_targets(strategy: str, layers: Sequence[str], problematic: Sequence
 
 @contextlib.contextmanager
 def trainable_norms(model: nn.Module):
-    """RMSNorm weights trainable inside the context; every parameter's values and flags restored after."""
+    """The norm weights (the model view's) trainable inside the context; every parameter's values
+    and flags restored after."""
     flags = {p: p.requires_grad for p in model.parameters()}
-    norms = [m.weight for m in model.modules() if is_rmsnorm(m)]
+    norms = [n.module.weight for n in ModelView(model).norms()]
     saved = [p.detach().clone() for p in norms]
     try:
         for p in model.parameters():
@@ -243,7 +244,7 @@ def compare_strategies(
     and ``healthy`` splits with ``targeted`` (default: every decoder layer of ``model``)."""
     config.schedule(steps)  # an invalid configuration fails before any training
     if layers is None:
-        layers = [name for name, _ in decoder_layers(model)]
+        layers = ModelView(model).layer_names
     started = time.perf_counter()
     result = StrategyComparison(fmt, config.name, list(strategies), list(seeds), steps)
     result.eval_items = len(eval_items)

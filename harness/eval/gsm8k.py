@@ -234,6 +234,7 @@ class Gsm8kRuns:
     task: str
     runs: dict[str, Gsm8kResult]
     comparisons: dict[str, dict[str, PairedComparison]] = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # harness.inject.Coverage.to_json() when fmt quantized
 
     @property
     def under_test(self) -> Gsm8kResult:
@@ -249,6 +250,7 @@ class Gsm8kRuns:
             "point": self.point,
             "dtype": self.dtype,
             "task": self.task,
+            "coverage": self.coverage,
             "settings": under_test.settings,
             "result": {"metrics": under_test.metrics, "per_item": under_test.per_item},
             "runs": {name: {"metrics": r.metrics, "per_item": r.per_item} for name, r in self.runs.items()},
@@ -273,13 +275,15 @@ def run_gsm8k(
     scale_mode: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    allow_partial: bool = False,
     **options,
 ) -> Gsm8kRuns:
     """:func:`evaluate_gsm8k` of the unquantized model (unless ``fmt`` is given and not
     ``with_reference``) and of the model under ``fmt`` at ``point`` (``scale_mode``, ``seed``:
     the injector's; ``seed`` also lm-eval's few-shot sampling), then the run under test compared
     item by item with the reference run and with each ``compare_to`` run (``{label: per_item}``,
-    e.g. :func:`load_per_item` of an earlier ``--output``)."""
+    e.g. :func:`load_per_item` of an earlier ``--output``).  ``allow_partial``: the injector's
+    (its coverage is in ``coverage``)."""
     options["seed"] = seed
     runs = Gsm8kRuns(model_name, fmt, point, dtype, task, {})
     if fmt == NO_FORMAT or with_reference:
@@ -287,10 +291,11 @@ def run_gsm8k(
             print("reference model (no quantization)", flush=True)
         runs.runs[REFERENCE] = evaluate_gsm8k(model, tokenizer, task, **options)
     if fmt != NO_FORMAT:
-        if progress:
-            print(f"{fmt} on {point}", flush=True)
         injector_options = {} if scale_mode is None else {"scale_mode": scale_mode}
-        with QuantInjector(model, fmt, point, seed=seed, **injector_options):
+        with QuantInjector(model, fmt, point, seed=seed, allow_partial=allow_partial, **injector_options) as injector:
+            runs.coverage = injector.coverage.to_json()
+            if progress:
+                print(f"{fmt} on {point}: {injector.coverage.line()}", flush=True)
             runs.runs[fmt] = evaluate_gsm8k(model, tokenizer, task, **options)
     earlier = {REFERENCE: runs.runs[REFERENCE].per_item} if fmt != NO_FORMAT and REFERENCE in runs.runs else {}
     for label, per_item in {**earlier, **(compare_to or {})}.items():

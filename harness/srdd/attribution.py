@@ -30,7 +30,8 @@ from harness.eval.loss import answer_batches
 from harness.eval.stats import bootstrap_ci
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
-from harness.srdd.scan import _body, decoder_layers, layer_of, record_layers
+from harness.modelview import ModelView
+from harness.srdd.scan import record_layers
 
 MIN_ITEMS = 32
 
@@ -75,18 +76,8 @@ class Attribution(PerItem):
 
 def selected_layers(model: nn.Module, injector: QuantInjector) -> list[str]:
     """The decoder layers holding at least one module the injector quantizes, in model order."""
-    chosen = {m for m, _, _ in injector.select()}
-    return [name for name, _ in decoder_layers(model) if any(layer_of(m, [name]) == name for m in chosen)]
-
-
-def _head_logprobs(model: nn.Module, hidden: torch.Tensor, lengths) -> list[torch.Tensor]:
-    """Per item: log-probs at the positions predicting its answer tokens, from the decoder
-    stack's normed output (the LM head applied to those positions only)."""
-    head = model.get_output_embeddings()
-    return [
-        F.log_softmax(head(hidden[i, start - 1 : length - 1]).float(), dim=-1)
-        for i, (length, start) in enumerate(lengths)
-    ]
+    chosen = {w.layer for w, _ in injector.select()}
+    return [name for name in ModelView(model).layer_names if name in chosen]
 
 
 def _item_stats(ref: list[torch.Tensor], quant: list[torch.Tensor], targets: list[torch.Tensor]):
@@ -115,7 +106,8 @@ def loss_attribution(
 ) -> list[Attribution]:
     """``[all layers, then each decoder layer alone]`` under ``fmt`` at ``point``; ``only``: just
     those decoder layers alone (each row's numbers are the same as in the run over all layers)."""
-    layers = decoder_layers(model)
+    view = ModelView(model)
+    layers = view.layers
     injector = QuantInjector(model, fmt, point, seed=seed, **select)
     names = [name for name in selected_layers(model, injector) if only is None or name in only]
     rows = {name: Attribution(name, [], []) for name in ["all", *names]}
@@ -126,16 +118,16 @@ def loss_attribution(
             with injector.paused():
                 record = record_layers(model, input_ids, mask)
                 captured = record.inputs
-                ref = _head_logprobs(model, record.final, lengths)
-            final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-            _extend(rows["all"], _item_stats(ref, _head_logprobs(model, final, lengths), targets))
+                ref = view.head_logprobs(record.final, lengths)
+            final = view.body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            _extend(rows["all"], _item_stats(ref, view.head_logprobs(final, lengths), targets))
             for name in tqdm(names, desc="attribution", unit="layer", disable=not progress):
                 start = next(i for i, (n, _) in enumerate(layers) if n == name)
                 with injector.restricted(lambda m, p=name + ".": m.startswith(p)):
                     h = captured[name].hidden
                     for n, layer in layers[start:]:
                         h = captured[n].run(layer, h)
-                    quant = _head_logprobs(model, _body(model).norm(h), lengths)
+                    quant = view.head_logprobs(view.finish(h), lengths)
                 _extend(rows[name], _item_stats(ref, quant, targets))
     return list(rows.values())
 

@@ -126,6 +126,7 @@ class ScanDocument:
     recommendation: RecommendationReport
     timings_s: dict[str, float] = field(default_factory=dict)
     screen: list[ScreenEntry] = field(default_factory=list)
+    coverage: dict = field(default_factory=dict)  # harness.inject.Coverage.to_json() of the scanned injection
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -162,6 +163,7 @@ class ScanDocument:
             recommendation=RecommendationReport(**rec, verification=Verification(**ver) if ver else None),
             timings_s=doc.get("timings_s", {}),
             screen=[ScreenEntry(**s) for s in doc.get("screen", [])],
+            coverage=doc.get("coverage", {}),
             schema_version=doc["schema_version"],
         )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness import atomic
+from harness.inject import Coverage
 from harness.models import EMBEDDED
 from harness.srdd.document import ScanDocument
 
@@ -107,6 +108,8 @@ def markdown_summary(doc: ScanDocument) -> str:
     rec, ver = doc.recommendation, doc.recommendation.verification
     n = len(doc.layers)
     out = [f"# SRDD scan: {doc.model} under {doc.format} ({doc.point})", ""]
+    if doc.coverage:
+        out += [f"> Coverage: {Coverage.from_json(doc.coverage).line()}.", ""]
     if doc.model in EMBEDDED:
         out += [f"> Caveat: {EMBEDDED[doc.model].caveat}.", ""]
     thresholds = {k: v for k, v in doc.thresholds.items() if v is not None}

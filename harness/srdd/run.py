@@ -12,6 +12,8 @@ from torch import nn
 import harness
 from harness.formats import get_format
 from harness.gsm8k import Gsm8kItem
+from harness.inject import QuantInjector
+from harness.modelview import ModelView
 from harness.srdd import scan
 from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
 from harness.srdd.document import (
@@ -70,14 +72,18 @@ def scan_model(
     batch_size: int = 8,
     do_verify: bool = True,
     progress: bool = False,
+    allow_partial: bool = False,
 ) -> ScanDocument:
     """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts; ``evaluation`` items feed
     the loss attribution (``attribution_mode``: ``harness.srdd.sensitivity.ATTRIBUTION_MODES``;
     the two-stage ``screen`` runs exactly the layers the detectors flagged) and the verification.
-    ``instability_runs``: runs of the instability scan (0: skip it; None: :func:`default_instability_runs`)."""
+    ``instability_runs``: runs of the instability scan (0: skip it; None: :func:`default_instability_runs`).
+    ``allow_partial``: accept weights the injector cannot quantize (the document's ``coverage`` says which)."""
     thresholds, rules = thresholds or Thresholds(), rules or Rules()
     if instability_runs is None:
         instability_runs = default_instability_runs(fmt)
+    injector = QuantInjector(model, fmt, point, allow_partial=allow_partial)
+    injector.select()  # refuses a partial scan before any work unless allow_partial
     started = time.perf_counter()
     result = scan.ScanResult()
     timings: dict[str, float] = {}
@@ -89,7 +95,7 @@ def scan_model(
         return out
 
     if "weight" in POINTS_SCANNED[point]:
-        timed("weight_scan", scan.weight_scan, model, fmt, result)
+        timed("weight_scan", scan.weight_scan, model, fmt, result, allow_partial=allow_partial)
     timed(
         "activation_scan",
         scan.activation_scan,
@@ -101,10 +107,11 @@ def scan_model(
         result,
         batch_size=batch_size,
         progress=progress,
+        allow_partial=allow_partial,
     )
     probe = calibration[:instability_prompts]
     if gain:
-        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result)
+        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result, allow_partial=allow_partial)
     if instability_runs:
         timed(
             "instability_scan",
@@ -116,8 +123,9 @@ def scan_model(
             point,
             result,
             runs=instability_runs,
+            allow_partial=allow_partial,
         )
-    layers = [name for name, _ in scan.decoder_layers(model)]
+    layers = ModelView(model).layer_names
     rows, screen = [], []
     if attribution and evaluation:
         flagged = [f.name for f in layer_findings(result, layers, thresholds, rules) if f.problematic]
@@ -133,13 +141,24 @@ def scan_model(
             flagged=flagged,
             batch_size=batch_size,
             progress=progress,
+            allow_partial=allow_partial,
         )
     findings = layer_findings(result, layers, thresholds, rules, rows, screen)
     rec = recommend(findings, fmt)
     verification = None
     if do_verify and evaluation:
         verification = timed(
-            "verify", verify, model, tokenizer, evaluation, fmt, point, rec, layers, batch_size=batch_size
+            "verify",
+            verify,
+            model,
+            tokenizer,
+            evaluation,
+            fmt,
+            point,
+            rec,
+            layers,
+            batch_size=batch_size,
+            allow_partial=allow_partial,
         )
     timings["total"] = time.perf_counter() - started
     return ScanDocument(
@@ -158,4 +177,5 @@ def scan_model(
         recommendation=RecommendationReport.of(rec, verification),
         timings_s=timings,
         screen=[ScreenEntry.of(r, {row.layer for row in rows}) for r in screen],
+        coverage=injector.coverage.to_json(),
     )

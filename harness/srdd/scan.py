@@ -31,6 +31,7 @@ from harness.batching import encode, padded_batches
 from harness.formats import fake_quantize
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
+from harness.modelview import ModelView, WeightKind
 from harness.rng import DeviceGenerators
 from harness.srdd.floors import gaussian_floor
 from harness.srdd.metrics import (
@@ -54,12 +55,14 @@ def real_tokens(mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder blocks, in order: the children of the model's ``*.layers`` ModuleList."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
-            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
-    raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers named layers/h/blocks")
+def real_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The rows of a module input ``x`` that belong to real tokens: ``x`` is (batch, tokens, ...)
+    or flattened to (batch·tokens, ...) (OPT's MLP, MoE blocks and their experts)."""
+    if x.shape[: keep.dim()] == keep.shape:
+        return x[keep]
+    if x.shape[0] == keep.numel():
+        return x[keep.reshape(-1)]
+    raise ValueError(f"an input of shape {tuple(x.shape)} does not line up with the batch's tokens {tuple(keep.shape)}")
 
 
 def layer_of(module_name: str, layers: Sequence[str]) -> str | None:
@@ -97,12 +100,14 @@ class ScanResult:
             self.floors.setdefault(name, {}).setdefault(kind, QuantErrorStats()).merge(floor)
 
 
-def weight_scan(model: nn.Module, fmt: str, result: ScanResult) -> None:
-    """Every target Linear's weight (along its input dim) against its quantization."""
-    for name, module, f in QuantInjector(model, fmt, "weight").select():
-        w = module.weight.detach()
-        result.add(name, "weight", w, fake_quantize(w, f), f, w.shape)
-        result.module_shapes[name] = tuple(w.shape)
+def weight_scan(model: nn.Module, fmt: str, result: ScanResult, *, allow_partial: bool = False) -> None:
+    """Every target weight, as (out, in), along its input dim against its quantization; fused
+    experts one expert at a time (``name[e]``), so a defect in one expert stands out."""
+    for weight, f in QuantInjector(model, fmt, "weight", allow_partial=allow_partial).select():
+        w = weight.matrix().detach()
+        for name, m in [(f"{weight.name}[{e}]", w[e]) for e in range(len(w))] if w.dim() == 3 else [(weight.name, w)]:
+            result.add(name, "weight", m, fake_quantize(m, f), f, m.shape)
+            result.module_shapes[name] = tuple(m.shape)
 
 
 @contextlib.contextmanager
@@ -119,11 +124,6 @@ def _capture_layer_outputs(layers: Sequence[tuple[str, nn.Module]], sink: dict[s
     finally:
         for h in handles:
             h.remove()
-
-
-def _body(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head: scans need layer outputs, not 49k-way logits."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model
 
 
 def _texts(tokenizer, items: Sequence[Gsm8kItem]) -> list[list[int]]:
@@ -147,26 +147,29 @@ def activation_scan(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    allow_partial: bool = False,
 ) -> None:
     """Reference and quantized forward passes batch by batch; Linear inputs are observed inside
     the injector (what it really quantizes), each Linear's output error measured on its reference
     input when weights are quantized, decoder-layer outputs compared across the passes."""
-    layers = decoder_layers(model)
+    view = ModelView(model)
+    layers = view.layers
     device = next(model.parameters()).device
     state: dict[str, torch.Tensor] = {}
 
     def observe(name: str, kind: str, x: torch.Tensor, q: torch.Tensor, f: str) -> None:
         if kind == "input":
             keep = state["mask"]
-            result.add(name, "input", x[keep], q[keep], f, (ACTIVATION_FLOOR_TOKENS, x.shape[-1]))
+            x, q = real_rows(x, keep), real_rows(q, keep)
+            result.add(name, "input", x, q, f, (ACTIVATION_FLOOR_TOKENS, x.shape[-1]))
 
     ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
-    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe)
+    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe, allow_partial=allow_partial)
     selected = injector.select()
     with injector:
-        for name, module, _ in selected:
-            result.module_shapes[name] = tuple(module.weight.shape)
+        for weight, _ in selected:
+            result.module_shapes[weight.name] = tuple(weight.tensor.shape)
         batches = padded_batches(
             tokenizer, _texts(tokenizer, items), batch_size, device, desc="scan", progress=progress
         )
@@ -175,9 +178,9 @@ def activation_scan(
             keep = mask.bool()
             state["mask"] = keep
             with injector.paused(), _capture_layer_outputs(layers, ref_out), _output_errors(weights, keep, result):
-                _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)
             with _capture_layer_outputs(layers, quant_out):
-                _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)
             positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[keep]
             body = real_tokens(mask)
             for name, _ in layers:
@@ -196,17 +199,18 @@ ACTIVATION_FLOOR_TOKENS = 256  # rows of the Gaussian tensor that describes an a
 
 @contextlib.contextmanager
 def _output_errors(selected, keep: torch.Tensor, result: ScanResult) -> Iterator[None]:
-    """While active, every selected Linear adds ‖(W−Q(W))X‖², ‖WX‖² of its real-token input X."""
+    """While active, every selected Linear (Conv1D, router) adds ‖(W−Q(W))X‖², ‖WX‖² of its
+    real-token input X.  Fused experts are left out: each sees only its routed tokens."""
 
-    def hook(name: str, module: nn.Module, fmt: str):
+    def hook(weight, fmt: str):
         def fn(mod, args):
-            w = module.weight.detach()
-            stats = result.output_error.setdefault(name, OutputErrorStats())
-            stats.update(args[0][keep], w, fake_quantize(w, fmt))
+            w = weight.matrix().detach()
+            stats = result.output_error.setdefault(weight.name, OutputErrorStats())
+            stats.update(real_rows(args[0], keep), w, fake_quantize(w, fmt))
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n, m, f)) for n, m, f in selected]
+    handles = [w.module.register_forward_pre_hook(hook(w, f)) for w, f in selected if w.kind is not WeightKind.EXPERTS]
     try:
         yield
     finally:
@@ -224,15 +228,16 @@ def gain_scan(
     result: ScanResult,
     *,
     seed: int = 0,
+    allow_partial: bool = False,
 ) -> None:
     """Each decoder layer's residual-branch gain for a seeded probe at its real input (probe
     and RMS over real non-sink tokens, zero on the sink and on padding), reference vs quantized."""
-    layers = decoder_layers(model)
+    layers = ModelView(model).layers
     input_ids, mask = _one_batch(model, tokenizer, items)
     captured = record_layers(model, input_ids, mask).inputs
     keep = real_tokens(mask)
     probes = DeviceGenerators(seed)
-    with QuantInjector(model, fmt, point, seed=seed) as injector:
+    with QuantInjector(model, fmt, point, seed=seed, allow_partial=allow_partial) as injector:
         for name, layer in layers:
             hidden = captured[name].hidden
             rms = hidden[keep].pow(2).mean().sqrt()
@@ -283,7 +288,8 @@ def record_layers(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
     and outputs.  ``trace``: the first layer's hidden input is a fresh leaf requiring gradients and
     the outputs stay in a graph that starts there (the embeddings need no gradient); otherwise no
     graph is built."""
-    layers = decoder_layers(model)
+    view = ModelView(model)
+    layers = view.layers
     inputs: dict[str, LayerInputs] = {}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -309,7 +315,7 @@ def record_layers(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
     handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in layers]
     try:
         with torch.set_grad_enabled(trace):
-            final = _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            final = view.body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
         for h in handles:
             h.remove()
@@ -327,21 +333,23 @@ def instability_scan(
     *,
     runs: int = 5,
     seed: int = 0,
+    allow_partial: bool = False,
 ) -> None:
     """Spread of each decoder layer's output across ``runs`` quantized runs with different seeds
     (each run re-quantizes from scratch): > 0 only for stochastic formats."""
     if runs < 2:
         raise ValueError(f"instability needs at least 2 runs, got {runs}")
-    layers = decoder_layers(model)
+    view = ModelView(model)
+    layers = view.layers
     input_ids, mask = _one_batch(model, tokenizer, items)
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}
         with (
-            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1)),
+            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), allow_partial=allow_partial),
             _capture_layer_outputs(layers, sink),
         ):
-            _body(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)
         for name, _ in layers:
             outputs[name].append(sink[name][mask.bool()])
     for name, _ in layers:

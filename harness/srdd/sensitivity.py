@@ -48,15 +48,15 @@ from tqdm import tqdm
 from harness.eval.loss import answer_batches
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
+from harness.modelview import ModelView
 from harness.srdd.attribution import (
     Attribution,
     PerItem,
-    _head_logprobs,
     loss_attribution,
     ranked,
     selected_layers,
 )
-from harness.srdd.scan import decoder_layers, record_layers
+from harness.srdd.scan import record_layers
 
 ATTRIBUTION_MODES = ("exact", "screen")  # screen: Fisher screen + exact top-k; exact: every layer exactly
 TOP_K = 5
@@ -123,7 +123,8 @@ def fisher_screen(
     """Screen estimates (module docstring) for every decoder layer the injector selects."""
     if samples < 1:
         raise ValueError(f"the Fisher screen needs at least 1 sample per item, got samples={samples}")
-    layers = dict(decoder_layers(model))
+    view = ModelView(model)
+    layers = dict(view.layers)
     injector = QuantInjector(model, fmt, point, seed=seed, **select)
     names = selected_layers(model, injector)
     rows = {name: Screened(name, [], []) for name in names}
@@ -134,7 +135,7 @@ def fisher_screen(
             with injector.paused(), torch.enable_grad():
                 record = record_layers(model, input_ids, mask, trace=True)
                 inputs, outputs = record.inputs, record.outputs
-                logprobs = _head_logprobs(model, record.final, lengths)
+                logprobs = view.head_logprobs(record.final, lengths)
             with torch.no_grad():
                 deltas = []
                 for name in tqdm(names, desc="screen", unit="layer", disable=not progress):

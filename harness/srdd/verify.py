@@ -95,6 +95,7 @@ def verify(
     draws: int = CONTROL_DRAWS,
     seed: int = 0,
     batch_size: int = 8,
+    allow_partial: bool = False,
 ) -> Verification | None:
     """Evaluate the proposal of ``rec`` and its control on ``items`` (module docstring)."""
     if rec.action == "no_action" or (rec.action == "reconsider_format" and rec.alternative_format is None):
@@ -102,7 +103,7 @@ def verify(
     unquantized = answer_logprobs(model, tokenizer, items, batch_size=batch_size)
 
     def loss(overrides: dict[str, str | None]) -> LossResult:
-        with QuantInjector(model, fmt, point, seed=seed, overrides=overrides) as inj:
+        with QuantInjector(model, fmt, point, seed=seed, overrides=overrides, allow_partial=allow_partial) as inj:
             return evaluate_loss(model, tokenizer, items, inj, against=unquantized, batch_size=batch_size)
 
     rng = random.Random(seed)

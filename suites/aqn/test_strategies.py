@@ -14,7 +14,7 @@ from harness.aqn.configs import AQNConfig
 from harness.aqn.train import CONTROL, compare_strategies
 from harness.gsm8k import load_gsm8k
 from harness.models import load_model
-from harness.srdd import scan
+from harness.modelview import ModelView
 
 pytestmark = [pytest.mark.aqn, pytest.mark.mxfp4]
 SEEDS = 5
@@ -24,7 +24,7 @@ CONFIG = AQNConfig("short", 0.01, 0.0001, 3, ("rmsnorm",), "qerl-nvfp4's sigmas 
 def test_strategy_comparison_over_seeds_with_an_unquantized_control(pytestconfig) -> None:
     model, tok = load_model("tiny-llama")
     data = pytestconfig.getoption("--gsm8k-dir")
-    layers = [name for name, _ in scan.decoder_layers(model)]
+    layers = ModelView(model).layer_names
     result = compare_strategies(
         model,
         tok,

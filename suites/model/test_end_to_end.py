@@ -39,11 +39,17 @@ def test_reference_loss_against_baseline(
 
 
 @pytest.mark.parametrize("fmt, point", case_params())
-def test_format_against_baseline(fmt: str, point: str, model_under_test, quantized_loss, baseline, metrics) -> None:
+def test_format_against_baseline(
+    fmt: str, point: str, model_under_test, quantized_loss, coverages, baseline, metrics
+) -> None:
     result = quantized_loss(fmt, point)
     s = result.summary()
     cmp = result.comparison()
-    metrics.record(loss=s["loss"], kl=s["kl"], top1_agree=s["top1_agree"], p_value=cmp.p_value, n=cmp.n)
+    coverage = coverages[fmt, point, "floor"]
+    metrics.record(
+        loss=s["loss"], kl=s["kl"], top1_agree=s["top1_agree"], p_value=cmp.p_value, n=cmp.n, coverage=coverage.share
+    )
+    assert coverage.complete and coverage.share == 1.0, coverage.line()
     assert cmp.n >= 30 and not cmp.underpowered
     assert s["loss"] >= s["reference_loss"] - 0.01, "quantization made the model clearly better: injector broken?"
     assert s["kl"] > 0 and 0 < s["top1_agree"] < 1

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from harness.modelview import ModelView
 from harness.srdd import scan
 from harness.srdd.criteria import LayerFinding, Thresholds, layer_findings
 
@@ -42,5 +43,5 @@ def input_scan_of(model_under_test, calibration_items) -> Callable[[str], scan.S
 @pytest.fixture(scope="session")
 def findings_of(model_under_test) -> Callable[[scan.ScanResult], list[LayerFinding]]:
     model = model_under_test.model
-    layers = [name for name, _ in scan.decoder_layers(model)]
+    layers = ModelView(model).layer_names
     return lambda result: layer_findings(result, layers, Thresholds())

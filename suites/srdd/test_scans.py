@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from harness.modelview import ModelView
 from harness.srdd import scan
 from harness.srdd.attribution import loss_attribution
 from harness.srdd.criteria import Thresholds, layer_findings, milder_format, recommend
@@ -56,7 +57,7 @@ def test_gain_and_kurtosis_scans_cover_every_layer(model_under_test, calibration
     model, tok = model_under_test.model, model_under_test.tokenizer
     result = scan.ScanResult()
     scan.gain_scan(model, tok, calibration_items[:2], "mxfp4", "weight", result)
-    layers = [n for n, _ in scan.decoder_layers(model)]
+    layers = ModelView(model).layer_names
     assert set(result.gain_ref) == set(result.gain_quant) == set(layers)
     assert all(g > 0 for g in result.gain_ref.values())
     assert any(result.gain_quant[n] != result.gain_ref[n] for n in layers)
@@ -97,7 +98,7 @@ def test_mxfp4_weights_recommend_a_milder_format_at_the_old_absolute_threshold(
     fails under MXFP4 (MXFP4's Gaussian floor is 18.8 dB), so the framework
     says: reconsider the format; each finding names the threshold rule."""
     model = model_under_test.model
-    layers = [n for n, _ in scan.decoder_layers(model)]
+    layers = ModelView(model).layer_names
     findings = layer_findings(weight_scan_of("mxfp4"), layers, Thresholds(sqnr_db=20.0))
     assert all(f.problematic and {r.rule for r in f.reasons} == {"threshold"} for f in findings)
     rec = recommend(findings, "mxfp4")
