@@ -62,8 +62,13 @@ def _eval_loss(args: argparse.Namespace) -> int:
     with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point", "dtype")}
-        print(json.dumps(result.document(**settings, modules=len(inj.modules)), indent=2))
+        from harness.models import model_identity
+        from harness.peritem import gsm8k_dataset
+
+        recipe = {k: getattr(args, k) for k in ("format", "scale_mode", "point", "dtype")}
+        model_doc = {"name": args.model, **model_identity(model)}
+        dataset = gsm8k_dataset("test", [i.text for i in items])
+        print(result.document(model=model_doc, recipe=recipe | {"modules": len(inj.modules)}, dataset=dataset).dumps())
         return 0
     summary, cmp = result.summary(), result.comparison()
     print(
@@ -88,9 +93,12 @@ def _eval_loss(args: argparse.Namespace) -> int:
 def _eval_gsm8k(args: argparse.Namespace) -> int:
     from harness.eval.gsm8k import lm_eval_table, run_gsm8k
     from harness.gsm8k import load_gsm8k
+    from harness.models import model_identity
+    from harness.peritem import gsm8k_dataset
 
-    compare_to = check_compare_to(args.compare_to, args.task, args.limit) if args.compare_to else None
-    load_gsm8k("test", args.limit, args.gsm8k_dir)  # a bad file is named before the model loads
+    # a bad file, or a --compare-to run on other items, is named before the model loads
+    dataset = gsm8k_dataset("test", [i.text for i in load_gsm8k("test", args.limit, args.gsm8k_dir)])
+    compare_to = check_compare_to(args.compare_to, args.task, dataset) if args.compare_to else None
     model, tok = _load(args)
     runs = run_gsm8k(
         model,
@@ -123,7 +131,8 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         print(f"\n{subject} against {label} (paired, same items; means of per-item values):")
         print(tabulate(rows, headers=["metric", label, "now", "diff", "95% CI", "p", ""], floatfmt=".4f"))
     if args.output:
-        _write_json(args.output, runs.document())
+        doc = runs.document(model={"name": args.model, **model_identity(model)}, dataset=dataset)
+        _write_json(args.output, doc.to_json())
     return 0
 
 
@@ -246,15 +255,20 @@ def _aqn_compare(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from harness.gate import GateError, gate_documents
+    """Exit 0 pass, 1 a measured regression, 2 anything else, with one line per gated metric (or
+    one line naming the file and the problem), never a traceback."""
+    from harness.gate import GateError, gate_files
 
     try:
-        result = gate_documents(args.baseline, args.candidate, metric=args.metric, alpha=args.alpha, margin=args.margin)
-    except GateError as err:
-        print(f"not comparable: {err}")
+        report = gate_files(args.baseline, args.candidate, metrics=args.metric, alpha=args.alpha, margin=args.margin)
+    except GateError as err:  # a bad --alpha / --margin
+        print(f"error: {err}")
         return 2
-    print(result.line())
-    return result.exit_code
+    except Exception as err:  # the exit code is a contract: 1 only for a measured regression
+        print(f"error: the gate failed on {args.baseline} / {args.candidate}: {type(err).__name__}: {err}")
+        return 2
+    print("\n".join(report.lines()))
+    return report.exit_code
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -471,11 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gate = commands.add_parser(
         "gate",
-        help="paired gate of CANDIDATE against BASELINE: exit 0 pass, 1 regression, 2 inconclusive / not comparable",
+        help="paired gate of CANDIDATE against BASELINE: exit 0 pass, 1 regression, 2 inconclusive / not comparable "
+        "/ unreadable",
     )
-    gate.add_argument("baseline", help='`eval gsm8k --output`, `eval loss --json` or {"per_item": {metric: [...]}}')
+    gate.add_argument("baseline", help="a per-item document: `eval gsm8k --output` or `eval loss --json`")
     gate.add_argument("candidate", help="the same kind of document, on the same items")
-    gate.add_argument("--metric", help="default: exact match (strict), bits per byte or loss, or the only shared one")
+    gate.add_argument(
+        "--metric",
+        action="append",
+        help="gate this metric (repeat for several: Holm-corrected together); default: exact match (strict), "
+        "bits per byte or loss, or the only shared one",
+    )
     gate.add_argument("--alpha", type=float, default=ALPHA, help="one-sided significance level (default %(default)s)")
     gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
     gate.set_defaults(run=_gate)
