@@ -43,6 +43,7 @@ bits per byte 0.5 % of the baseline mean, word perplexity and KL 1 %, top-1 agre
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -198,13 +199,17 @@ def _mcnemar_p(lost: int, gained: int, delta: float, alpha: float, n: int) -> fl
     return max(exact, float(stats.norm.sf((drop - delta) / se)))
 
 
+@functools.lru_cache(maxsize=256)
 def mcnemar_min_lost(n: int, alpha: float = ALPHA, delta: float = 0.0) -> int | None:
     """The fewest lost answers (none gained) that :func:`paired_gate` calls a regression on n 0/1
     items at ``alpha`` (exact McNemar and the bound against ``delta``); None if no count can."""
-    for lost in range(1, n + 1):
-        if _mcnemar_p(lost, 0, delta, alpha, n) < alpha:
-            return lost
-    return None
+    lost = np.arange(1, n + 1)
+    p_lost, p_gained = (lost + 1) / (n + 2), 1 / (n + 2)
+    drop = p_lost - p_gained
+    se = np.sqrt(np.maximum(p_lost + p_gained - drop * drop, 0.0)) / math.sqrt(n + 2)
+    p = np.maximum(0.5**lost, stats.norm.sf((drop - delta) / se))
+    hits = np.flatnonzero(p < alpha)
+    return int(lost[hits[0]]) if len(hits) else None
 
 
 def _mde(binary: bool, sd: float, n: int, delta: float, level: float) -> float:
