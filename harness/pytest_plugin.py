@@ -37,6 +37,7 @@ from harness.formats import list_formats
 from harness.gate import INCONCLUSIVE, PASS, gate_table, worst_outcome
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS, Gsm8kItem, load_gsm8k
 from harness.models import DEFAULT_MODEL, DTYPE_IDS, DTYPES, load_model, model_identity, model_key
+from harness.peritem import DocumentError, PerItemDocument, per_item_values
 from harness.testing import format_marker, worker_device
 
 MARKERS = {
@@ -220,17 +221,20 @@ class BaselineCheck:
         self.path = baseline_path(baselines_root(config), model_key(config.getoption("--model")), folder, suite)
         self.update = config.getoption("--update-baselines")
 
-    def check(self, case_id: str, metrics: dict[str, float], items: dict[str, list[float]] | None = None) -> None:
-        """Metrics with per-item ``items`` (accuracy) are judged by a paired significance gate
-        against the stored items; the others by their tolerance."""
+    def check(
+        self, case_id: str, metrics: dict[str, float], items: dict[str, list[float]] | PerItemDocument | None = None
+    ) -> None:
+        """Metrics with per-item ``items`` (accuracy; a mapping or a per-item document, read by
+        :func:`harness.peritem.per_item_values`) are judged by the paired gate against the stored
+        items (a diverged item fails, also with ``--accept-inconclusive``); the others by their tolerance."""
         metrics = {k: float(v) for k, v in metrics.items()}
-        items = {k: [float(x) for x in v] for k, v in (items or {}).items()}
         try:
+            items = per_item_values(items.per_item if isinstance(items, PerItemDocument) else items) if items else {}
             check_values(case_id, metrics, items)
             identity = getattr(self._config, "harness_model_identity", None)
             stored, stored_items = read_baseline_file(self.path, identity)
-        except BaselineError as err:
-            pytest.fail(str(err), pytrace=False)
+        except (BaselineError, DocumentError) as err:
+            pytest.fail(f"{case_id}: {err}" if isinstance(err, DocumentError) else str(err), pytrace=False)
         if self.update:
             self._config.harness_baseline_updates[self._nodeid] = (
                 self.path,
