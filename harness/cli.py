@@ -211,10 +211,13 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
     print(tabulate(result.draws, headers="keys", floatfmt=".4f"))
     li, t1 = result.loss_increase, result.top1_agree
     print(
-        f"{config.name}: {result.verdict.upper()}: loss {li.mean:+.1%} [95% CI {li.low:+.1%}, {li.high:+.1%}], "
-        f"top-1 agreement {t1.mean:.3f} [{t1.low:.3f}, {t1.high:.3f}] over {len(result.draws)} draws x "
-        f"{result.items} items (risky: > {thresholds.risky_loss_increase:.0%} or < {thresholds.risky_top1:.2f}; "
-        f"collapse: > {thresholds.collapse_loss_increase:.0%} or < {thresholds.collapse_top1:.2f})"
+        f"{config.name}: {result.verdict.upper()} (the mean over noise draws): loss {li.mean:+.1%} "
+        f"[95% CI {li.low:+.1%}, {li.high:+.1%}], top-1 agreement {t1.mean:.3f} [{t1.low:.3f}, {t1.high:.3f}] "
+        f"over {len(result.draws)} draws x {result.items} items (risky: > {thresholds.risky_loss_increase:.0%} or "
+        f"< {thresholds.risky_top1:.2f}; collapse: > {thresholds.collapse_loss_increase:.0%} or "
+        f"< {thresholds.collapse_top1:.2f})\n"
+        f"one draw (what one training step sees): {result.draw_verdict.upper()}: loss 95% prediction interval "
+        f"{li.draw_low:+.1%} to {li.draw_high:+.1%}, top-1 agreement {t1.draw_low:.3f} to {t1.draw_high:.3f}"
     )
     return 0
 
