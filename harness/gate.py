@@ -191,7 +191,7 @@ def _bonett_price(lost: int, gained: int, n: int) -> tuple[float, float]:
     return drop, math.sqrt(max(p_lost + p_gained - drop * drop, 0.0)) / math.sqrt(n + 2)
 
 
-def _mcnemar_p(lost: int, gained: int, delta: float, alpha: float, n: int) -> float:
+def _mcnemar_p(lost: int, gained: int, delta: float, n: int) -> float:
     """One-sided p of "drop > delta" for 0/1 items: the larger of exact McNemar's binomial tail
     and the Bonett-Price bound's normal tail against ``delta``."""
     exact = float(stats.binom.sf(lost - 1, lost + gained, 0.5)) if lost + gained else 1.0
@@ -238,7 +238,7 @@ def _decide(r: GateResult, p_adjusted: float, family: int) -> GateResult:
     if r.outcome == NOT_COMPARABLE:
         return r
     level = r.alpha / family
-    if r.note:  # diverged: a regression whatever the family
+    if r.test == "non-finite":  # diverged: a regression whatever the family
         outcome = REGRESSION
     elif p_adjusted < r.alpha:
         outcome = REGRESSION
@@ -301,7 +301,7 @@ def paired_gate(
         drop, se = _bonett_price(lost, gained, n)
         half = float(stats.norm.ppf(1 - alpha)) * se
         low, high = max(drop - half, -1.0), min(drop + half, 1.0)
-        p, sd, test = _mcnemar_p(lost, gained, delta, alpha, n), se * math.sqrt(n + 2), "exact McNemar & Bonett-Price"
+        p, sd, test = _mcnemar_p(lost, gained, delta, n), se * math.sqrt(n + 2), "exact McNemar & Bonett-Price"
     else:
         delta = max(DELTA_FRACTION * bound, NUMERICAL_FLOOR * abs(float(a.mean())))
         d = up * (a - b)  # per-item drop
