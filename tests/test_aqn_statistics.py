@@ -13,7 +13,7 @@ from scipy import stats
 
 from harness.aqn.preflight import Interval, verdict
 from harness.aqn.report import aqn_markdown, read_comparison
-from harness.eval.stats import compare_seeds, seed_mde, two_level_bootstrap_ci
+from harness.eval.stats import compare_seeds, paired_mde, two_level_bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "reports" / "sample" / "aqn-smollm2-135m-mxfp4-qerl-nvfp4.json"
@@ -38,7 +38,7 @@ def test_the_sample_mdes_are_what_5_seeds_could_have_seen() -> None:
     assert mdes == pytest.approx([0.0172, 0.0097, 0.0033], abs=1e-4)
     diff = np.subtract(losses["global"], losses["none"])
     expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * diff.std(ddof=1) / math.sqrt(5)
-    assert seed_mde(float(diff.std(ddof=1)), 5) == pytest.approx(expected)
+    assert paired_mde(float(diff.std(ddof=1)), 5) == pytest.approx(expected)
 
 
 def test_the_two_level_bootstrap_adds_the_items_uncertainty() -> None:

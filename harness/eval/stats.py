@@ -74,15 +74,17 @@ class PairedComparison:
     cohens_d: float
     underpowered: bool
     significant: bool
+    mde: float = math.nan  # the smallest true difference the test detects with 80 % power
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @property
     def verdict(self) -> str:
+        power = f"MDE {self.mde:.4g} at 80 % power"
         if self.underpowered:
-            return f"underpowered (n < {MIN_N})"
-        return "significant" if self.significant else "not significant"
+            return f"underpowered (n < {MIN_N}; {power})"
+        return "significant" if self.significant else f"not significant ({power})"
 
 
 def compare_paired(
@@ -97,6 +99,7 @@ def compare_paired(
     lo, hi = bootstrap_ci(b_ - a_)
     p = mcnemar_p(a_ > 0.5, b_ > 0.5) if binary else paired_t_p(a_, b_)
     underpowered = n < MIN_N
+    sd = float((b_ - a_).std(ddof=1)) if n > 1 else math.nan
     return PairedComparison(
         n=n,
         mean_a=float(a_.mean()),
@@ -109,7 +112,25 @@ def compare_paired(
         cohens_d=cohens_d_paired(a_, b_),
         underpowered=underpowered,
         significant=(p < alpha) and not underpowered,
+        mde=(mcnemar_mde(a_ > 0.5, b_ > 0.5, alpha=alpha) if binary else paired_mde(sd, n, alpha=alpha))
+        if n > 1
+        else math.inf,
     )
+
+
+def mcnemar_mde(a_correct: Sequence[bool], b_correct: Sequence[bool], *, alpha: float = 0.05) -> float:
+    """The minimal detectable difference in accuracy of the two-sided exact McNemar test on n
+    items: the larger of the normal approximation at 80 % power, ``(z_{1-alpha/2} + z_0.8) ·
+    sqrt(p_disc - d²) / sqrt(n)`` with the observed discordant share and difference (Connor 1987),
+    and the smallest difference that can be significant at all, ``k / n`` with k the fewest
+    one-way discordant pairs whose exact p, ``2 · 0.5**k``, is below ``alpha``."""
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    n = len(a)
+    k = math.ceil(math.log2(2 / alpha))  # 2 · 0.5**k < alpha
+    k += 2 * 0.5**k >= alpha
+    disc, d = float((a != b).mean()), float(b.mean() - a.mean())
+    approx = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(0.8)) * math.sqrt(max(disc - d * d, 0.0)) / math.sqrt(n)
+    return max(k / n if k <= n else math.inf, float(approx))
 
 
 @dataclass(frozen=True)
@@ -147,7 +168,7 @@ def compare_seeds(
     sd = float(diff.std(ddof=1)) if s > 1 else math.nan
     half = float(stats.t.ppf((1 + confidence) / 2, s - 1) * sd / math.sqrt(s)) if s > 1 and sd > 0 else 0.0
     p = paired_t_p(a, b) if s > 1 else 1.0
-    mde = seed_mde(sd, s, alpha=alpha) if s > 1 else math.inf
+    mde = paired_mde(sd, s, alpha=alpha) if s > 1 else math.inf
     return SeedComparison(
         seeds=s,
         mean_diff=float(diff.mean()),
@@ -160,11 +181,11 @@ def compare_seeds(
     )
 
 
-def seed_mde(sd: float, seeds: int, *, alpha: float = 0.05, power: float = 0.80) -> float:
-    """The minimal detectable difference of a two-sided paired t-test over ``seeds`` runs at
-    ``alpha`` with ``power``: ``(t_{1-alpha/2, S-1} + t_{power, S-1}) · sd / sqrt(S)`` (the usual
-    noncentral-t approximation; sd of the per-seed differences)."""
-    return float((stats.t.ppf(1 - alpha / 2, seeds - 1) + stats.t.ppf(power, seeds - 1)) * sd / math.sqrt(seeds))
+def paired_mde(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.80) -> float:
+    """The minimal detectable difference of a two-sided paired t-test on n pairs (items, or seeds)
+    at ``alpha`` with ``power``: ``(t_{1-alpha/2, n-1} + t_{power, n-1}) · sd / sqrt(n)`` (the usual
+    noncentral-t approximation; sd of the paired differences)."""
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 
 def two_level_bootstrap_ci(
