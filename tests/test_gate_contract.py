@@ -237,3 +237,26 @@ def test_the_plugin_fails_a_diverged_candidate_even_with_accept_inconclusive(
     result = pytester.runpytest_subprocess("--accept-inconclusive")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*loss: REGRESSION: the candidate diverged: 1 of 40*"])
+
+
+def test_eval_gsm8k_documents_are_gated_on_strict_exact_match(tmp_path, capsys) -> None:
+    """Two `eval gsm8k --output` documents of 250 items: the same answers pass; 15 answers lost
+    (6 points, none gained) are a regression; the metric defaults to strict exact match."""
+    from harness.eval.gsm8k import Gsm8kResult, Gsm8kRuns
+
+    texts = [f"Question: q{i}\nAnswer: {i}" for i in range(250)]
+
+    def run(strict: list[float], name: str) -> str:
+        per_item = {"exact_match,strict-match": strict, "exact_match,flexible-extract": strict}
+        result = Gsm8kResult("gsm8k", 250, {}, per_item, [], {}, {"task": "harness_gsm8k"}, list(range(250)))
+        doc = Gsm8kRuns("m", "mxfp4", "weight", "float32", "gsm8k", {"mxfp4": result}).document(
+            model={}, dataset=dataset_of("gsm8k test", texts)
+        )
+        return write(tmp_path / name, doc)
+
+    right = [1.0] * 175 + [0.0] * 75
+    base = run(right, "a.json")
+    code, lines = gate(capsys, base, run(right, "b.json"))
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("exact_match,strict-match: PASS")
+    code, lines = gate(capsys, base, run([0.0] * 15 + right[15:], "c.json"))
+    assert code == 1 and lines[0].startswith("exact_match,strict-match: REGRESSION")
