@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Speed: pytest-benchmark cases (see README, "Benchmarks").
+# Speed: pytest-benchmark cases (see docs/speed.md).
 bench: $(STAMP)
 	$(PY) -m pytest suites/ -m bench --benchmark-only
 

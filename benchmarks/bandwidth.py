@@ -10,7 +10,7 @@ them.
 Timing: on CUDA ``triton.testing.do_bench`` (synchronised with CUDA events, L2 flushed between
 runs, median); on CPU the median of ``timeit`` rounds. With ``--check`` each CUDA row also says
 whether its first 256 rows equal the CPU reference path bit for bit (same generator seed); with
-``--goal R`` the run fails (exit 1) unless every row is within R times ``clone`` (issue 13's
+``--goal R`` the run fails (exit 1) unless every row is within R times ``clone`` (the
 goals: 2 on the 2-core CPU at 4096x4096, 1.15 on a Hopper GPU at 8192x8192).
 
     python -m benchmarks.bandwidth --device cuda --size 8192 --check

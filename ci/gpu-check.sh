@@ -5,7 +5,7 @@
 #    kernel compiled for this GPU against the CPU reference path, bit for bit;
 # 2. the bandwidth table (benchmarks/bandwidth.py): every format, fp32 and bf16, 8192x8192,
 #    time / clone of the same tensor (triton.testing.do_bench), GB/s, bits vs the CPU reference;
-#    paste it into the README's GPU section with the GPU's name and the date;
+#    record it as docs/measurements/DATE-GPU.md with the GPU's name and the versions;
 # 3. the tiny-model suites (random tiny-llama / tiny-qwen2, no download) with --gpu; the one scan
 #    case whose expected recommendation is derived from SmolLM2's weights is left out.
 # The exit status is non-zero if any step failed.

@@ -1,4 +1,4 @@
-"""Stored baselines (design §8): ``baselines/<model>/<device>/<suite>.json`` holding
+"""Stored baselines: ``baselines/<model>/<device>/<suite>.json`` holding
 ``{case_id: {metric: value}}`` plus provenance and the identity of the model the numbers came
 from.  Every run is compared with per-metric tolerances; files are rewritten only on request,
 under a file lock (read, merge, replace), atomically, and never silently replaced.

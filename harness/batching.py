@@ -1,7 +1,7 @@
 """Token ids as every model pass of the harness sees them (one BOS policy), and right-padded
 batches of them with their attention masks.
 
-BOS policy (design §7), shared by the answer loss (``harness.eval.loss``), every SRDD scan
+BOS policy, shared by the answer loss (``harness.eval.loss``), every SRDD scan
 (``harness.srdd``) and bits-per-byte (``harness.eval.gsm8k``): a text is tokenized *without*
 special tokens and preceded by exactly one prefix token, the tokenizer's BOS or, when it has
 none, its EOS.  This is what lm-eval's ``HFLM`` does for ``loglikelihood_rolling``

@@ -13,7 +13,7 @@ from harness import paths
 
 GSM8K_ENV = "HARNESS_GSM8K_DIR"
 SPLITS = ("test", "train")
-LOSS_ITEMS = 32  # the first N test items of a loss/KL evaluation (design §7: n >= 32, never 5)
+LOSS_ITEMS = 32  # the first N test items of a loss/KL evaluation (n >= 32 for paired statistics)
 CALIBRATION_ITEMS = 32  # the first N train items a scan calibrates on
 
 
@@ -24,7 +24,7 @@ class Gsm8kItem:
 
     @property
     def prompt(self) -> str:
-        """The conditioning text of the loss (design §7): ``Question: …\\nAnswer:``."""
+        """The conditioning text of the loss: ``Question: …\\nAnswer:``."""
         return f"Question: {self.question}\nAnswer:"
 
     @property

@@ -1,5 +1,6 @@
-"""Applying a format to a model's Linear layers inside a context that always undoes itself
-(design §4): weights (W4A16), inputs (W16A4) or both, per module, with mixed-precision overrides."""
+"""Applying a format to a model's Linear layers inside a context that always undoes itself:
+weights (W4A16, as QeRL's fake-quantized training, Huang et al. 2025), inputs (W16A4) or both, per
+module, with mixed-precision overrides."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loading the model under test (design §3a): the embedded SmolLM2 GGUF, a local HF directory,
+"""Loading the model under test: the embedded SmolLM2 GGUF, a local HF directory,
 or a seeded tiny random Llama/Qwen2 for fast tests.  ``load_model`` returns ``(model, tokenizer)``."""
 
 from __future__ import annotations

@@ -58,11 +58,14 @@ class Tolerance:
 
 
 DEFAULT_TOLERANCE = Tolerance("rel", 0.01)  # a stored metric the table does not know
-# A --gpu case compared with the CPU baseline: unquantized and weight-only cases agreed to <= 2e-5
-# relative (loss, kl, bits_per_byte) and exactly (top1_agree, every SRDD weight metric) between an
-# H200 (torch 2.11.0+cu130) and the 2-core CPU, so 1e-3 relative; activation-quantized and
-# stochastic cases use the metric's ``cross_device`` entry (about 1.5x the largest difference
-# measured per metric kind, noted beside each).
+# A --gpu case without a CUDA baseline is compared with the CPU one, allowing the larger of the
+# metric's own tolerance and the cross-device difference measured on 2026-11-26 (an H200, torch
+# 2.11.0+cu130, against the 2-core CPU's baselines, docs/measurements/2026-11-26-h200.md):
+# unquantized and weight-only cases agreed to <= 2e-5 relative (loss, kl, bits_per_byte) and exactly
+# (top1_agree, every SRDD weight metric), so 1e-3 relative; activation-quantized and stochastic
+# cases differ where a block scale or a rounding tie flips under another matmul summation order:
+# the metric's ``cross_device`` entry, about 1.5x the largest difference measured per metric kind
+# (noted beside each).
 CROSS_DEVICE_WEIGHT_ONLY = Tolerance("rel", 1e-3)
 
 
@@ -85,7 +88,8 @@ class MetricPolicy:
 
 
 _HI, _LO = Direction.HIGHER, Direction.LOWER
-_LOSS = dict(margin=Tolerance("rel", 0.005), cross_device=Tolerance("rel", 0.023))  # 1.53 % (mxfp8_e5m2 W16A4)
+# cross-device: 1.53 % (mxfp8_e5m2 W16A4, second H200 run; the first: 0.75 %)
+_LOSS = dict(margin=Tolerance("rel", 0.005), cross_device=Tolerance("rel", 0.023))
 
 POLICIES: dict[str, MetricPolicy] = {
     # Accuracy: gated item by item (exact McNemar); a 3-point margin is what 250 items can show.

@@ -36,7 +36,7 @@ def format_params(names: Iterable[str] | None = None, *, where=None) -> list:
 
 
 def worker_device(worker_id: str, gpu: bool, device_count: int) -> torch.device:
-    """The device of one pytest-xdist worker (design §12): ``gwN`` gets GPU ``N mod count``, so
+    """The device of one pytest-xdist worker (xdist's ``PYTEST_XDIST_WORKER`` ids): ``gwN`` gets GPU ``N mod count``, so
     ``pytest -n <number of GPUs> --gpu`` runs one worker per GPU; without xdist (``master``) GPU 0;
     CPU runs stay on ``cpu``."""
     if not gpu:

@@ -1,4 +1,4 @@
-"""Checks of user input done before any model is loaded or any item evaluated (issue 15): counts,
+"""Checks of user input done before any model is loaded or any item evaluated: counts,
 devices, output paths and comparison files.  Each failure is a one-line message naming the bad
 value and what would be valid; the CLI turns them into exit code 2 without a traceback.
 

@@ -39,7 +39,7 @@ def test_schedule_matches_qerl_to_1e_12(config, total_steps: int) -> None:
 
 
 def test_qerl_default_on_the_experiments_58_steps() -> None:
-    """§14.3: steps 0-5 warm-up, 6-11 at 0.05, 12-17 at 0.0281 ... down to 0.0005."""
+    """QeRL's schedule over 58 steps: steps 0-5 warm-up, 6-11 at 0.05, 12-17 at 0.0281 ... down to 0.0005."""
     values = get_config("qerl-default").schedule(58).values()
     assert values[:6] == [0.0] * 6 and values[6:12] == [0.05] * 6
     assert values[12] == pytest.approx(0.05 * 0.01 ** (1 / 8)) == pytest.approx(0.02812, abs=1e-5)

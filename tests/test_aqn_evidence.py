@@ -20,7 +20,7 @@ from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.models import load_model
 
-# SmolLM2, MXFP4, config 1C, noise seeds 0-5 on 16 items (issue 12): one draw said `ok`, another `risky`.
+# SmolLM2, MXFP4, config 1C, noise seeds 0-5 on 16 items: one draw said `ok`, another `risky`.
 ONE_C_INCREASES = [0.026, 0.104, 0.041, 0.078, 0.033, 0.048]
 ITEMS = [
     Gsm8kItem(f"What is {a} plus {b}?", f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}")

@@ -1,4 +1,4 @@
-"""Bad input (issue 15): every probe gets a one-line error naming the bad value and the valid
+"""Bad input: every probe gets a one-line error naming the bad value and the valid
 choices, exit code 2, no traceback, and is found before any model is loaded or item evaluated."""
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def tiny_identities() -> tuple[str, str]:
 def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
     tiny_identities: tuple[str, str], project: pytest.Pytester, monkeypatch
 ) -> None:
-    """The probe of issue 15: a tiny-qwen2 under tiny-llama's name is refused, not compared; a NaN
+    """A tiny-qwen2 under tiny-llama's name is refused, not compared; a NaN
     metric fails its case in both modes and is not written."""
     project.path.joinpath("suite", "test_id.py").write_text(
         "import json, math, os\n"

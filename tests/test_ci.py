@@ -1,14 +1,19 @@
 """The nightly GPU workflow and the scripts behind it: the workflow parses, runs on a schedule and
 by hand on a self-hosted GPU runner, and every script it (or a script it runs) calls exists, is
-executable and is valid bash; the CPU entry point runs the README's test command."""
+executable and is valid bash; the CPU entry point runs the README's test command, and every
+harness command the README shows is one the CLI accepts."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
+
+from harness.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "ci" / "nightly-gpu.yml"
@@ -75,3 +80,37 @@ def test_gpu_check_is_valid_bash_and_names_existing_suites() -> None:
     assert paths and modules
     assert all((ROOT / p).exists() for p in paths), paths
     assert all((ROOT / (m.replace(".", "/") + ".py")).exists() for m in modules), modules
+
+
+def readme_harness_commands(text: str) -> list[list[str]]:
+    """The arguments of every ``python -m harness ...`` line in the bash blocks of ``text``: line
+    continuations joined, ``# comments``, ``[optional]`` groups and ``> file`` redirections dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\[[^\]]*\]", " ", line.split(" #", 1)[0]).split(">", 1)[0]
+            if (m := re.search(r"python -m harness\b(.*)", line)) and m.group(1).strip():
+                commands.append(shlex.split(m.group(1)))
+    return commands
+
+
+def test_the_readme_shows_commands_the_cli_accepts() -> None:
+    """Each harness command line of the README parses (subcommand, option names, ``choices``), so a
+    newcomer's first copy-paste is not a usage error; the five commands are all there."""
+    commands = readme_harness_commands((ROOT / "README.md").read_text())
+    parser = build_parser()
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"the README shows a command the CLI rejects: python -m harness {shlex.join(argv)}")
+    shown = {" ".join(a[:2]) if a[0] in ("eval", "aqn") else a[0] for a in commands}
+    assert {"eval loss", "eval gsm8k", "scan", "aqn preflight", "gate"} <= shown, shown
+
+
+def test_the_readme_command_check_rejects_a_bad_option() -> None:
+    text = "```bash\n.venv/bin/python -m harness scan --model m --formt mxfp4 \\\n    --point weight  # typo\n```\n"
+    (argv,) = readme_harness_commands(text)
+    assert argv == ["scan", "--model", "m", "--formt", "mxfp4", "--point", "weight"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)

@@ -1,4 +1,4 @@
-"""One GPU per pytest-xdist worker (design §12), checked with fake device counts on CPU."""
+"""One GPU per pytest-xdist worker, checked with fake device counts on CPU."""
 
 from __future__ import annotations
 

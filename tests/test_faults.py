@@ -1,4 +1,4 @@
-"""Faults, misuse and concurrency (issue 15): nested and reused injectors, baseline files under
+"""Faults, misuse and concurrency: nested and reused injectors, baseline files under
 concurrent writers and ``kill -9``, corrupt caches.  Each case failed before the fix."""
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def test_bits_per_byte_of_a_known_loglikelihood(gsm8k_dir: Path) -> None:
     assert result.metrics["bits_per_byte,none"] == pytest.approx(1.0, rel=1e-12)
     assert result.per_item["bits_per_byte,none"] == pytest.approx([1.0] * 3, rel=1e-12)
     items = load_gsm8k("test", 3, gsm8k_dir)
-    assert [r.args[0] for r in lm.requests] == [i.text for i in items]  # the loss's text, design §7
+    assert [r.args[0] for r in lm.requests] == [i.text for i in items]  # the loss's text
 
 
 def test_max_gen_toks_override_and_unknown_task(gsm8k_dir: Path) -> None:

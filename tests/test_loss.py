@@ -1,4 +1,4 @@
-"""The loss definition of design §7 on a tiny model, against a direct per-item computation."""
+"""The answer-loss definition (``harness.eval.loss``) on a tiny model, against a direct per-item computation."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def test_bits_per_element() -> None:
 
 
 def test_every_format_marker_is_registered(pytestconfig: pytest.Config) -> None:
-    """Design §9's markers: the format families (generated from the registry by the plugin) and the
+    """The suites' markers: the format families (generated from the registry by the plugin) and the
     suite markers, all registered under --strict-markers."""
     registered = {m.split(":")[0] for m in pytestconfig.getini("markers")}
     families = {"mxfp4", "mxfp4_sr", "mxfp4_2d", "mxfp6", "mxfp8", "mxint8", "nvfp4"}

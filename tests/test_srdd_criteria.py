@@ -1,4 +1,4 @@
-"""SRDD verdicts relative to the format and the model (design §5), on small random models:
+"""SRDD verdicts relative to the format and the model, on small random models:
 Gaussian weights are never flagged whatever the format, a planted damaged layer is, attribution
 ranks it first, a proposal no better than its control is not confirmed, NaN is a finding."""
 

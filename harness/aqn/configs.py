@@ -1,4 +1,6 @@
-"""Named AQN configurations (a registry of frozen entries) from QeRL and the experiment's notes."""
+"""Named AQN configurations (a registry of frozen entries): QeRL's defaults (Huang et al. 2025,
+``trl_trainer/noise_scheduler.py`` and its NVFP4 training scripts) and the sigma/target variants
+1A-1E of the manual Qwen2.5-1.5B experiment the harness grew out of."""
 
 from __future__ import annotations
 
@@ -27,14 +29,14 @@ class AQNConfig:
 CONFIGS: dict[str, AQNConfig] = {
     c.name: c
     for c in (
-        AQNConfig("qerl-default", 0.05, 0.0005, 10, ("rmsnorm",), "QeRL default (experiment §14.3)"),
+        AQNConfig("qerl-default", 0.05, 0.0005, 10, ("rmsnorm",), "QeRL's default (noise_scheduler.py)"),
         AQNConfig("qerl-nvfp4", 0.01, 0.0001, 10, ("rmsnorm",), "QeRL's shipped NVFP4 training scripts"),
-        AQNConfig("1A", 0.05, 0.0005, 10, ("linear",), "experiment 1A, §19.1-§20: collapsed at step 19"),
-        AQNConfig("1B", 0.15, 0.0015, 10, ("linear",), "experiment 1B, §19.2: sigma scaled 3x"),
-        AQNConfig("1C", 0.005, 0.00005, 10, ("linear",), "experiment 1C, §21: partial collapse"),
-        AQNConfig("1D", 0.001, 0.00001, 10, ("linear",), "experiment 1D, §22"),
-        AQNConfig("1E", 0.05, 0.0005, 10, ("rmsnorm",), "experiment 1E, §20.4/§22.2: back to RMSNorm"),
-        AQNConfig("broken-sigma-end-0", 0.05, 0.0, 10, ("rmsnorm",), "the experiment's broken AQN, §14.2"),
+        AQNConfig("1A", 0.05, 0.0005, 10, ("linear",), "Qwen2.5-1.5B run 1A: Linear noise, collapsed at step 19"),
+        AQNConfig("1B", 0.15, 0.0015, 10, ("linear",), "Qwen2.5-1.5B run 1B: 1A with sigma scaled 3x"),
+        AQNConfig("1C", 0.005, 0.00005, 10, ("linear",), "Qwen2.5-1.5B run 1C: 1A with sigma / 10, partial collapse"),
+        AQNConfig("1D", 0.001, 0.00001, 10, ("linear",), "Qwen2.5-1.5B run 1D: 1A with sigma / 50"),
+        AQNConfig("1E", 0.05, 0.0005, 10, ("rmsnorm",), "Qwen2.5-1.5B run 1E: QeRL's sigma back on RMSNorm"),
+        AQNConfig("broken-sigma-end-0", 0.05, 0.0, 10, ("rmsnorm",), "broken AQN: sigma_end 0 gives [sigma, 0, ...]"),
     )
 }
 

@@ -1,9 +1,9 @@
 """Pre-flight: will this AQN configuration collapse the model?  Measured on the quantized model
 with noise at sigma_start on the chosen targets, against the same quantized model without noise
-(design §6), over ``draws`` seeded noise draws (default 8) on ``items`` GSM8K test items (default
+over ``draws`` seeded noise draws (default 8) on ``items`` GSM8K test items (default
 32), never on one draw: on SmolLM2 one configuration (1C) moves from +0.7 % to +9.5 % loss between
-draws.  SmolLM2's pre-flight takes 74 s of wall time on an idle 2-core CPU, model load included
-(README, "AQN"; suites/bench/test_preflight_speed.py: at most draws + 1 full loss passes).
+draws.  Its cost is at most draws + 1 full loss passes (suites/bench/test_preflight_speed.py;
+measured times in docs/measurements/).
 
 Per draw d (noise seed ``seed + d``): the relative increase of the token-weighted answer loss,
 ``loss_noisy_d / loss_quantized - 1``, and the top-1 agreement with the noise-free quantized model
@@ -17,8 +17,8 @@ sorted by length before batching (less padding); ``answer_lines=0`` keeps whole 
 
 Thresholds (``Thresholds``, relative loss increase / top-1 agreement):
 - collapse line: loss up by more than 50 % or agreement below 50 % — the model no longer predicts
-  what it predicted; the experiment's collapsed runs (1A, 1C on Qwen2.5-1.5B) went from ~70 % to
-  0-2 % accuracy, far past this;
+  what it predicted (runs that collapsed in training, 1A and 1C on Qwen2.5-1.5B, went from ~70 %
+  to 0-2 % GSM8K accuracy, far past this);
 - risky line: loss up by more than 10 % or agreement below 80 %.
 Verdict from the CIs: each end of each CI falls in a zone (ok < risky < collapse); the verdict is
 that zone when the best ends of both CIs and the worst ends lie in the same zone (``ok`` only when

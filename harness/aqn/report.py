@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 
 def aqn_markdown(comparison, model: str, problematic: list[str], how: str) -> str:
-    """The experiment's §10.3 table with the seed as the unit: loss mean ± sd over seeds per
+    """The strategy table with the seed as the unit: loss mean ± sd over seeds per
     strategy, the difference from no AQN and the gap to the unquantized control, each paired by
     seed with its 95 % t CI, p and d_z, "n.s." whenever the seed-level test is not significant."""
     from harness.aqn.train import CONTROL as CONTROL_NAME

@@ -30,8 +30,8 @@ class SigmaSchedule:
         if not self.sigma_end > 0:
             raise ScheduleError(
                 f"sigma_end must be > 0, got {self.sigma_end}: QeRL's formula turns sigma_end=0 into "
-                f"[{self.sigma_start}, 0, 0, ...] — noise in one interval and none after (the experiment's "
-                "'broken AQN', §14.2); use a small positive value such as sigma_start / 100"
+                f"[{self.sigma_start}, 0, 0, ...] — noise in one interval and none after "
+                "('broken AQN'); use a small positive value such as sigma_start / 100"
             )
         if self.sigma_end > self.sigma_start:
             raise ScheduleError(f"sigma_end {self.sigma_end} > sigma_start {self.sigma_start}: the schedule must decay")

@@ -1,5 +1,5 @@
-"""A short, seeded training loop under fake quantization with AQN, and the strategy comparison
-(design §6): every strategy trains for the same steps and seeds, then the quantized model's
+"""A short, seeded training loop under fake quantization with AQN (QeRL, Huang et al. 2025), and the
+strategy comparison: every strategy trains for the same steps and seeds, then the quantized model's
 answer loss is measured on held-out GSM8K test items.  The seed (one training run) is the unit
 of every comparison, and an unquantized control trained with the same recipe tells adaptation to
 the data apart from recovery from quantization.

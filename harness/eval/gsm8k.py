@@ -1,7 +1,7 @@
-"""GSM8K through lm-eval (design §7): the package's task YAMLs, built on lm-eval's stock
-``gsm8k.yaml`` by ``include`` and reading the packaged (or a local) GSM8K JSONL, evaluated on the in-memory model (with
-whatever injector is active) as ``HFLM(pretrained=model, tokenizer=tok)``, per-item results kept
-for paired comparisons.
+"""GSM8K through lm-eval (EleutherAI's lm-evaluation-harness): the package's task YAMLs, built on
+lm-eval's stock ``lm_eval/tasks/gsm8k/gsm8k.yaml`` by ``include`` and reading the packaged (or a
+local) GSM8K JSONL, evaluated on the in-memory model (with whatever injector is active) as
+``HFLM(pretrained=model, tokenizer=tok)``, per-item results kept for paired comparisons.
 
 - ``gsm8k``: 5-shot generation, ``exact_match`` under lm-eval's ``strict-match`` and
   ``flexible-extract`` filters, stop list extended with a blank line, ``max_gen_toks`` capped;

@@ -1,4 +1,5 @@
-"""Answer-token loss, KL(ref || quant) and top-1 agreement on GSM8K items (design §7).
+"""Answer-token loss, KL(ref || quant) and top-1 agreement on GSM8K items (the pair llama.cpp's
+``perplexity --kl-divergence`` reports).
 
 ``loss``: the text ``Question: {q}\\nAnswer: {a}`` is tokenized once under the harness's BOS
 policy (``harness.batching.encode``: one BOS, else EOS, then the text without special tokens,

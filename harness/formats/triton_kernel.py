@@ -26,7 +26,7 @@ from harness.formats.fast import TileJob
 
 BYTES_1D = 4096  # input bytes per program, 1-D formats: 1024 fp32 or 2048 bf16/fp16 elements
 BYTES_2D = 8192  # input bytes per program, 2-D tiles: two 32x32 fp32 tiles or four bf16/fp16 ones
-# (the best of the launch shapes swept on an H200 at 8192x8192, 2026-11-26; README, GPU section)
+# (the best of the launch shapes swept on an H200 at 8192x8192; docs/measurements/2026-11-26-h200.md)
 
 
 @triton.jit

@@ -1,1 +1,1 @@
-"""SRDD: per-layer quantization detectors, scans, loss attribution and recommendations (design §5)."""
+"""SRDD: per-layer quantization detectors, scans, loss attribution and recommendations."""

@@ -1,4 +1,4 @@
-"""Loss attribution (design §5), the primary evidence of which layers hurt: quantize one decoder
+"""Loss attribution, the primary evidence of which layers hurt: quantize one decoder
 layer at a time and measure, per evaluation item, the change of the answer-token loss (Δloss)
 and KL(ref ‖ quant) of the next-token distributions, with 95 % CIs over items.
 

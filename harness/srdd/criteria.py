@@ -1,4 +1,4 @@
-"""From scan sums to per-layer findings and a recommendation (design §5).
+"""From scan sums to per-layer findings and a recommendation.
 
 A layer is problematic because it is worse than it should be, never because the format is coarse.
 Rules, each named in the finding's reasons with its evidence:
@@ -24,7 +24,7 @@ Rules, each named in the finding's reasons with its evidence:
 - ``threshold``: an absolute threshold given explicitly (``Thresholds``; all off by default).
 - ``non-finite``: NaN/Inf in a weight, an activation, a layer output or the attribution loss.
 
-Decision framework (the experiment's §13.3): < 10 % of layers problematic -> ``mixed_precision``
+Decision framework (by the share of problematic layers): < 10 % of layers problematic -> ``mixed_precision``
 (keep them in BF16); 10-30 % -> ``mixed_precision_and_aqn``; > 30 % -> ``reconsider_format`` (a
 milder format; AQN, if used, global); none -> ``no_action``.
 """
@@ -63,7 +63,7 @@ class Rules:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Absolute thresholds, each off (None) unless given: the experiment's v2 values were
+    """Absolute thresholds, each off (None) unless given: fixed values such as
     SQNR 20 dB, deadzone 5 %, saturation 1 %, relative error 10 %, ratios 0.9 — values MXFP4
     fails on any data, which is why they are not defaults."""
 

@@ -1,4 +1,4 @@
-"""The format's own floor for a tensor (design §5): the detectors on a seeded i.i.d. Gaussian
+"""The format's own floor for a tensor: the detectors on a seeded i.i.d. Gaussian
 tensor of the same shape and RMS, quantized the same way.  A weight is problematic only when it is
 worse than that floor, never because the format is coarse: MXFP4 on Gaussian data already has
 SQNR 18.8 dB, deadzone 8.8 %, relative error 21 %.

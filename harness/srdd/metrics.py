@@ -1,4 +1,4 @@
-"""SRDD detectors (design §5) as streaming accumulators: ``update`` with tensor after tensor
+"""SRDD detectors as streaming accumulators: ``update`` with tensor after tensor
 (sums only, never the tensors), read the metric at the end.  The one-shot functions
 (``sqnr_db(x, q)``, ...) are the same definitions applied to a single pair."""
 

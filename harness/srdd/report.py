@@ -1,5 +1,5 @@
-"""Reports of SRDD scans: a markdown summary with tabulate tables (the experiment's §10 and §12.4
-layout, with each verdict's rule and evidence), the JSON, PNG plots (matplotlib, Agg), and the
+"""Reports of SRDD scans: a markdown summary with tabulate tables (per layer, with each
+verdict's rule and evidence), the JSON, PNG plots (matplotlib, Agg), and the
 comparison of two scans."""
 
 from __future__ import annotations

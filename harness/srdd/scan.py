@@ -1,4 +1,4 @@
-"""SRDD scans (design §5): what a format does to each Linear and each decoder layer.
+"""SRDD scans: what a format does to each Linear and each decoder layer.
 
 - weight scan: every target weight against its quantization;
 - activation scan: the input each Linear really quantizes under W16A4 (observed inside the

@@ -60,8 +60,10 @@ from harness.srdd.scan import decoder_layers, record_layers
 
 ATTRIBUTION_MODES = ("exact", "screen")  # screen: Fisher screen + exact top-k; exact: every layer exactly
 TOP_K = 5
-SAMPLES = 2  # sketch draws per item: Spearman vs exact KL 0.79 with 1, 0.90 with 2 (SmolLM2, README)
-DEFAULT_MODE = "exact"  # the screen ranks well only with several draws (README, SRDD section)
+# sketch draws per item, and the default mode: the screen ranks layers like the exact attribution only
+# with several draws (docs/measurements/2026-11-26-attribution-cost.md)
+SAMPLES = 2
+DEFAULT_MODE = "exact"
 
 
 @dataclass

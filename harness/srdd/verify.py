@@ -1,4 +1,4 @@
-"""Verification of a recommendation against a control (design §5).
+"""Verification of a recommendation against a control of seeded random proposals of the same size.
 
 The proposal (its layers kept in BF16, or the milder format everywhere) is evaluated on the same
 items as the format as is, and so are ``draws`` seeded random proposals of the same size: the

@@ -1,4 +1,4 @@
-"""AQN configurations from QeRL and the experiment's notes (§14, §19-§22) on the model under
+"""AQN configurations (QeRL's and the 1A-1E variants, ``harness.aqn.configs``) on the model under
 test: schedules, validation, targets, and the pre-flight verdicts.
 
 Which absolute sigma is safe depends on the model's weights.  The verdicts follow the CI over

@@ -7,7 +7,7 @@ different machines compare as ratios. On CUDA every timed call ends in
 ``triton.testing.do_bench``.  torchao's MX/NVFP4 cast + dequantize is benchmarked beside ours
 (every format it has, fp32 and bf16), and ``quantize`` (codes + scales) beside ``fake_quantize``.
 Run: ``pytest suites/bench -m bench --benchmark-only`` (``make bench``); the side-by-side table of
-the same measurements (paired rounds) is ``python -m benchmarks.bandwidth`` (README, "Speed").
+the same measurements (paired rounds) is ``python -m benchmarks.bandwidth`` (docs/speed.md).
 """
 
 from __future__ import annotations

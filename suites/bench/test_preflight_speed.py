@@ -1,7 +1,7 @@
 """Speed of the AQN pre-flight (``harness aqn preflight``'s default: 8 noise draws on 32 items),
 measured as a ratio to one full quantized loss pass over the same 32 items in the same process,
 so numbers from different machines (and loads) compare.  Marker ``bench``: not in the default CI
-run; ``make bench`` runs it.  The wall time of the command itself is in the README ("AQN")."""
+run; ``make bench`` runs it.  The wall time of the command itself is in docs/measurements/."""
 
 from __future__ import annotations
 

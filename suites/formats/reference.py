@@ -1,4 +1,5 @@
-"""An independent scalar reference of the format semantics (design §3), in plain Python.
+"""An independent scalar reference of the format semantics (OCP MX v1.0; NVFP4 as
+torchao's ``NVFP4Tensor``), in plain Python.
 
 Python floats are IEEE doubles, every fp32 input is exact in them, scaling by powers of two is
 exact, and ``round()`` on a float rounds half to even, so this follows the OCP MX v1.0 text

@@ -35,7 +35,7 @@ def block_view(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def expected_scale(blocks: torch.Tensor, name: str) -> torch.Tensor:
-    """Each block's scale straight from the spec formulas (design §3)."""
+    """Each block's scale straight from the spec formulas (OCP MX v1.0, torchao's NVFP4)."""
     fmt = get_format(name)
     amax = blocks.abs().amax(-1, keepdim=True)
     if fmt.scale.name == "e8m0":
@@ -74,8 +74,8 @@ def test_nvfp4_scales_are_e4m3_values(device: torch.device) -> None:
 @pytest.mark.mxfp4_2d
 def test_mxfp4_2d_has_one_scale_per_true_32x32_tile(device: torch.device) -> None:
     """A huge value at (0, 0) changes the scale of its 32x32 tile only: row 31 of that tile is
-    affected, while row 0 of the next tile (columns 32..63) is not.  The experiment's "2D"
-    mode (1024 consecutive flattened elements) gets both of these wrong."""
+    affected, while row 0 of the next tile (columns 32..63) is not.  A "2D" mode that is
+    really 1024 consecutive flattened elements gets both of these wrong."""
     x = data.normal((64, 64), seed=23)
     big = x.clone()
     big[0, 0] = 1e4

@@ -1,4 +1,4 @@
-"""GSM8K through lm-eval on the model under test (design §7).
+"""GSM8K through lm-eval on the model under test.
 
 CPU: ``gsm8k_bpb`` (bits per byte of question + answer, the continuous signal) for the reference
 and each headline format against stored baselines and in the order the formats' precision
@@ -21,7 +21,7 @@ from harness.testing import format_marks
 
 pytestmark = pytest.mark.gsm8k
 
-BPB_ITEMS = 32  # design §7: n >= 32
+BPB_ITEMS = 32  # n >= 32 for paired statistics
 BPB_FORMATS = ("mxfp8_e4m3", "nvfp4", "mxfp4")
 BPB_SLOW = {"nvfp4"}  # ~30 s per format here: CI runs the two the ordering test needs
 GPU_FORMATS = ("mxfp8_e4m3", "nvfp4", "mxfp4")

@@ -1,5 +1,5 @@
 """SRDD detectors on the model under test, per format x point x detector, against baselines and
-against what is known about the formats (design §5)."""
+against what is known about the formats (their Gaussian floors)."""
 
 from __future__ import annotations
 

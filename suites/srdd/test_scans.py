@@ -93,8 +93,8 @@ def test_mxfp4_weights_sit_on_the_format_floor(model_under_test, weight_scan_of,
 def test_mxfp4_weights_recommend_a_milder_format_at_the_old_absolute_threshold(
     model_under_test, weight_scan_of
 ) -> None:
-    """With the experiment's absolute SQNR threshold (20 dB, now an explicit option), every
-    SmolLM2 layer fails under MXFP4 (as every Qwen2.5-1.5B layer did, §12.4), so the framework
+    """With an absolute SQNR threshold of 20 dB (an explicit option), every SmolLM2 layer
+    fails under MXFP4 (MXFP4's Gaussian floor is 18.8 dB), so the framework
     says: reconsider the format; each finding names the threshold rule."""
     model = model_under_test.model
     layers = [n for n, _ in scan.decoder_layers(model)]
