@@ -1,6 +1,6 @@
-"""Paired gates with three outcomes, ``regression``, ``pass`` or ``inconclusive``, so "passed" never
-hides "could not have failed", and a regression is a drop that matters, not merely one that is
-significant.
+"""Paired gates with three outcomes: ``regression`` (a drop shown to matter), ``pass`` (one shown
+to be within the margin) or ``inconclusive``, so "passed" never hides "could not have failed" and
+a significant but irrelevant drop is no regression.
 
 A candidate run is judged against a baseline run on the same n items (per-item values).  With
 ``margin`` the largest drop that passes (the metric policy's, :mod:`harness.policy`) and
