@@ -61,7 +61,7 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
     assert ceil["recipe"]["scale_mode"] == "ceil" and ceil["aggregate"]["loss"] != agg["loss"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "reference" in text and "underpowered (n < 30)" in text
+    assert "reference" in text and "underpowered (n < 30; MDE " in text and "at 80 % power)" in text
 
 
 def test_eval_loss_bad_input_is_a_clear_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
