@@ -21,7 +21,7 @@ from harness.formats import FORMATS, SCALE_MODES, list_formats
 from harness.gate import ALPHA
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS
 from harness.inject import POINTS
-from harness.models import DEFAULT_MODEL, DTYPES
+from harness.models import DEFAULT_MODEL, DTYPES, parse_max_memory
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
 from harness.testing import format_marker
@@ -52,30 +52,55 @@ def _formats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_loss(args: argparse.Namespace) -> int:
+def loss_run(args: argparse.Namespace):
+    """The ``eval loss`` computation from its parsed options (``harness sweep`` calls it too):
+    ``(LossResult, the document's settings, the injector's notes)``, on the GSM8K test items
+    ``first_item … first_item + items - 1``."""
     from harness.eval.loss import evaluate_loss
     from harness.gsm8k import load_gsm8k
     from harness.inject import QuantInjector
+    from harness.models import model_identity
+    from harness.peritem import item_digests
 
-    items = load_gsm8k("test", args.items, args.gsm8k_dir)
+    items = load_gsm8k("test", args.first_item + args.items, args.gsm8k_dir)[args.first_item :]
     model, tok = _load(args)
     with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
-    if args.json:
-        from harness.models import model_identity
-        from harness.peritem import gsm8k_dataset
+    recipe = {k: getattr(args, k) for k in ("format", "scale_mode", "point", "dtype")}
+    settings = {
+        "model": {"name": args.model, **model_identity(model)},
+        "recipe": {**recipe, "modules": len(inj.modules)},
+        "first_item": args.first_item,
+        "item_digests": item_digests(i.text for i in items),
+    }
+    return result, settings, inj.notes
 
-        recipe = {k: getattr(args, k) for k in ("format", "scale_mode", "point", "dtype")}
-        model_doc = {"name": args.model, **model_identity(model)}
-        dataset = gsm8k_dataset("test", [i.text for i in items])
-        print(result.document(model=model_doc, recipe=recipe | {"modules": len(inj.modules)}, dataset=dataset).dumps())
+
+def loss_document(result, settings: dict):
+    """The ``eval loss --json`` document of a :func:`loss_run` (``settings`` JSON-able, so item
+    shards of one job can be merged: their ``item_digests`` concatenated in item order)."""
+    from harness.peritem import dataset_of_digests
+
+    first, digests = settings["first_item"], settings["item_digests"]
+    return result.document(
+        model=settings["model"],
+        recipe=settings["recipe"],
+        dataset=dataset_of_digests("gsm8k test", digests),
+        item_ids=tuple(range(first, first + len(digests))),
+    )
+
+
+def _eval_loss(args: argparse.Namespace) -> int:
+    result, settings, notes = loss_run(args)
+    if args.json:
+        print(loss_document(result, settings).dumps())
         return 0
     summary, cmp = result.summary(), result.comparison()
     print(
-        f"model {args.model}, {args.format} on {args.point} of {len(inj.modules)} Linear modules, "
+        f"model {args.model}, {args.format} on {args.point} of {settings['modules']} Linear modules, "
         f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
     )
-    for note in inj.notes:
+    for note in notes:
         print(f"note: {note}")
     rows = [
         [REFERENCE, summary["reference_loss"], 0.0, 1.0],
@@ -94,10 +119,10 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
     from harness.eval.gsm8k import lm_eval_table, run_gsm8k
     from harness.gsm8k import load_gsm8k
     from harness.models import model_identity
-    from harness.peritem import gsm8k_dataset
+    from harness.peritem import dataset_of
 
     # a bad file, or a --compare-to run on other items, is named before the model loads
-    dataset = gsm8k_dataset("test", [i.text for i in load_gsm8k("test", args.limit, args.gsm8k_dir)])
+    dataset = dataset_of("gsm8k test", [i.text for i in load_gsm8k("test", args.limit, args.gsm8k_dir)])
     compare_to = check_compare_to(args.compare_to, args.task, dataset) if args.compare_to else None
     model, tok = _load(args)
     runs = run_gsm8k(
@@ -204,6 +229,8 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         thresholds=thresholds,
     )
+    if args.output:
+        _write_json(args.output, result.as_dict())
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
@@ -262,6 +289,14 @@ def _gate(args: argparse.Namespace) -> int:
     one line naming the file and the problem), never a traceback."""
     from harness.gate import GateError, gate_files
 
+    if args.sweep:
+        from harness.sweep.report import gate_sweeps
+
+        lines, code = gate_sweeps(
+            args.baseline, args.candidate, metrics=args.metric, alpha=args.alpha, margin=args.margin
+        )
+        print("\n".join(lines))
+        return code
     try:
         report = gate_files(args.baseline, args.candidate, metrics=args.metric, alpha=args.alpha, margin=args.margin)
     except GateError as err:  # a bad --alpha / --margin
@@ -272,6 +307,20 @@ def _gate(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(report.lines()))
     return report.exit_code
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import run
+    from harness.sweep.report import write_report
+
+    if args.plan == "report":
+        if not args.dir:
+            raise ValueError("sweep report needs the sweep folder: python -m harness sweep report DIR")
+        print("\n".join(f"wrote {p}" for p in write_report(args.dir)))
+        return 0
+    if args.dir or not args.out:
+        raise ValueError("usage: python -m harness sweep PLAN.toml --out DIR (or: sweep report DIR)")
+    return run.main(args.plan, args.out, address=args.address, num_cpus=args.num_cpus)
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -289,6 +338,19 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         "--gsm8k-dir", default=None, help="GSM8K folder (default: $HARNESS_GSM8K_DIR, else the copy in the package)"
     )
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--device-map", choices=["auto"], help="auto: spread the model over the visible devices (accelerate)"
+    )
+    p.add_argument(
+        "--max-memory", type=_max_memory_arg, help="with --device-map auto: e.g. 0=20GiB,1=20GiB,cpu=60GiB,disk=900GB"
+    )
+
+
+def _max_memory_arg(text: str) -> dict:
+    try:
+        return parse_max_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _load(args: argparse.Namespace):
@@ -296,7 +358,12 @@ def _load(args: argparse.Namespace):
     from harness.models import load_model
 
     return load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
     )
 
 
@@ -364,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--point", default="weight", choices=POINTS)
     loss.add_argument(
         "--items", type=count_arg(1), default=LOSS_ITEMS, help="first N GSM8K test items (default %(default)s)"
+    )
+    loss.add_argument(
+        "--first-item", type=count_arg(0), default=0, help="skip this many test items first (a sweep's item shards)"
     )
     loss.add_argument("--seed", type=int, default=0, help="seed of stochastic formats")
     _scale_mode_option(loss)
@@ -461,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="first noise seed (draw d uses seed + d)")
             _field_options(p, aqn_preflight.Thresholds, PREFLIGHT_THRESHOLDS, "verdict line")
             p.add_argument("--json", action="store_true")
+            p.add_argument("--output", type=output_file_arg, help="write the pre-flight JSON here")
         else:
             p.add_argument("--strategies", default=",".join(aqn_train.STRATEGIES))
             p.add_argument(
@@ -501,7 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gate.add_argument("--alpha", type=float, default=ALPHA, help="one-sided significance level (default %(default)s)")
     gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
+    gate.add_argument("--sweep", action="store_true", help="BASELINE and CANDIDATE are sweep folders: gate every job")
     gate.set_defaults(run=_gate)
+
+    sw = commands.add_parser("sweep", help="run a TOML plan of model x format x point x job as Ray tasks")
+    sw.add_argument("plan", help="the plan (see docs/sweeps.md), or `report` to rewrite DIR's summary and heatmap")
+    sw.add_argument("dir", nargs="?", help="with `report`: the sweep folder")
+    sw.add_argument("--out", help="the sweep folder (documents, summary.md, heatmap.png)")
+    sw.add_argument("--address", help="a running Ray cluster: auto or HOST:PORT (default: start a local instance)")
+    sw.add_argument("--num-cpus", type=count_arg(1), help="CPUs of the local Ray instance (default: all)")
+    sw.set_defaults(run=_sweep)
 
     cmp = commands.add_parser("compare", help="compare two scan JSONs layer by layer (A vs B)")
     cmp.add_argument("a")

@@ -230,6 +230,11 @@ class QuantInjector:
                 _ACTIVE.setdefault(module, []).append(self)
                 self._touched.append(module)
                 if self.point in ("weight", "both"):
+                    if module.weight.device.type == "meta":
+                        raise ValueError(
+                            f"{name}.weight is offloaded (device_map placed it on disk or the CPU): weight "
+                            "quantization needs the weights in place; use point=input or give it more max_memory"
+                        )
                     if embedding is not None and module.weight is getattr(embedding, "weight", None):
                         self.notes.append(
                             f"{name}.weight is tied to the input embedding: {name} uses {fmt} weights, "

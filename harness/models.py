@@ -90,16 +90,27 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     seed: int = 0,
+    device_map: str | None = None,
+    max_memory: dict | None = None,
 ) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` for ``spec``: an embedded name, ``tiny-llama``/``tiny-qwen2`` (random,
     seeded), or a local HF directory (safetensors; ``device_map="auto"`` when it does not fit one
-    device).  The model is in eval mode."""
+    device).  ``device_map="auto"``: spread over the visible devices by accelerate
+    (``infer_auto_device_map`` within ``max_memory``, e.g. ``{0: "20GiB", "cpu": "60GiB",
+    "disk": "200GiB"}``), whole decoder layers per device (so every Linear, with its per-tensor
+    scales and blocks, stays on one device); what does not fit is offloaded.  The model is in eval
+    mode."""
+    if device_map not in (None, "auto"):
+        raise ValueError(f"unknown device_map {device_map!r}; valid: auto")
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     if spec in TINY:
         model, tok = _tiny(spec, seed)
+        if device_map:
+            model = _dispatch(model.to(dtype=dtype), max_memory)
     elif spec in EMBEDDED:
-        model, tok = _from_dir(_embedded_dir(spec), dtype, trust_remote_code=False)
+        model, tok = _from_dir(_embedded_dir(spec), dtype, trust_remote_code=False, **placement)
     else:
-        model, tok = _from_dir(_check_local_dir(spec, trust_remote_code), dtype, trust_remote_code)
+        model, tok = _from_dir(_check_local_dir(spec, trust_remote_code), dtype, trust_remote_code, **placement)
     if getattr(model, "hf_device_map", None) is None:
         model = model.to(device=device, dtype=dtype)
     model.eval()
@@ -149,11 +160,62 @@ def _causal_lm_types() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object]:
+def parse_max_memory(text: str) -> dict:
+    """``0=20GiB,1=20GiB,cpu=60GiB,disk=200GiB`` as accelerate's ``max_memory`` (GPU indices as ints)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in text.split(","):
+        device, _, size = part.partition("=")
+        device = device.strip()
+        if not (device.isdigit() or device in ("cpu", "disk", "mps")) or not size:
+            raise ValueError(f"bad max_memory entry {part!r}; valid: DEVICE=SIZE with DEVICE a GPU index, cpu or disk")
+        try:
+            convert_file_size_to_int(size.strip())
+        except ValueError:
+            raise ValueError(f"bad size {size!r} in max_memory; valid: e.g. 300KB, 20GiB") from None
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
+
+
+def _offload_folder() -> str:
+    """A private folder for weights offloaded to disk, removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="harness-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _dispatch(model: nn.Module, max_memory: dict | None) -> nn.Module:
+    """``model`` placed by ``accelerate.infer_auto_device_map`` (no decoder layer split) and
+    ``dispatch_model``; modules mapped to ``disk`` are saved to an offload folder first."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import offload_state_dict
+
+    device_map = infer_auto_device_map(
+        model, max_memory=max_memory, no_split_module_classes=getattr(model, "_no_split_modules", None)
+    )
+    disk = [name for name, where in device_map.items() if where == "disk"]
+    folder = _offload_folder() if disk else None
+    if disk:
+        on_disk = {k: v for k, v in model.state_dict().items() if any(k == n or k.startswith(f"{n}.") for n in disk)}
+        offload_state_dict(folder, on_disk)
+    main = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
+    return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=folder)
+
+
+def _from_dir(
+    path: Path, dtype: torch.dtype, trust_remote_code: bool, device_map: str | None = None, max_memory=None
+) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if torch.cuda.is_available() and _too_big_for_one_gpu(path):
+    if device_map:
+        kwargs |= {"device_map": device_map, "max_memory": max_memory, "offload_folder": _offload_folder()}
+    elif torch.cuda.is_available() and _too_big_for_one_gpu(path):
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -32,21 +32,28 @@ class DocumentError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """The items a run evaluated: a name (e.g. ``gsm8k test``), how many, and sha256 (hex) of their
-    texts in order, each text followed by a NUL byte (:func:`dataset_of`)."""
+    """The items a run evaluated: a name (e.g. ``gsm8k test``), how many, and sha256 (hex) of the
+    items' own sha256 hex digests in order (:func:`dataset_of`), so the items of shards evaluated
+    apart combine into the identity of the whole."""
 
     name: str
     items: int
     sha256: str
 
 
+def item_digests(texts: Iterable[str]) -> list[str]:
+    """sha256 (hex) of each item's text (UTF-8)."""
+    return [hashlib.sha256(text.encode("utf-8")).hexdigest() for text in texts]
+
+
+def dataset_of_digests(name: str, digests: Sequence[str]) -> Dataset:
+    """:class:`Dataset` of the items with these :func:`item_digests` (in evaluation order)."""
+    return Dataset(name, len(digests), hashlib.sha256("".join(digests).encode("ascii")).hexdigest())
+
+
 def dataset_of(name: str, texts: Iterable[str]) -> Dataset:
     """:class:`Dataset` of the items whose texts are ``texts`` (in evaluation order)."""
-    digest, count = hashlib.sha256(), 0
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-        count += 1
-    return Dataset(name, count, digest.hexdigest())
+    return dataset_of_digests(name, item_digests(texts))
 
 
 def provenance(command: str) -> dict[str, str]:
@@ -239,8 +246,3 @@ def read_document(path: str | Path, role: str = "") -> PerItemDocument:
         return PerItemDocument.from_json(doc)
     except DocumentError as err:
         raise DocumentError(f"{label}: {err}") from None
-
-
-def gsm8k_dataset(split: str, texts: Sequence[str]) -> Dataset:
-    """:func:`dataset_of` named ``gsm8k <split>``."""
-    return dataset_of(f"gsm8k {split}", texts)

@@ -104,7 +104,7 @@ def test_compare_to_missing_or_other_items_fails_before_the_evaluation(tmp_path,
     """--compare-to is read by the per-item document reader: a missing file, a document of other
     items (another data set, or another --limit of this one) or of another task are usage errors."""
     from harness.eval.gsm8k import Gsm8kResult, Gsm8kRuns
-    from harness.peritem import gsm8k_dataset
+    from harness.peritem import dataset_of
 
     data = str(_gsm8k(tmp_path / "data"))
     missing = tmp_path / "missing.json"
@@ -116,7 +116,7 @@ def test_compare_to_missing_or_other_items_fails_before_the_evaluation(tmp_path,
         settings = {"task": f"harness_{task}", "limit": n}
         run = Gsm8kResult(task, n, {}, {"bits_per_byte,none": [1.0] * n}, [], {}, settings, list(range(n)))
         doc = Gsm8kRuns("m", "none", "weight", "float32", task, {"reference": run}).document(
-            model={}, dataset=gsm8k_dataset("test", texts)
+            model={}, dataset=dataset_of("gsm8k test", texts)
         )
         path = tmp_path / f"earlier-{task}-{n}.json"
         path.write_text(doc.dumps())

@@ -74,17 +74,20 @@ class LossResult:
     def comparison(self) -> PairedComparison:
         return compare_paired(self.item_losses(self.reference_nll), self.item_losses(self.nll))
 
-    def document(self, *, model: dict, recipe: dict, dataset: Dataset) -> PerItemDocument:
+    def document(
+        self, *, model: dict, recipe: dict, dataset: Dataset, item_ids: tuple[int, ...] | None = None
+    ) -> PerItemDocument:
         """The ``eval loss --json`` document (:class:`harness.peritem.PerItemDocument`, what
-        ``python -m harness gate`` reads): :meth:`per_item` on items ``0 … n-1`` of ``dataset``,
-        :meth:`summary` as the aggregate, the paired comparison in ``details``."""
+        ``python -m harness gate`` reads): :meth:`per_item` on items ``item_ids`` (default
+        ``0 … n-1``) of ``dataset``, :meth:`summary` as the aggregate, the paired comparison in
+        ``details``."""
         details = {"comparison": self.comparison().as_dict()} if self.nll else {}
         return PerItemDocument(
             kind="eval loss",
             model=model,
             recipe=recipe,
             dataset=dataset,
-            item_ids=tuple(range(self.n)),
+            item_ids=tuple(range(self.n)) if item_ids is None else item_ids,
             per_item={k: tuple(v) for k, v in self.per_item().items()},
             aggregate=self.summary(),
             provenance=provenance("eval loss"),
