@@ -97,7 +97,7 @@ def _eval_loss(args: argparse.Namespace) -> int:
         return 0
     summary, cmp = result.summary(), result.comparison()
     print(
-        f"model {args.model}, {args.format} on {args.point} of {settings['modules']} Linear modules, "
+        f"model {args.model}, {args.format} on {args.point} of {settings['recipe']['modules']} Linear modules, "
         f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
     )
     for note in notes:
