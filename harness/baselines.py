@@ -12,18 +12,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from tabulate import tabulate
 
 import harness
+from harness import atomic
 from harness.formats import FORMATS
 from harness.policy import CROSS_DEVICE_WEIGHT_ONLY, DEFAULT_TOLERANCE, Tolerance, policy_for
 
@@ -83,12 +81,13 @@ def cpu_fallback(
     path: Path, case_id: str, identity: dict[str, object] | None = None
 ) -> tuple[Path, dict[str, dict[str, float]], dict, Callable] | None:
     """For a case missing from a CUDA baseline file: ``(the CPU file, its cases, its items, its
-    cross-device tolerance)`` when the CPU file of the same model and suite has the case (and a
-    :class:`CrossDeviceBaseline` warning saying so), else None. Case ids name the dtype where a
-    suite runs several, so this never compares across dtypes."""
-    if path.parent.name != "cuda":
+    cross-device tolerance)`` when the CPU file of the same model, dtype and suite has the case
+    (``cuda-bfloat16`` falls back to ``cpu-bfloat16``; and a :class:`CrossDeviceBaseline` warning
+    says so), else None. It never compares across dtypes."""
+    device, _, dtype = path.parent.name.partition("-")
+    if device != "cuda":
         return None
-    cpu = path.parent.with_name("cpu") / path.name
+    cpu = path.parent.with_name("-".join(filter(None, ("cpu", dtype)))) / path.name
     cases, items = read_baseline_file(cpu, identity)
     if case_id not in cases:
         return None
@@ -190,16 +189,15 @@ def write_baselines(
 ) -> None:
     """Merge ``updates`` (and per-item ``items``) into the file, other cases kept, atomically.
 
-    Read, merge and replace happen under ``<file>.lock``, so concurrent writers lose nothing;
-    the temporary file is removed on any error, and ones left by a killed writer are removed by
-    the next write.  ``identity`` (:func:`harness.models.model_identity`) is recorded; a file of
-    another model is refused (BaselineError).  NaN values are refused (:func:`check_values`)."""
+    Read, merge and replace happen under a lock held outside the repository
+    (:func:`harness.atomic.lock`), so concurrent writers lose nothing; the file is replaced
+    all-or-nothing (:class:`harness.atomic.Transaction`: a full disk or Ctrl-C leaves the previous
+    file as it was), keeps the mode of the file it replaces, and a symlinked file has its target
+    updated.  ``identity`` (:func:`harness.models.model_identity`) is recorded; a file of another
+    model is refused (BaselineError).  NaN values are refused (:func:`check_values`)."""
     for case, metrics in updates.items():
         check_values(case, metrics, (items or {}).get(case))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
-        for stale in path.parent.glob(f"{path.name}.*.tmp"):  # left by a killed writer; we hold the lock
-            stale.unlink(missing_ok=True)
+    with atomic.lock(path):
         stored_cases, stored_items, stored_identity = _read(path, identity)
         cases = stored_cases | updates
         stored_items = stored_items | (items or {})
@@ -216,15 +214,7 @@ def write_baselines(
             doc["items"] = {
                 c: {k: [_encode(x) for x in v] for k, v in m.items()} for c, m in sorted(stored_items.items())
             }
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=2, sort_keys=False, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_text(path, json.dumps(doc, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def comparison_table(old: dict[str, float], new: dict[str, float], tolerance=tolerance_for) -> tuple[bool, str]:

@@ -4,10 +4,11 @@ and verified before every use.
 An artifact is a directory.  ``cached_dir(target, build)`` returns ``target`` when every file
 listed in its ``SHA256SUMS`` manifest still has the recorded sha256; otherwise it calls
 ``build(tmp)`` in a temporary sibling directory, records the manifest there and renames it into
-place, under ``<target>.lock`` so concurrent builders build once (and the next builder removes
-what a killed one left).  A corrupt or truncated artifact
+place (:class:`harness.atomic.Transaction`), under the target's lock so concurrent builders build
+once (and the next builder removes what a killed one left).  A corrupt or truncated artifact
 is rebuilt with a one-line notice on stderr, never used.  When the cache directory cannot be
-written, the artifact is built in a temporary directory (removed at exit) with a warning.
+written, or holds another user's artifact this user may not replace (a shared cache of mode
+1777), the artifact is built in a temporary directory (removed at exit) with a warning.
 
 What this protects against: truncation, corruption and stray files (a file planted without its
 manifest entry is rebuilt over, never loaded).  It is not a signature: whoever can write the
@@ -17,15 +18,15 @@ cache can also write a matching manifest.
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
+from harness import atomic
 
 MANIFEST = "SHA256SUMS"
 
@@ -45,7 +46,15 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify(directory: Path) -> str:
-    """Empty when every file of ``directory``'s manifest has its recorded sha256, else why not."""
+    """Empty when every file of ``directory``'s manifest has its recorded sha256, else why not
+    (also when it cannot be read, e.g. another user's private build)."""
+    try:
+        return _problem(directory)
+    except OSError as err:
+        return f"cannot be read ({err})"
+
+
+def _problem(directory: Path) -> str:
     manifest = directory / MANIFEST
     if not directory.is_dir():
         return "missing"
@@ -82,29 +91,25 @@ def cached_dir(target: Path, build: Callable[[Path], None], what: str) -> Path:
     if not verify(target):
         return target
     why_not = _writable(target.parent)
-    if why_not:
-        tmp = Path(tempfile.mkdtemp(prefix=f"harness-{target.name}-"))
-        atexit.register(shutil.rmtree, tmp, True)
-        notice(f"warning: the cache {target.parent} is not writable ({why_not}); building {what} in {tmp} for this run")
-        build(tmp)
-        return tmp
-    with FileLock(f"{target}.lock"):
-        problem = verify(target)  # another process may have built it while we waited
-        if not problem:
-            return target
-        if target.exists():
-            notice(f"{what} in {target}: {problem}; rebuilding it")
-        for stale in [*target.parent.glob(f"{target.name}.*.tmp"), *target.parent.glob(f"{target.name}.*.old")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed builder; we hold the lock
-        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent))
+    if not why_not:
         try:
-            build(tmp)
-            write_manifest(tmp)
-            if target.exists():  # moved aside, not deleted in place: readers with open files keep them
-                old = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".old", dir=target.parent))
-                os.replace(target, old / "artifact")
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            with atomic.lock(target):
+                problem = verify(target)  # another process may have built it while we waited
+                if not problem:
+                    return target
+                if target.exists():
+                    notice(f"{what} in {target}: {problem}; rebuilding it")
+                with atomic.Transaction() as tx:  # replaced whole; readers with open files keep them
+                    staged = tx.folder(target)
+                    build(staged)
+                    write_manifest(staged)
+            return target
+        except OSError as err:  # e.g. another user's artifact in a shared (mode 1777) cache
+            if err.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            why_not = str(err)
+    tmp = Path(tempfile.mkdtemp(prefix=f"harness-{target.name}-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    notice(f"warning: the cache {target.parent} is not writable ({why_not}); building {what} in {tmp} for this run")
+    build(tmp)
+    return tmp

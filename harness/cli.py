@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from harness import atomic
 from harness.aqn import preflight as aqn_preflight
 from harness.aqn import train as aqn_train
 from harness.baselines import BaselineError
@@ -121,6 +122,8 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
     from harness.models import model_identity
     from harness.peritem import dataset_of
 
+    if args.output:
+        atomic.check_target(args.output, atomic.Kind.GSM8K_RUN, args.force)
     # a bad file, or a --compare-to run on other items, is named before the model loads
     dataset = dataset_of("gsm8k test", [i.text for i in load_gsm8k("test", args.limit, args.gsm8k_dir)])
     compare_to = check_compare_to(args.compare_to, args.task, dataset) if args.compare_to else None
@@ -164,10 +167,14 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
 def _scan(args: argparse.Namespace) -> int:
     from harness.gsm8k import load_gsm8k
     from harness.models import model_key
-    from harness.srdd.report import markdown_summary, write_report
+    from harness.srdd.report import fill_report, markdown_summary
     from harness.srdd.sensitivity import DEFAULT_MODE
 
     check_scan_options(args.attribution, args.eval_items, args.instability_runs)
+    if args.output:
+        atomic.check_target(args.output, atomic.Kind.SCAN, args.force)
+    if args.report_dir:
+        atomic.check_target(args.report_dir, atomic.Kind.SCAN_REPORT, args.force)
     thresholds = _from_options(args, srdd_criteria.Thresholds, SCAN_THRESHOLDS)
     calibration = load_gsm8k("train", args.prompts, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir) if args.eval_items else []
@@ -188,10 +195,13 @@ def _scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    if args.output:
-        doc.write(args.output)
+    with atomic.Transaction() as tx:  # the report and --output together, all-or-nothing
+        if args.report_dir:
+            fill_report(doc, tx.folder(args.report_dir))
+        if args.output:
+            doc.write(tx.file(args.output))
     if args.report_dir:
-        print(f"report: {write_report(doc, args.report_dir)}")
+        print(f"report: {Path(args.report_dir, 'summary.md')}")
     print(markdown_summary(doc))
     if doc.has_nonfinite:
         print("error: NaN/Inf found (see the non-finite findings above)", file=sys.stderr)
@@ -259,7 +269,8 @@ def _aqn_compare(args: argparse.Namespace) -> int:
     config.schedule(args.steps)
     strategies = args.strategies.split(",")
     if args.output:
-        report_paths(args.output)  # a .json name is refused before any training
+        for path in report_paths(args.output):  # a .json name is refused before any training
+            atomic.check_target(path, atomic.Kind.AQN_REPORT, args.force)
     problematic, how = aqn_train.problematic_layers(strategies, args.attribution, model=args.model, fmt=args.format)
     train = load_gsm8k("train", args.train_items, args.gsm8k_dir)
     evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir)
@@ -368,10 +379,8 @@ def _load(args: argparse.Namespace):
 
 
 def _write_json(path: str, doc: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
-    print(f"\nwrote {out}")
+    atomic.write_text(path, json.dumps(doc, indent=2))
+    print(f"\nwrote {path}")
 
 
 # Options that set a field of a library dataclass: field -> flag; default and type from the field.
@@ -408,6 +417,14 @@ def _field_options(p: argparse.ArgumentParser, cls, flags: dict[str, str], what:
 def _from_options(args: argparse.Namespace, cls, flags: dict[str, str]):
     """The dataclass ``cls`` from the options :func:`_field_options` added."""
     return cls(**{name: getattr(args, name) for name in flags})
+
+
+def _force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output even when it is not a harness document of this kind",
+    )
 
 
 def _scale_mode_option(p: argparse.ArgumentParser) -> None:
@@ -458,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scale_mode_option(gs)
     gs.add_argument("--tasks-dir", help="keep the task YAMLs here (for lm_eval --include_path)")
     gs.add_argument("--output", type=output_file_arg, help="write metrics, per-item results and samples as JSON")
+    _force_option(gs)
     gs.set_defaults(run=_eval_gsm8k)
 
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
@@ -494,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"else {srdd_run.DETERMINISTIC_RUNS})",
     )
     sc.add_argument("--output", type=output_file_arg, help="write the scan JSON here")
-    sc.add_argument("--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here")
+    sc.add_argument(
+        "--report-dir", type=output_dir_arg, help="write summary.md, results.json and PNG plots here (replaced whole)"
+    )
+    _force_option(sc)
     sc.set_defaults(run=_scan)
 
     aqn = commands.add_parser("aqn", help="AQN noise: pre-flight collapse check, strategy comparison")
@@ -556,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--output", type=output_file_arg, help="write the markdown table here (and the JSON beside it)"
             )
+            _force_option(p)
 
     gate = commands.add_parser(
         "gate",
@@ -599,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     except OSError as err:  # a file the run could not read or write: named, no traceback
         parser.exit(1, f"error: {err}\n")
+    except KeyboardInterrupt as err:  # Ctrl-C: one line saying what was (not) written
+        what = str(err) or "before any output was written (outputs are written all-or-nothing at the end)"
+        parser.exit(130, f"interrupted: {what}\n")
 
 
 if __name__ == "__main__":

@@ -301,3 +301,10 @@ def _tiny(name: str, seed: int) -> tuple[nn.Module, object]:
         torch.manual_seed(seed)
         model = cls(config)
     return model, tok
+
+
+def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
+    """ValueError naming the problem when ``spec`` is neither an embedded or tiny name nor a
+    loadable local HF directory; loads nothing (what a command checks before any work)."""
+    if spec not in TINY and spec not in EMBEDDED:
+        _check_local_dir(spec, trust_remote_code)

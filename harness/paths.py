@@ -12,8 +12,9 @@ CACHE_ENV = "HARNESS_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """Where converted models and compiled kernels are cached: ``$HARNESS_CACHE_DIR`` or ``~/.cache/harness``."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "harness"))
+    """Where converted models and compiled kernels are cached: ``$HARNESS_CACHE_DIR`` (made
+    absolute), or ``~/.cache/harness`` when it is unset or empty (never the working directory)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "harness").expanduser().absolute()
 
 
 def data_dir() -> Path:

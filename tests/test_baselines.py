@@ -37,8 +37,8 @@ def test_write_merges_cases_and_read_round_trips(tmp_path: Path) -> None:
     assert read_baseline_file(path)[0] == {"a": {"loss": 1.0}, "b": {"loss": 2.0}}
     doc = json.loads(path.read_text())
     assert doc["schema_version"] == 1 and "torch_version" in doc and "created" in doc
-    # no temp file left; the lock file stays (removing a lock file others may hold open is a race)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["suite.json", "suite.json.lock"]
+    # no temp file and no lock file left in the tree (the lock lives in the temporary directory)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["suite.json"]
 
 
 def test_corrupted_file_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -72,9 +72,9 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
 def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     result = project.runpytest_subprocess("suite")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*no baseline for case 'mxfp4-w4a16-fp32'*", "*--update-baselines*"])
+    result.stdout.fnmatch_lines(["*no baseline for case 'mxfp4-w4a16-fp32'*", "*--harness-update-baselines*"])
 
-    result = project.runpytest_subprocess("suite", "--update-baselines")
+    result = project.runpytest_subprocess("suite", "--harness-update-baselines")
     result.assert_outcomes(passed=1)
     stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
     assert read_baseline_file(stored)[0] == {"mxfp4-w4a16-fp32": {"loss": 2.30}}
@@ -88,7 +88,7 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
     assert read_baseline_file(stored)[0] == {"mxfp4-w4a16-fp32": {"loss": 2.30}}  # not rewritten
 
     stored.write_text("[]")
-    result = project.runpytest_subprocess("suite", "--update-baselines")
+    result = project.runpytest_subprocess("suite", "--harness-update-baselines")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*suite.json: corrupted baseline file*"])
     assert stored.read_text() == "[]"
@@ -96,7 +96,9 @@ def test_fixture_missing_update_regress_and_corrupt(project: pytest.Pytester, mo
 
 def test_baselines_dir_option_moves_the_store(project: pytest.Pytester) -> None:
     """``--baselines-dir`` (relative to the invocation directory) replaces ``<rootdir>/baselines``."""
-    project.runpytest_subprocess("suite", "--update-baselines", "--baselines-dir", "gates").assert_outcomes(passed=1)
+    project.runpytest_subprocess(
+        "suite", "--harness-update-baselines", "--harness-baselines-dir", "gates"
+    ).assert_outcomes(passed=1)
     assert read_baseline_file(project.path / "gates" / "smollm2-135m" / "cpu" / "suite.json")[0] == {
         "mxfp4-w4a16-fp32": {"loss": 2.30}
     }
@@ -123,7 +125,7 @@ def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pyteste
         "    items = [1.0] * right + [0.0] * (n - right)\n"
         "    baseline.check('mxfp4-gsm8k', {'n': 100}, items={'flexible_exact_match': items})\n"
     )
-    project.runpytest_subprocess("suite/test_acc.py", "--update-baselines").assert_outcomes(passed=1)
+    project.runpytest_subprocess("suite/test_acc.py", "--harness-update-baselines").assert_outcomes(passed=1)
     stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"
     assert read_baseline_file(stored)[1]["mxfp4-gsm8k"]["flexible_exact_match"] == [1.0] * 60 + [0.0] * 40
 
@@ -132,7 +134,7 @@ def test_accuracy_is_gated_by_a_paired_significance_test(project: pytest.Pyteste
     result = project.runpytest_subprocess("suite/test_acc.py")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*flexible_exact_match: INCONCLUSIVE*minimal detectable drop*items would settle it*"])
-    project.runpytest_subprocess("suite/test_acc.py", "--accept-inconclusive").assert_outcomes(passed=1)
+    project.runpytest_subprocess("suite/test_acc.py", "--harness-accept-inconclusive").assert_outcomes(passed=1)
 
     monkeypatch.setenv("RIGHT", "40")  # a worse format under the same name
     result = project.runpytest_subprocess("suite/test_acc.py")
@@ -162,16 +164,17 @@ def test_fixture_refuses_another_models_baseline_and_never_stores_nan(
     metric fails its case in both modes and is not written."""
     project.path.joinpath("suite", "test_id.py").write_text(
         "import json, math, os\n"
+        "from harness.pytest_plugin import HarnessSession\n"
         "def test_case(baseline, request):\n"
         "    # what the plugin's `model_under_test` fixture does with the model it loads\n"
-        "    request.config.harness_model_identity = json.loads(os.environ['IDENTITY'])\n"
+        "    HarnessSession.from_config(request.config).model_identity = json.loads(os.environ['IDENTITY'])\n"
         "    baseline.check('mxfp4-w4a16-fp32', {'loss': 2.30})\n"
         "def test_nan(baseline):\n"
         "    baseline.check('nan-case', {'loss': math.nan})\n"
     )
     llama, qwen = tiny_identities
     monkeypatch.setenv("IDENTITY", llama)
-    result = project.runpytest_subprocess("suite/test_id.py", "--update-baselines")
+    result = project.runpytest_subprocess("suite/test_id.py", "--harness-update-baselines")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*nan-case: loss is NaN: the run failed (a NaN is never stored as a baseline)*"])
     stored = project.path / "baselines" / "smollm2-135m" / "cpu" / "suite.json"

@@ -28,6 +28,6 @@ def test_update_baselines_refuses_xdist(pytester: pytest.Pytester) -> None:
 
     pytester.makeconftest((Path(__file__).resolve().parents[1] / "conftest.py").read_text())
     pytester.makepyfile("def test_x():\n    pass\n")
-    result = pytester.runpytest_subprocess("-n", "2", "--update-baselines", "-p", "no:cacheprovider")
-    result.stderr.fnmatch_lines(["*--update-baselines writes the baseline files*without -n (got -n 2)*"])
+    result = pytester.runpytest_subprocess("-n", "2", "--harness-update-baselines", "-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(["*--harness-update-baselines writes the baseline files*without -n (got -n 2)*"])
     assert result.ret != 0

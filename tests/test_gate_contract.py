@@ -231,10 +231,10 @@ def test_the_plugin_fails_a_diverged_candidate_even_with_accept_inconclusive(
 ) -> None:
     pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p harness.pytest_plugin\n")
     pytester.makepyfile(test_diverge=PLUGIN_TEST)
-    pytester.runpytest_subprocess("--update-baselines").assert_outcomes(passed=1)
-    pytester.runpytest_subprocess("--accept-inconclusive").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("--harness-update-baselines").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("--harness-accept-inconclusive").assert_outcomes(passed=1)
     monkeypatch.setenv("DIVERGE", "1")
-    result = pytester.runpytest_subprocess("--accept-inconclusive")
+    result = pytester.runpytest_subprocess("--harness-accept-inconclusive")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*loss: REGRESSION: the candidate diverged: 1 of 40*"])
 

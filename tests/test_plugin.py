@@ -42,10 +42,10 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     # -p: where the entry point is installed (pip install) it already loaded the plugin and this is a no-op
     pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p harness.pytest_plugin\n")
     pytester.makepyfile(test_gate=USER_TEST)
-    args = ("--model", "tiny-llama")
+    args = ("--harness-model", "tiny-llama")
     stored = pytester.path / "baselines" / "tiny-llama" / "cpu" / f"{pytester.path.name}.json"
 
-    pytester.runpytest_subprocess(*args, "--update-baselines").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess(*args, "--harness-update-baselines").assert_outcomes(passed=1)
     before = read_baseline_file(stored)[0]["w8a16-fp32"]
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=1)
@@ -57,6 +57,8 @@ def test_a_project_without_conftest_gates_a_tiny_model(pytester: pytest.Pytester
     result.stdout.fnmatch_lines(["*w8a16-fp32 moved beyond tolerance*", "*kl*REGRESSION*"])
     assert read_baseline_file(stored)[0]["w8a16-fp32"] == before
 
-    pytester.runpytest_subprocess(*args, "--dtype", "bfloat16", "--update-baselines").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess(*args, "--harness-dtype", "bfloat16", "--harness-update-baselines").assert_outcomes(
+        passed=1
+    )
     bf16 = stored.parent.with_name("cpu-bfloat16") / stored.name
     assert list(read_baseline_file(bf16)[0]) == ["w8a16-bf16"] and list(read_baseline_file(stored)[0]) == ["w8a16-fp32"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from harness import atomic
+
 
 def aqn_markdown(comparison, model: str, problematic: list[str], how: str) -> str:
     """The strategy table with the seed as the unit: loss mean ± sd over seeds per
@@ -89,10 +91,12 @@ def write_comparison(path: str | Path, comparison, model: str, problematic: list
     :func:`report_paths` of ``path``; returns the markdown."""
     markdown, doc = report_paths(path)
     text = aqn_markdown(comparison, model, problematic, how)
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(text)
     report = {"model": model, "targeted": list(problematic), "how": how}
-    doc.write_text(json.dumps({"rows": comparison.rows(), **asdict(comparison), "report": report}, indent=2))
+    with atomic.Transaction() as tx:  # both files or neither
+        tx.file(markdown).write_text(text)
+        tx.file(doc).write_text(
+            json.dumps({"rows": comparison.rows(), **asdict(comparison), "report": report}, indent=2)
+        )
     return text
 
 

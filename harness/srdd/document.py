@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import atomic
 from harness.srdd.attribution import Attribution
 from harness.srdd.criteria import LayerFinding, Reason, Recommendation
 from harness.srdd.sensitivity import Screened
@@ -165,10 +166,9 @@ class ScanDocument:
         )
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        """The document as JSON at ``path``, all-or-nothing (:func:`harness.atomic.write_text`)."""
+        atomic.write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        return Path(path)
 
     @classmethod
     def read(cls, path: str | Path) -> ScanDocument:

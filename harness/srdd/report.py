@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from harness import atomic
 from harness.models import EMBEDDED
 from harness.srdd.document import ScanDocument
 
@@ -248,9 +249,16 @@ def _bar_plot(path: Path, title: str, labels: list[str], series: dict, ylabel: s
 
 
 def write_report(doc: ScanDocument, out_dir: str | Path) -> Path:
-    """``summary.md``, ``results.json`` and the PNG plots in ``out_dir``; returns the summary path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """``summary.md``, ``results.json`` and the PNG plots as the folder ``out_dir``, replaced
+    whole and all-or-nothing (:class:`harness.atomic.Transaction`); returns the summary path."""
+    with atomic.Transaction() as tx:
+        fill_report(doc, tx.folder(out_dir))
+    return Path(out_dir, "summary.md")
+
+
+def fill_report(doc: ScanDocument, out: Path) -> Path:
+    """Writes ``summary.md``, ``results.json`` and the PNG plots into the folder ``out``; returns
+    the summary path."""
     doc.write(out / "results.json")
     labels = [row.name.rsplit(".", 1)[-1] for row in doc.layers]
     title = f"{doc.model} {doc.format} ({doc.point})"
