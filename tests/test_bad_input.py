@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from gsm8k_folders import tiny_gsm8k
 
 import harness.models
 from harness.cli import main
 from harness.formats import fake_quantize, nvfp4_per_tensor_scale
 from harness.formats.quant import PER_TENSOR_SCALE_MAX, PER_TENSOR_SCALE_MIN
-
-
-def _gsm8k(folder: Path, n: int = 4) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}) for i in range(n)]
-    for split in ("test", "train"):
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 @pytest.fixture
@@ -78,13 +70,13 @@ RANGE = "is out of range (valid: an integer >= {})"
     ],
 )
 def test_counts_sizes_and_devices_are_checked_first(argv, message, tmp_path, capsys, no_model_load) -> None:
-    line = _usage_error([*argv, "--gsm8k-dir", str(_gsm8k(tmp_path))], capsys)
+    line = _usage_error([*argv, "--gsm8k-dir", str(tiny_gsm8k(tmp_path))], capsys)
     assert message in line
 
 
 @pytest.mark.parametrize("option", ["--output", "--report-dir"])
 def test_unusable_outputs_fail_before_the_scan(option: str, tmp_path, capsys, no_model_load) -> None:
-    data = str(_gsm8k(tmp_path / "data"))
+    data = str(tiny_gsm8k(tmp_path / "data"))
     folder, a_file = tmp_path / "folder", tmp_path / "file.txt"
     folder.mkdir()
     a_file.write_text("x")
@@ -106,7 +98,7 @@ def test_compare_to_missing_or_other_items_fails_before_the_evaluation(tmp_path,
     from harness.eval.gsm8k import Gsm8kResult, Gsm8kRuns
     from harness.peritem import dataset_of
 
-    data = str(_gsm8k(tmp_path / "data"))
+    data = str(tiny_gsm8k(tmp_path / "data"))
     missing = tmp_path / "missing.json"
     line = _usage_error([*GSM8K, "--limit", "3", "--compare-to", str(missing), "--gsm8k-dir", data], capsys)
     assert f"--compare-to {missing}: cannot read it (No such file or directory)" in line
@@ -155,14 +147,14 @@ def test_compare_of_a_json_that_is_not_a_scan(tmp_path, capsys) -> None:
 )
 @pytest.mark.parametrize("command", [LOSS, GSM8K], ids=["loss", "gsm8k"])
 def test_bad_gsm8k_files_are_named_with_the_line(command, content, message, tmp_path, capsys, no_model_load) -> None:
-    data = _gsm8k(tmp_path)
+    data = tiny_gsm8k(tmp_path)
     (data / "test.jsonl").write_bytes(content)
     line = _usage_error([*command, "--gsm8k-dir", str(data)], capsys)
     assert str(data) in line and message in line
 
 
 def test_model_directories_without_weights_or_with_a_bad_config_are_named(tmp_path, capsys) -> None:
-    data = str(_gsm8k(tmp_path / "data"))
+    data = str(tiny_gsm8k(tmp_path / "data"))
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
@@ -208,7 +200,7 @@ def test_nvfp4_per_tensor_scale_of_tiny_and_zero_tensors_is_usable() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="probes a machine without CUDA")
 def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, no_model_load) -> None:
-    line = _usage_error([*LOSS, "--device", "cuda", "--gsm8k-dir", str(_gsm8k(tmp_path))], capsys)
+    line = _usage_error([*LOSS, "--device", "cuda", "--gsm8k-dir", str(tiny_gsm8k(tmp_path))], capsys)
     assert line.endswith(
         "argument --device: device 'cuda' is not available; valid devices: cpu (no CUDA device is visible here)"
     )

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_bad_input import _gsm8k  # the same tiny GSM8K folder
+from gsm8k_folders import tiny_gsm8k
 
 import harness.models
 import harness.srdd.report
@@ -56,7 +56,7 @@ def _one_line_error(argv: list[str], capsys, code: int) -> str:
 @pytest.fixture
 def previous(tmp_path: Path, capsys) -> tuple[Path, Path, dict[str, bytes]]:
     """A folder with yesterday's ``--output`` and report (a scan of 2 prompts), the GSM8K data."""
-    data, where = _gsm8k(tmp_path / "data", 8), tmp_path / "results"
+    data, where = tiny_gsm8k(tmp_path / "data", 8), tmp_path / "results"
     assert main(_scan(where, data, 2)) == 0
     capsys.readouterr()
     return where, data, _snapshot(where)
@@ -138,7 +138,7 @@ def _tmpfs(where: Path, size: str):
 
 
 def test_a_real_full_disk_keeps_the_previous_output_and_report(tmp_path: Path, capsys) -> None:
-    data = _gsm8k(tmp_path / "data", 8)
+    data = tiny_gsm8k(tmp_path / "data", 8)
     with _tmpfs(tmp_path / "disk", "1m") as disk:
         assert main(_scan(disk, data, 2)) == 0
         capsys.readouterr()
@@ -193,7 +193,7 @@ def test_sigint_mid_scan_is_one_line_and_keeps_the_previous_results(previous) ->
 def test_outputs_that_are_not_harness_documents_are_refused_without_force(tmp_path: Path, capsys, monkeypatch) -> None:
     """A typo'd ``--output`` onto the scanned model's config.json, a ``--report-dir`` holding
     another tool's summary.md: refused before the model loads, replaced only with --force."""
-    data = _gsm8k(tmp_path / "data", 8)
+    data = tiny_gsm8k(tmp_path / "data", 8)
     model_dir, other_tool = tmp_path / "my-model", tmp_path / "their-report"
     model_dir.mkdir()
     other_tool.mkdir()

@@ -5,7 +5,7 @@ subcommand's full parsed options (defaults included), the model's identity (:fun
 the item shard and the harness version, so a changed definition gets a new path and an unchanged
 one is found and skipped.  Beside each document, ``<hash>.meta.json`` records the job's key,
 definition, status and error; ``DIR/sweep.json`` lists the plan's jobs.  Every file is written to a
-temporary file in the same folder and renamed over the target (``os.replace``, atomic on POSIX), so
+temporary file beside it and renamed over the target (:mod:`harness.atomic`), so
 an interrupted sweep leaves each file either whole or absent.
 """
 
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from harness import __version__
+from harness.atomic import write_text
 from harness.sweep.plan import Job, parse
 
 FINGERPRINT_BYTES = 1 << 20  # hashed from the start and the end of each weight file
@@ -26,20 +25,9 @@ DONE, FAILED, PENDING = "done", "failed", "pending"
 
 
 def write_json(path: Path, doc: object) -> Path:
-    """``doc`` as JSON at ``path``, atomically (temporary file in the same folder, then rename)."""
+    """``doc`` as JSON at ``path``, all-or-nothing (:func:`harness.atomic.write_text`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:
