@@ -81,10 +81,12 @@ class Kind(str, Enum):
 
 _SCAN = json_with("schema_version", "model", "format", "point", "layers")
 _AQN = json_with("rows", "fmt", "strategies", "seeds")
+_GSM8K_V0 = json_with("model", "task", "result")
 RECOGNIZERS: dict[Kind, Recognizer] = {
     Kind.SCAN: _SCAN,
     Kind.SCAN_REPORT: folder_with("results.json", _SCAN),
-    Kind.GSM8K_RUN: json_with("model", "task", "result"),
+    # a per-item document (harness.peritem), or one written before it
+    Kind.GSM8K_RUN: lambda path: json_with("schema", "item_ids", "per_item")(path) or _GSM8K_V0(path),
     # the markdown is recognized by the JSON written beside it
     Kind.AQN_REPORT: lambda path: _AQN(path if path.suffix == ".json" else path.with_suffix(".json")),
 }

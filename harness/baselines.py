@@ -23,6 +23,7 @@ from tabulate import tabulate
 import harness
 from harness import atomic
 from harness.formats import FORMATS
+from harness.policy import CROSS_DEVICE_WEIGHT_ONLY, DEFAULT_TOLERANCE, Tolerance, policy_for
 
 SCHEMA_VERSION = 1
 
@@ -31,71 +32,13 @@ class BaselineError(Exception):
     """A baseline file that cannot be read; names the file."""
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """Allowed change: ``abs`` in the metric's unit, or ``rel`` as a fraction of the baseline."""
-
-    kind: str
-    value: float
-
-    def allows(self, old: float, new: float) -> bool:
-        """NaN is never allowed (not even against NaN); an infinity only against the same one."""
-        if math.isnan(old) or math.isnan(new) or math.isinf(old) or math.isinf(new):
-            return not math.isnan(old) and old == new
-        bound = self.value if self.kind == "abs" else self.value * abs(old)
-        return abs(new - old) <= bound + 1e-12
-
-    def __str__(self) -> str:
-        return f"±{self.value:g}" if self.kind == "abs" else f"±{self.value:.1%}"
-
-
-# Per metric kind: losses relative, probabilities and dB absolute.  Two-sided: a change beyond
-# tolerance in either direction fails (a sudden "improvement" is as suspicious as a drop).
-TOLERANCES: dict[str, Tolerance] = {
-    "reference_loss": Tolerance("rel", 0.002),
-    "loss": Tolerance("rel", 0.005),
-    "kl": Tolerance("rel", 0.03),
-    "top1_agree": Tolerance("abs", 0.005),
-    "sqnr_db": Tolerance("abs", 0.05),
-    "deadzone_ratio": Tolerance("abs", 0.002),
-    "saturation_ratio": Tolerance("abs", 0.001),
-    "relative_error": Tolerance("rel", 0.01),
-    "bits_per_byte": Tolerance("rel", 0.005),
-}
-DEFAULT_TOLERANCE = Tolerance("rel", 0.01)
-
-
 def tolerance_for(metric: str) -> Tolerance:
-    """The metric's own tolerance, else that of its longest known suffix (``weight_sqnr_db`` ->
-    ``sqnr_db``), else 1 % relative."""
-    return _by_suffix(metric, TOLERANCES) or DEFAULT_TOLERANCE
+    """The tolerance of the metric's policy (:func:`harness.policy.policy_for`: its own entry or
+    its longest known suffix, ``weight_sqnr_db`` -> ``sqnr_db``), else 1 % relative."""
+    policy = policy_for(metric)
+    return policy.tolerance if policy is not None else DEFAULT_TOLERANCE
 
 
-def _by_suffix(metric: str, table: dict):
-    """The entry for the metric itself, else for its longest known ``_``-separated suffix."""
-    for i in range(len(metric)):
-        if (i == 0 or metric[i - 1] == "_") and metric[i:] in table:
-            return table[metric[i:]]
-    return None
-
-
-# A --gpu case without a CUDA baseline is compared with the CPU one, allowing the larger
-# of the metric's own tolerance and the cross-device difference measured on 2026-11-26 (an H200,
-# torch 2.11.0+cu130, against the 2-core CPU's baselines, docs/measurements/2026-11-26-h200.md):
-# unquantized and weight-only cases agreed to <= 2e-5 relative (loss, kl, bits_per_byte) and exactly
-# (top1_agree, every SRDD weight metric), so 1e-3 relative; activation-quantized cases differ where a
-# block scale or a rounding tie flips under another matmul summation order: about 1.5x the largest
-# difference measured per metric kind (in the comments), with the metric's own tolerance as a floor.
-CROSS_DEVICE_WEIGHT_ONLY = Tolerance("rel", 1e-3)
-CROSS_DEVICE_ACTIVATIONS: dict[str, Tolerance] = {
-    "loss": Tolerance("rel", 0.023),  # 1.53 % (mxfp8_e5m2 W16A4, second H200 run; the first: 0.75 %)
-    "kl": Tolerance("rel", 0.05),  # 3.2 % (mxfp6_e2m3 W4A4)
-    "top1_agree": Tolerance("abs", 0.012),  # 0.0074 (mxfp6_e3m2 W16A4)
-    "sqnr_db": Tolerance("abs", 0.1),  # 0.065 dB (mxfp8_e4m3 W16A4)
-    "deadzone_ratio": Tolerance("abs", 2e-4),  # 1.0e-4 (mxfp4_2d W16A4)
-    "saturation_ratio": Tolerance("abs", 2e-5),  # 1.0e-5 (nvfp4 W16A4)
-    "relative_error": Tolerance("rel", 1e-3),  # 0.06 % (mxfp4_sr W4A16), 0.03 % (mxfp4_2d W16A4)
-}
 ACTIVATION_POINT_IDS = ("w16a4", "w4a4")  # the suites' case-id tokens of input-quantized points
 
 
@@ -121,13 +64,14 @@ def cross_device_tolerance(case_id: str):
     """``metric -> tolerance`` for comparing ``case_id`` with another device's baseline. Cases of
     activation-quantized points (an id token in :data:`ACTIVATION_POINT_IDS`) and of stochastic
     formats (the id's first token; other devices draw other random numbers) get
-    :data:`CROSS_DEVICE_ACTIVATIONS`."""
+    the metric policy's ``cross_device`` allowance (:mod:`harness.policy`)."""
     tokens = case_id.split("-")
     stochastic = tokens[0] in FORMATS and FORMATS[tokens[0]].stochastic
     noisy = stochastic or any(token in ACTIVATION_POINT_IDS for token in tokens)
 
     def tolerance(metric: str) -> EitherTolerance:
-        cross = (_by_suffix(metric, CROSS_DEVICE_ACTIVATIONS) if noisy else None) or CROSS_DEVICE_WEIGHT_ONLY
+        policy = policy_for(metric) if noisy else None
+        cross = (policy.cross_device if policy is not None else None) or CROSS_DEVICE_WEIGHT_ONLY
         return EitherTolerance(tolerance_for(metric), cross)
 
     return tolerance

@@ -59,6 +59,8 @@ def loss_run(args: argparse.Namespace):
     ``first_item … first_item + items - 1``."""
     from harness.eval.loss import evaluate_loss
     from harness.gsm8k import load_gsm8k
+    from harness.models import model_identity
+    from harness.peritem import item_digests
 
     items = load_gsm8k("test", args.first_item + args.items, args.gsm8k_dir)[args.first_item :]
     model, tok = _load(args)
@@ -67,21 +69,41 @@ def loss_run(args: argparse.Namespace):
     )
     with injector as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
-    settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point")}
-    settings |= {"dtype": _dtype_name(model), "modules": len(inj.modules), "coverage": inj.coverage.to_json()}
+    recipe = {k: getattr(args, k) for k in ("format", "scale_mode", "point")}
+    recipe |= {"dtype": _dtype_name(model), "modules": len(inj.modules), "coverage": inj.coverage.to_json()}
+    settings = {
+        "model": {"name": args.model, **model_identity(model)},
+        "recipe": recipe,
+        "first_item": args.first_item,
+        "item_digests": item_digests(i.text for i in items),
+    }
     return result, settings, inj
+
+
+def loss_document(result, settings: dict):
+    """The ``eval loss --json`` document of a :func:`loss_run` (``settings`` JSON-able, so item
+    shards of one job can be merged: their ``item_digests`` concatenated in item order)."""
+    from harness.peritem import dataset_of_digests
+
+    first, digests = settings["first_item"], settings["item_digests"]
+    return result.document(
+        model=settings["model"],
+        recipe=settings["recipe"],
+        dataset=dataset_of_digests("gsm8k test", digests),
+        item_ids=tuple(range(first, first + len(digests))),
+    )
 
 
 def _eval_loss(args: argparse.Namespace) -> int:
     result, settings, inj = loss_run(args)
     if args.json:
-        print(json.dumps(result.document(**settings), indent=2))
+        print(loss_document(result, settings).dumps())
         return 0
     summary, cmp = result.summary(), result.comparison()
     print(inj.coverage.line())
     print(
-        f"model {args.model}, {args.format} on {args.point} of {settings['modules']} weights, "
-        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {settings['dtype']}"
+        f"model {args.model}, {args.format} on {args.point} of {settings['recipe']['modules']} weights, "
+        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {settings['recipe']['dtype']}"
     )
     for note in inj.notes:
         print(f"note: {note}")
@@ -101,11 +123,14 @@ def _eval_loss(args: argparse.Namespace) -> int:
 def _eval_gsm8k(args: argparse.Namespace) -> int:
     from harness.eval.gsm8k import lm_eval_table, run_gsm8k
     from harness.gsm8k import load_gsm8k
+    from harness.models import model_identity
+    from harness.peritem import dataset_of
 
-    compare_to = check_compare_to(args.compare_to, args.task, args.limit) if args.compare_to else None
     if args.output:
         atomic.check_target(args.output, atomic.Kind.GSM8K_RUN, args.force)
-    load_gsm8k("test", args.limit, args.gsm8k_dir)  # a bad file is named before the model loads
+    # a bad file, or a --compare-to run on other items, is named before the model loads
+    dataset = dataset_of("gsm8k test", [i.text for i in load_gsm8k("test", args.limit, args.gsm8k_dir)])
+    compare_to = check_compare_to(args.compare_to, args.task, dataset) if args.compare_to else None
     model, tok = _load(args)
     runs = run_gsm8k(
         model,
@@ -141,7 +166,8 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
         print(f"\n{subject} against {label} (paired, same items; means of per-item values):")
         print(tabulate(rows, headers=["metric", label, "now", "diff", "95% CI", "p", ""], floatfmt=".4f"))
     if args.output:
-        _write_json(args.output, runs.document())
+        doc = runs.document(model={"name": args.model, **model_identity(model)}, dataset=dataset)
+        _write_json(args.output, doc.to_json())
     return 0
 
 
@@ -232,10 +258,13 @@ def _aqn_preflight(args: argparse.Namespace) -> int:
     print(tabulate(result.draws, headers="keys", floatfmt=".4f"))
     li, t1 = result.loss_increase, result.top1_agree
     print(
-        f"{config.name}: {result.verdict.upper()}: loss {li.mean:+.1%} [95% CI {li.low:+.1%}, {li.high:+.1%}], "
-        f"top-1 agreement {t1.mean:.3f} [{t1.low:.3f}, {t1.high:.3f}] over {len(result.draws)} draws x "
-        f"{result.items} items (risky: > {thresholds.risky_loss_increase:.0%} or < {thresholds.risky_top1:.2f}; "
-        f"collapse: > {thresholds.collapse_loss_increase:.0%} or < {thresholds.collapse_top1:.2f})"
+        f"{config.name}: {result.verdict.upper()} (the mean over noise draws): loss {li.mean:+.1%} "
+        f"[95% CI {li.low:+.1%}, {li.high:+.1%}], top-1 agreement {t1.mean:.3f} [{t1.low:.3f}, {t1.high:.3f}] "
+        f"over {len(result.draws)} draws x {result.items} items (risky: > {thresholds.risky_loss_increase:.0%} or "
+        f"< {thresholds.risky_top1:.2f}; collapse: > {thresholds.collapse_loss_increase:.0%} or "
+        f"< {thresholds.collapse_top1:.2f})\n"
+        f"one draw (what one training step sees): {result.draw_verdict.upper()}: loss 95% prediction interval "
+        f"{li.draw_low:+.1%} to {li.draw_high:+.1%}, top-1 agreement {t1.draw_low:.3f} to {t1.draw_high:.3f}"
     )
     return 0
 
@@ -280,23 +309,28 @@ def _aqn_compare(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from harness.gate import GateError, gate_documents
+    """Exit 0 pass, 1 a measured regression, 2 anything else, with one line per gated metric (or
+    one line naming the file and the problem), never a traceback."""
+    from harness.gate import GateError, gate_files
 
     if args.sweep:
         from harness.sweep.report import gate_sweeps
 
         lines, code = gate_sweeps(
-            args.baseline, args.candidate, metric=args.metric, alpha=args.alpha, margin=args.margin
+            args.baseline, args.candidate, metrics=args.metric, alpha=args.alpha, margin=args.margin
         )
         print("\n".join(lines))
         return code
     try:
-        result = gate_documents(args.baseline, args.candidate, metric=args.metric, alpha=args.alpha, margin=args.margin)
-    except GateError as err:
-        print(f"not comparable: {err}")
+        report = gate_files(args.baseline, args.candidate, metrics=args.metric, alpha=args.alpha, margin=args.margin)
+    except GateError as err:  # a bad --alpha / --margin
+        print(f"error: {err}")
         return 2
-    print(result.line())
-    return result.exit_code
+    except Exception as err:  # the exit code is a contract: 1 only for a measured regression
+        print(f"error: the gate failed on {args.baseline} / {args.candidate}: {type(err).__name__}: {err}")
+        return 2
+    print("\n".join(report.lines()))
+    return report.exit_code
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -583,11 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gate = commands.add_parser(
         "gate",
-        help="paired gate of CANDIDATE against BASELINE: exit 0 pass, 1 regression, 2 inconclusive / not comparable",
+        help="paired gate of CANDIDATE against BASELINE: exit 0 pass, 1 regression, 2 inconclusive / not comparable "
+        "/ unreadable",
     )
-    gate.add_argument("baseline", help='`eval gsm8k --output`, `eval loss --json` or {"per_item": {metric: [...]}}')
+    gate.add_argument("baseline", help="a per-item document: `eval gsm8k --output` or `eval loss --json`")
     gate.add_argument("candidate", help="the same kind of document, on the same items")
-    gate.add_argument("--metric", help="default: exact match (strict), bits per byte or loss, or the only shared one")
+    gate.add_argument(
+        "--metric",
+        action="append",
+        help="gate this metric (repeat for several: Holm-corrected together); default: exact match (strict), "
+        "bits per byte or loss, or the only shared one",
+    )
     gate.add_argument("--alpha", type=float, default=ALPHA, help="one-sided significance level (default %(default)s)")
     gate.add_argument("--margin", type=float, help="largest drop that passes, metric's unit (default: per metric)")
     gate.add_argument("--sweep", action="store_true", help="BASELINE and CANDIDATE are sweep folders: gate every job")

@@ -59,7 +59,8 @@ def gsm8k_file(split: str, data_dir: str | os.PathLike | None = None) -> Path:
 def load_gsm8k(
     split: str = "test", limit: int | None = None, data_dir: str | os.PathLike | None = None
 ) -> list[Gsm8kItem]:
-    """The first ``limit`` items of a split, in file order.  A line that is not UTF-8 or not a
+    """The first ``limit`` items of a split, in file order; a ``limit`` beyond the file's items is
+    an error, never a silently shorter run.  A line that is not UTF-8 or not a
     ``{question, answer}`` JSON object, and a file without any item, are errors naming the file
     (and the line)."""
     path = gsm8k_file(split, data_dir)
@@ -83,4 +84,6 @@ def load_gsm8k(
                 ) from err
     if not items and limit != 0:
         raise ValueError(f"{path} holds no GSM8K item (expected one {{question, answer}} JSON object a line)")
+    if limit is not None and len(items) < limit:
+        raise ValueError(f"asked for {limit} {split} items but {path} holds {len(items)} (valid: at most {len(items)})")
     return items

@@ -33,6 +33,7 @@ from harness.baselines import BaselineError, baseline_path, check_values, compar
 from harness.formats import list_formats
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS, Gsm8kItem, load_gsm8k
 from harness.models import DEFAULT_MODEL, DTYPE_IDS, DTYPES, check_model_spec, load_model, model_identity, model_key
+from harness.peritem import DocumentError, PerItemDocument, per_item_values
 from harness.testing import format_marker, worker_device
 
 NAME = "harness"  # the plugin's registration name: -p no:harness
@@ -255,13 +256,20 @@ class Baseline:
         self.path = baseline_path(root, model_key(o.model), folder, item.path.parent.name)
         self.update = o.update_baselines
 
-    def check(self, case_id: str, metrics: dict[str, float], items: dict[str, list[float]] | None = None) -> None:
-        """Metrics with per-item ``items`` (accuracy) are judged by a paired significance gate
-        against the stored items; the others by their tolerance. A case id checked by two tests
-        (or twice by one) of the same baseline file is refused."""
+    def check(
+        self, case_id: str, metrics: dict[str, float], items: dict[str, list[float]] | PerItemDocument | None = None
+    ) -> None:
+        """Metrics with per-item ``items`` (accuracy; a mapping or a per-item document, read by
+        :func:`harness.peritem.per_item_values`) are judged by the paired gate against the stored
+        items (a diverged item fails, also with ``--harness-accept-inconclusive``); the others by
+        their tolerance. A case id checked by two tests (or twice by one) of the same baseline
+        file is refused."""
         session, nodeid = self._session, self._item.nodeid
         metrics = {k: float(v) for k, v in metrics.items()}
-        items = {k: [float(x) for x in v] for k, v in (items or {}).items()}
+        try:
+            items = per_item_values(items.per_item if isinstance(items, PerItemDocument) else items) if items else {}
+        except DocumentError as err:
+            pytest.fail(f"{case_id}: {err}", pytrace=False)
         policy = BaselineCheck(
             self.path, session.model_identity, session.options.accept_inconclusive, session.create_command(self._item)
         )

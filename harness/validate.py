@@ -8,13 +8,14 @@ The ``*_arg`` functions are argparse ``type=`` converters (argparse reports thei
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from harness.peritem import Dataset, items_differ, read_document
 
 
 class UsageError(ValueError):
@@ -90,20 +91,23 @@ def output_dir_arg(text: str) -> str:
     return text
 
 
-def check_compare_to(path: str, task: str, limit: int | None) -> dict[str, list[float]]:
-    """The per-item values of an ``eval gsm8k --output`` JSON, refused unless it is a run of
-    the same task on the same items (the same ``--limit``)."""
-    from harness.eval.gsm8k import TASKS, load_per_item
+def check_compare_to(path: str, task: str, dataset: Dataset) -> dict[str, list[float]]:
+    """The per-item values of an ``eval gsm8k --output`` document (read by
+    :func:`harness.peritem.read_document`), refused unless it is a run of the same task on the
+    same items: ``dataset`` (this run's) and item ids ``0 … n-1``."""
+    from harness.eval.gsm8k import TASKS
 
-    per_item = load_per_item(path)
-    settings = json.loads(Path(path).read_text()).get("settings") or {}
-    theirs = (settings.get("task"), settings.get("limit"))
-    if theirs != (TASKS[task], limit):
+    doc = read_document(path, "--compare-to")
+    theirs = doc.recipe.get("task")
+    if doc.kind != "eval gsm8k" or theirs != TASKS[task]:
         raise UsageError(
-            f"--compare-to {path} is a run of task {theirs[0]} with --limit {theirs[1]}; this run is task "
-            f"{TASKS[task]} with --limit {limit}: a paired comparison needs the same items"
+            f"--compare-to {path} is an `{doc.kind}` document of task {theirs}; this run is `eval gsm8k` of task "
+            f"{TASKS[task]}: a paired comparison needs the same task"
         )
-    return per_item
+    why = items_differ(doc.dataset, doc.item_ids, dataset, tuple(range(dataset.items)))
+    if why is not None:
+        raise UsageError(f"--compare-to {path} is not comparable with this run: {why}")
+    return {m: list(v) for m, v in doc.per_item.items()}
 
 
 def check_scan_options(attribution: bool, eval_items: int, instability_runs: int | None) -> None:

@@ -93,23 +93,37 @@ def test_unusable_outputs_fail_before_the_scan(option: str, tmp_path, capsys, no
 
 
 def test_compare_to_missing_or_other_items_fails_before_the_evaluation(tmp_path, capsys, no_model_load) -> None:
+    """--compare-to is read by the per-item document reader: a missing file, a document of other
+    items (another data set, or another --limit of this one) or of another task are usage errors."""
+    from harness.eval.gsm8k import Gsm8kResult, Gsm8kRuns
+    from harness.peritem import dataset_of
+
     data = str(tiny_gsm8k(tmp_path / "data"))
     missing = tmp_path / "missing.json"
     line = _usage_error([*GSM8K, "--limit", "3", "--compare-to", str(missing), "--gsm8k-dir", data], capsys)
-    assert f"--compare-to '{missing}' does not exist" in line
-    earlier = tmp_path / "earlier.json"
-    earlier.write_text(
-        json.dumps(
-            {
-                "settings": {"task": "harness_gsm8k_bpb", "limit": 5},
-                "result": {"per_item": {"bits_per_byte": [1.0] * 5}},
-            }
+    assert f"--compare-to {missing}: cannot read it (No such file or directory)" in line
+
+    def earlier(texts: list[str], task: str = "gsm8k_bpb") -> str:
+        n = len(texts)
+        settings = {"task": f"harness_{task}", "limit": n}
+        run = Gsm8kResult(task, n, {}, {"bits_per_byte,none": [1.0] * n}, [], {}, settings, list(range(n)))
+        doc = Gsm8kRuns("m", "none", "weight", "float32", task, {"reference": run}).document(
+            model={}, dataset=dataset_of("gsm8k test", texts)
         )
-    )
-    line = _usage_error([*GSM8K, "--limit", "3", "--compare-to", str(earlier), "--gsm8k-dir", data], capsys)
-    assert (
-        "is a run of task harness_gsm8k_bpb with --limit 5; this run is task harness_gsm8k_bpb with --limit 3" in line
-    )
+        path = tmp_path / f"earlier-{task}-{n}.json"
+        path.write_text(doc.dumps())
+        return str(path)
+
+    texts = [f"Question: What is {i} + {i}?\nAnswer: #### {2 * i}" for i in range(4)]
+    argv = [*GSM8K, "--no-reference", "--gsm8k-dir", data]
+    line = _usage_error([*argv, "--limit", "3", "--compare-to", earlier(texts[:4])], capsys)
+    assert "is not comparable with this run: different data sets: gsm8k test (4 items" in line
+    line = _usage_error([*argv, "--limit", "3", "--compare-to", earlier(["other"] * 3)], capsys)
+    assert "is not comparable with this run: different data sets" in line
+    line = _usage_error([*argv, "--limit", "3", "--compare-to", earlier(texts[:3], "gsm8k")], capsys)
+    assert "of task harness_gsm8k; this run is `eval gsm8k` of task harness_gsm8k_bpb" in line
+    line = _usage_error([*argv, "--limit", "9"], capsys)
+    assert "asked for 9 test items but" in line and "holds 4 (valid: at most 4)" in line
 
 
 def test_compare_of_a_json_that_is_not_a_scan(tmp_path, capsys) -> None:
@@ -145,13 +159,14 @@ def test_model_directories_without_weights_or_with_a_bad_config_are_named(tmp_pa
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     (model / "pytorch_model.bin").write_bytes(b"")
-    line = _usage_error([*LOSS[:2], "--model", str(model), "--format", "mxfp4", "--gsm8k-dir", data], capsys)
+    argv = [*LOSS[:2], "--model", str(model), "--format", "mxfp4", "--items", "4", "--gsm8k-dir", data]
+    line = _usage_error(argv, capsys)
     assert line == (
         f"error: model '{model}': {model} has no *.safetensors weights (found: config.json, pytorch_model.bin); "
         "the harness loads safetensors only"
     )
     (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
-    line = _usage_error([*LOSS[:2], "--model", str(model), "--format", "mxfp4", "--gsm8k-dir", data], capsys)
+    line = _usage_error(argv, capsys)
     assert line.startswith(f"error: model '{model}': {model / 'config.json'} is not a valid config.json (Expecting")
 
 

@@ -47,9 +47,10 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
         _gsm8k(tmp_path),
     ]
     assert main([*argv, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert {"reference_loss", "loss", "kl", "top1_agree", "n", "p_value"} <= out.keys()
-    assert out["n"] == 4 and out["modules"] == 14 and out["kl"] > 0 and out["scale_mode"] == "floor"
+    out = json.loads(capsys.readouterr().out)  # a per-item document (harness.peritem)
+    agg, recipe = out["aggregate"], out["recipe"]
+    assert {"reference_loss", "loss", "kl", "top1_agree", "n", "p_value"} <= agg.keys()
+    assert agg["n"] == 4 and recipe["modules"] == 14 and agg["kl"] > 0 and recipe["scale_mode"] == "floor"
     per_item = out["per_item"]  # what `python -m harness gate` reads
     assert set(per_item) == {"reference_loss", "loss", "kl", "top1_agree"} and all(
         len(v) == 4 for v in per_item.values()
@@ -57,15 +58,16 @@ def test_eval_loss_json_has_the_documented_keys(tmp_path, capsys: pytest.Capture
     assert sum(per_item["kl"]) > 0 and all(0 <= x <= 1 for x in per_item["top1_agree"])
     assert main([*argv, "--json", "--scale-mode", "ceil"]) == 0
     ceil = json.loads(capsys.readouterr().out)
-    assert ceil["scale_mode"] == "ceil" and ceil["loss"] != out["loss"]
+    assert ceil["recipe"]["scale_mode"] == "ceil" and ceil["aggregate"]["loss"] != agg["loss"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "reference" in text and "underpowered (n < 30)" in text
+    assert "reference" in text and "underpowered (n < 30; MDE " in text and "at 80 % power)" in text
 
 
 def test_eval_loss_bad_input_is_a_clear_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "loss", "--model", str(tmp_path / "nope"), "--format", "mxfp4", "--gsm8k-dir", _gsm8k(tmp_path)])
+        argv = ["eval", "loss", "--model", str(tmp_path / "nope"), "--format", "mxfp4", "--items", "4"]
+        main([*argv, "--gsm8k-dir", _gsm8k(tmp_path)])
     assert exc.value.code == 2
     assert "no such directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -155,17 +157,17 @@ def test_eval_gsm8k_bpb_runs_compares_and_saves(tmp_path, capsys: pytest.Capture
     assert main([*argv, "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "bits_per_byte" in text and "mxfp4 against reference (paired, same items; means of per-item values)" in text
-    doc = json.loads(out.read_text())
-    assert doc["task"] == "gsm8k_bpb" and set(doc["runs"]) == {"reference", "mxfp4"}
-    assert len(doc["result"]["per_item"]["bits_per_byte,none"]) == 4
-    assert doc["comparisons"]["reference"]["bits_per_byte,none"]["underpowered"]
+    doc = json.loads(out.read_text())  # a per-item document (harness.peritem)
+    assert doc["recipe"]["task"] == "harness_gsm8k_bpb" and set(doc["details"]["runs"]) == {"reference", "mxfp4"}
+    assert len(doc["per_item"]["bits_per_byte,none"]) == 4 and doc["item_ids"] == [0, 1, 2, 3]
+    assert doc["details"]["comparisons"]["reference"]["bits_per_byte,none"]["underpowered"]
     assert (tmp_path / "tasks" / "harness_gsm8k_bpb.yaml").is_file()  # kept for lm_eval --include_path
     # the same configuration again, against the saved run: identical per-item values
     assert main([*argv, "--no-reference", "--compare-to", str(out)]) == 0
     assert "+0.0000" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--compare-to", str(tmp_path / "missing.json")])
-    assert exc.value.code == 2 and "missing.json' does not exist" in capsys.readouterr().err
+    assert exc.value.code == 2 and "missing.json: cannot read it" in capsys.readouterr().err
 
 
 def _subcommands(parser) -> dict[str, object]:

@@ -139,9 +139,10 @@ def test_the_views_head_reproduces_the_models_logits(family: str) -> None:
 def test_eval_loss_reports_full_coverage(family: str, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["eval", "loss", "--model", family, "--format", "mxfp4", "--items", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["coverage"]["complete"] and doc["coverage"]["requested_share"] == 1.0
-    assert doc["coverage"]["quantized"] == sum(p.numel() for p in intended(tiny_model(family)[0]).values())
-    assert doc["kl"] > 0 and doc["dtype"] == "float32"
+    coverage = doc["recipe"]["coverage"]
+    assert coverage["complete"] and coverage["requested_share"] == 1.0
+    assert coverage["quantized"] == sum(p.numel() for p in intended(tiny_model(family)[0]).values())
+    assert doc["aggregate"]["kl"] > 0 and doc["recipe"]["dtype"] == "float32"
 
 
 def test_gpt2_without_architectures_is_quantized(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

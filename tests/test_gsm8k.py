@@ -26,6 +26,7 @@ from harness.eval.gsm8k import (
 from harness.gsm8k import gsm8k_file, load_gsm8k
 from harness.models import load_model
 from harness.paths import data_dir
+from harness.peritem import dataset_of
 
 
 class ScriptedLM(LM):
@@ -142,10 +143,13 @@ def test_run_gsm8k_quantizes_only_the_format_run_and_pairs_it_with_each_earlier_
     assert linear(x).abs().sum(-1).tolist() == plain  # the weights are back
     cmp = runs.comparisons[REFERENCE][metric]
     assert cmp.n == 6 and cmp.mean_diff == pytest.approx(sum(quantized) / 6 - sum(plain) / 6)
-    doc = runs.document()
-    assert (doc["model"], doc["format"], doc["task"], doc["settings"]["seed"]) == ("m", "mxfp4", "gsm8k_bpb", 3)
-    assert doc["result"]["per_item"] == {metric: quantized} and set(doc["runs"]) == {REFERENCE, "mxfp4"}
-    assert doc["comparisons"][REFERENCE][metric] == cmp.as_dict()
+    doc = runs.document(model={"name": "m"}, dataset=dataset_of("gsm8k test", map(str, range(6))))
+    assert (doc.kind, doc.model["name"], doc.recipe["format"], doc.recipe["task"], doc.recipe["seed"]) == (
+        *("eval gsm8k", "m", "mxfp4"),
+        *("harness_gsm8k_bpb", 3),
+    )
+    assert doc.per_item == {metric: tuple(quantized)} and set(doc.details["runs"]) == {REFERENCE, "mxfp4"}
+    assert doc.details["comparisons"][REFERENCE][metric] == cmp.as_dict() and doc.item_ids == tuple(range(6))
     earlier = {metric: [v + 0.5 for v in quantized]}
     runs = run_gsm8k(
         model,

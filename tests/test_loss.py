@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -61,15 +62,25 @@ def test_cached_reference_gives_the_same_numbers_as_lockstep() -> None:
 
 
 def test_the_json_document_holds_settings_summary_comparison_and_per_item_means() -> None:
-    """Two items of 2 and 4 answer tokens: per-item means 1.0, 1.0 (reference) and 1.5, 2.0."""
+    """Two items of 2 and 4 answer tokens: per-item means 1.0, 1.0 (reference) and 1.5, 2.0; the
+    document is a per-item document that reads back to the same values."""
+    from harness.peritem import PerItemDocument, dataset_of
+
     result = LossResult([2, 4], [2.0, 4.0], [3.0, 8.0], [0.2, 0.4], [1, 3], [1.0, 2.0], [1.2, 2.4])
-    doc = result.document(model="m", format="mxfp4", modules=7)
-    assert (doc["model"], doc["format"], doc["modules"], doc["n"], doc["tokens"]) == ("m", "mxfp4", 7, 2, 6)
-    assert doc["reference_loss"] == 1.0 and doc["loss"] == pytest.approx(11 / 6) and doc["top1_agree"] == 4 / 6
-    assert doc["per_item"] == {
-        "reference_loss": [1.0, 1.0],
-        "loss": [1.5, 2.0],
-        "kl": [0.1, 0.1],
-        "top1_agree": [0.5, 0.75],
+    doc = result.document(model={"name": "m"}, recipe={"format": "mxfp4", "modules": 7}, dataset=dataset_of("d", "ab"))
+    assert (doc.kind, doc.model, doc.recipe["modules"], doc.aggregate["n"], doc.aggregate["tokens"]) == (
+        *("eval loss", {"name": "m"}, 7),
+        *(2, 6),
+    )
+    agg = doc.aggregate
+    assert agg["reference_loss"] == 1.0 and agg["loss"] == pytest.approx(11 / 6) and agg["top1_agree"] == 4 / 6
+    assert doc.item_ids == (0, 1) and doc.per_item == {
+        "reference_loss": (1.0, 1.0),
+        "loss": (1.5, 2.0),
+        "kl": (0.1, 0.1),
+        "top1_agree": (0.5, 0.75),
     }
-    assert doc["comparison"]["mean_diff"] == pytest.approx(0.75) and doc["comparison"]["n"] == 2
+    details = doc.details["comparison"]
+    assert details["mean_diff"] == pytest.approx(0.75) and details["n"] == 2
+    assert PerItemDocument.from_json(json.loads(doc.dumps())) == PerItemDocument.from_json(doc.to_json())
+    assert PerItemDocument.from_json(json.loads(doc.dumps())).per_item == doc.per_item

@@ -106,7 +106,7 @@ def gsm8k_dir(tmp_path) -> str:
 def test_2d_tiles_are_refused_on_activations(tmp_path, capsys) -> None:
     argv = ["scan", "--model", "tiny-llama", "--format", "mxfp4_2d", "--point", "input", "--gsm8k-dir"]
     with pytest.raises(SystemExit) as exit_info:
-        main([*argv, gsm8k_dir(tmp_path), "--eval-items", "0"])
+        main([*argv, gsm8k_dir(tmp_path), "--prompts", "4", "--eval-items", "0"])
     assert exit_info.value.code == 2 and "would mix tokens" in capsys.readouterr().err.replace("\n", " ")
     model, _ = gaussian_model()
     for point in ("input", "both"):

@@ -59,3 +59,19 @@ def test_underpowered_comparisons_are_never_significant() -> None:
 def test_unpaired_input_is_an_error() -> None:
     with pytest.raises(ValueError, match="same items on both sides: 3 vs 2"):
         compare_paired([1, 2, 3], [1, 2])
+
+
+def test_not_significant_states_what_it_could_have_detected() -> None:
+    """Two-sided exact McNemar needs 6 one-way discordant pairs (2 · 0.5**6 = 0.031 < 0.05; five
+    give 0.0625), so on 29 unchanged items the MDE is 6/29 = 20.7 points, whatever the normal
+    approximation says; a continuous comparison's MDE is (t_0.975 + t_0.8) · sd / sqrt(n)."""
+    same = compare_paired([1.0] * 29, [1.0] * 29, binary=True)
+    assert same.mde == pytest.approx(6 / 29) and "MDE 0.2069 at 80 % power" in same.verdict
+    assert mcnemar_p([True] * 5, [False] * 5) == pytest.approx(0.0625)
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=50)
+    b = a + rng.normal(scale=0.2, size=50)
+    sd = float(np.std(b - a, ddof=1))
+    expected = (stats.t.ppf(0.975, 49) + stats.t.ppf(0.8, 49)) * sd / math.sqrt(50)
+    cmp = compare_paired(a, b)
+    assert cmp.mde == pytest.approx(expected) and cmp.verdict == f"not significant (MDE {expected:.4g} at 80 % power)"

@@ -23,11 +23,14 @@ Thresholds (``Thresholds``, relative loss increase / top-1 agreement):
 Verdict from the CIs: each end of each CI falls in a zone (ok < risky < collapse); the verdict is
 that zone when the best ends of both CIs and the worst ends lie in the same zone (``ok`` only when
 the whole CIs clear the risky line, ``collapse`` only when one lies wholly beyond the collapse
-line), and ``borderline`` when a CI straddles a line.
+line), and ``borderline`` when a CI straddles a line.  That verdict is about the mean over noise
+draws; one training step sees one draw, so the same rule applied to the single-draw prediction
+intervals gives ``draw_verdict``, printed beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -65,22 +68,32 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Interval:
-    """Mean, sd and the two-sided t confidence interval of the mean of per-draw values."""
+    """Mean, sd, the two-sided t confidence interval of the mean of D per-draw values
+    (``mean ± t_{(1+c)/2, D-1} · sd / sqrt(D)``) and the prediction interval of one more draw
+    (``mean ± t_{(1+c)/2, D-1} · sd · sqrt(1 + 1/D)``): a training step sees one draw, not the mean."""
 
     mean: float
     sd: float
     low: float
     high: float
     confidence: float = 0.95
+    draw_low: float = -math.inf
+    draw_high: float = math.inf
 
     @classmethod
     def over(cls, values: Sequence[float], confidence: float = 0.95) -> Interval:
         mean = statistics.fmean(values)
         if len(values) < 2:
             return cls(mean, math.nan, -math.inf, math.inf, confidence)
+        d = len(values)
         sd = statistics.stdev(values)
-        half = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1)) * sd / math.sqrt(len(values))
-        return cls(mean, sd, mean - half, mean + half, confidence)
+        t = float(stats.t.ppf((1 + confidence) / 2, d - 1))
+        half, draw = t * sd / math.sqrt(d), t * sd * math.sqrt(1 + 1 / d)
+        return cls(mean, sd, mean - half, mean + half, confidence, mean - draw, mean + draw)
+
+    def single_draw(self) -> Interval:
+        """The prediction interval as an :class:`Interval` (what :func:`verdict` judges for one draw)."""
+        return dataclasses.replace(self, low=self.draw_low, high=self.draw_high)
 
 
 def verdict(loss_increase: Interval, top1_agree: Interval, thresholds: Thresholds = Thresholds()) -> str:
@@ -104,10 +117,11 @@ class PreflightResult:
     loss_increase: Interval
     top1_agree: Interval
     kl: Interval
-    verdict: str
+    verdict: str  # about the mean over noise draws (the CIs)
     thresholds: Thresholds = field(default_factory=Thresholds)
     ci_method: str = "Student t over noise draws (items fixed)"
     coverage: dict = field(default_factory=dict)  # harness.inject.Coverage.to_json() of the quantization
+    draw_verdict: str = ""  # about one draw, as one training step sees (the prediction intervals)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -191,4 +205,5 @@ def preflight(
         verdict=verdict(loss_ci, top1_ci, thresholds),
         thresholds=thresholds,
         coverage=injector.coverage.to_json(),
+        draw_verdict=verdict(loss_ci.single_draw(), top1_ci.single_draw(), thresholds),
     )

@@ -27,7 +27,7 @@ from harness.aqn.configs import AQNConfig
 from harness.aqn.noise import NoiseInjector
 from harness.batching import padded_batches
 from harness.eval.loss import EVAL_BATCH_SIZE, answer_logprobs, answer_loss, answer_means, answer_spans, evaluate_loss
-from harness.eval.stats import compare_seeds
+from harness.eval.stats import compare_seeds, two_level_bootstrap_ci
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.modelview import ModelView
@@ -197,6 +197,7 @@ class StrategyComparison:
     eval_items: int = 0
     per_seed_loss: dict[str, list[float]] = field(default_factory=dict)
     per_run_items: dict[str, list[list[float]]] = field(default_factory=dict)  # per seed, per item
+    item_tokens: list[int] = field(default_factory=list)  # answer tokens per evaluation item (the loss's weights)
     untrained_loss: float = float("nan")  # the unquantized model before training
     untrained_quantized_loss: float = float("nan")  # the quantized model before training
     seconds: float = 0.0
@@ -204,7 +205,9 @@ class StrategyComparison:
 
     def rows(self) -> list[dict]:
         """Per strategy: mean ± sd over seeds; vs ``none`` and the gap to the unquantized control,
-        each paired by seed with its CI, p, d_z and "significant" / "n.s."."""
+        each paired by seed with its CI over seeds (items fixed), MDE, p, d_z and "significant" /
+        "n.s.", plus ``ci_two_level``: the CI when seeds and items are both resampled
+        (:func:`harness.eval.stats.two_level_bootstrap_ci`, token-weighted)."""
         out = []
         for s in [*self.strategies, CONTROL]:
             if s not in self.per_seed_loss:
@@ -218,6 +221,9 @@ class StrategyComparison:
             for label, ref in (("vs_none", "none"), ("gap", CONTROL)):
                 if ref in self.per_seed_loss and s != ref:
                     row[label] = compare_seeds(self.per_seed_loss[ref], losses).as_dict()
+                    if self.item_tokens and len(losses) > 1:
+                        runs = self.per_run_items[ref], self.per_run_items[s]
+                        row[label]["ci_two_level"] = list(two_level_bootstrap_ci(*runs, self.item_tokens))
             out.append(row)
         return out
 
@@ -253,6 +259,7 @@ def compare_strategies(
     with QuantInjector(model, fmt, "weight"):  # the untrained quantized model's outputs
         untrained_quantized = answer_logprobs(model, tokenizer, eval_items, batch_size=eval_batch_size)
     tokens = untrained.n_tokens
+    result.item_tokens = list(tokens)
     result.untrained_loss = sum(untrained.reference_nll) / sum(tokens)
     result.untrained_quantized_loss = answer_means(untrained_quantized)[0]
     for strategy in [*strategies, CONTROL]:

@@ -11,7 +11,6 @@ local) GSM8K JSONL, evaluated on the in-memory model (with whatever injector is 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -27,6 +26,7 @@ from harness.eval.loss import EVAL_BATCH_SIZE
 from harness.eval.stats import PairedComparison, compare_paired
 from harness.gsm8k import SPLITS, gsm8k_dir, gsm8k_file
 from harness.inject import QuantInjector
+from harness.peritem import Dataset, PerItemDocument, provenance
 
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
 # What users ask for -> the task name of the package's YAML.
@@ -87,6 +87,7 @@ class Gsm8kResult:
     samples: list[dict] = field(repr=False)
     lm_eval_results: dict = field(repr=False)
     settings: dict = field(default_factory=dict)
+    item_ids: list[int] = field(default_factory=list)  # lm-eval's doc_id of each item, in per_item's order
 
 
 def _item_value(task: str, sample: dict, key: str) -> float:
@@ -102,11 +103,12 @@ def _collect(task: str, raw: dict, settings: dict) -> Gsm8kResult:
     name = TASKS[task]
     metrics = {k: float(v) for k, v in raw["results"][name].items() if isinstance(v, (int, float)) and k != "alias"}
     per_item: dict[str, list[float]] = {}
-    samples = []
+    samples, ids = [], []
     for key in ITEM_METRICS[task]:
         filt = key.split(",")[1]
         rows = sorted((s for s in raw["samples"][name] if s["filter"] == filt), key=lambda s: s["doc_id"])
         per_item[key] = [_item_value(task, s, key) for s in rows]
+        ids = ids or [s["doc_id"] for s in rows]
         samples += [
             {
                 "doc_id": s["doc_id"],
@@ -119,7 +121,7 @@ def _collect(task: str, raw: dict, settings: dict) -> Gsm8kResult:
             for i, s in enumerate(rows)
         ]
     n = len(per_item[ITEM_METRICS[task][0]])  # every kept metric has one value per item
-    return Gsm8kResult(task, n, metrics, per_item, samples, raw, settings)
+    return Gsm8kResult(task, n, metrics, per_item, samples, raw, settings, ids)
 
 
 def run_task(
@@ -204,17 +206,6 @@ def compare_results(a: dict[str, list[float]], b: dict[str, list[float]]) -> dic
     return out
 
 
-def load_per_item(path: str | os.PathLike) -> dict[str, list[float]]:
-    """The per-item values of the run under test in an ``eval gsm8k --output`` JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--compare-to {str(path)!r} does not exist (expected an `eval gsm8k --output` JSON)")
-    try:
-        return json.loads(path.read_text())["result"]["per_item"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not an `eval gsm8k --output` JSON ({err!r})") from err
-
-
 def lm_eval_table(result: Gsm8kResult) -> str:
     """lm-eval's own results table (``lm_eval.utils.make_table``)."""
     from lm_eval.utils import make_table
@@ -240,25 +231,34 @@ class Gsm8kRuns:
     def under_test(self) -> Gsm8kResult:
         return self.runs[REFERENCE if self.fmt == NO_FORMAT else self.fmt]
 
-    def document(self) -> dict:
-        """The ``--output`` JSON: settings, the run under test (``result``, what ``--compare-to``
-        and ``python -m harness gate`` read), every run, the comparisons and lm-eval's samples."""
+    def document(self, *, model: dict, dataset: Dataset) -> PerItemDocument:
+        """The ``--output`` document (:class:`harness.peritem.PerItemDocument`, what
+        ``--compare-to`` and ``python -m harness gate`` read): the run under test's per-item
+        values and metrics; every run, the comparisons and lm-eval's samples in ``details``."""
         under_test = self.under_test
-        return {
-            "model": self.model,
-            "format": self.fmt,
-            "point": self.point,
-            "dtype": self.dtype,
-            "task": self.task,
-            "coverage": self.coverage,
-            "settings": under_test.settings,
-            "result": {"metrics": under_test.metrics, "per_item": under_test.per_item},
-            "runs": {name: {"metrics": r.metrics, "per_item": r.per_item} for name, r in self.runs.items()},
-            "comparisons": {
-                label: {m: c.as_dict() for m, c in cmps.items()} for label, cmps in self.comparisons.items()
+        return PerItemDocument(
+            kind="eval gsm8k",
+            model=model,
+            recipe={
+                "format": self.fmt,
+                "point": self.point,
+                "dtype": self.dtype,
+                "coverage": self.coverage,
+                **under_test.settings,
             },
-            "samples": under_test.samples,
-        }
+            dataset=dataset,
+            item_ids=tuple(under_test.item_ids or range(under_test.n)),
+            per_item={k: tuple(v) for k, v in under_test.per_item.items()},
+            aggregate=under_test.metrics,
+            provenance=provenance("eval gsm8k"),
+            details={
+                "runs": {name: {"metrics": r.metrics, "per_item": r.per_item} for name, r in self.runs.items()},
+                "comparisons": {
+                    label: {m: c.as_dict() for m, c in cmps.items()} for label, cmps in self.comparisons.items()
+                },
+                "samples": under_test.samples,
+            },
+        )
 
 
 def run_gsm8k(
@@ -282,8 +282,8 @@ def run_gsm8k(
     ``with_reference``) and of the model under ``fmt`` at ``point`` (``scale_mode``, ``seed``:
     the injector's; ``seed`` also lm-eval's few-shot sampling), then the run under test compared
     item by item with the reference run and with each ``compare_to`` run (``{label: per_item}``,
-    e.g. :func:`load_per_item` of an earlier ``--output``).  ``allow_partial``: the injector's
-    (its coverage is in ``coverage``)."""
+    e.g. :func:`harness.validate.check_compare_to` of an earlier ``--output``).  ``allow_partial``:
+    the injector's (its coverage is in ``coverage``)."""
     options["seed"] = seed
     runs = Gsm8kRuns(model_name, fmt, point, dtype, task, {})
     if fmt == NO_FORMAT or with_reference:

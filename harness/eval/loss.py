@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from harness.batching import encode, padded_batches
 from harness.eval.stats import PairedComparison, compare_paired
 from harness.gsm8k import Gsm8kItem
+from harness.peritem import Dataset, PerItemDocument, provenance
 
 EVAL_BATCH_SIZE = 8  # sequences per forward pass of an evaluation (a memory/speed knob, no effect on the numbers)
 
@@ -73,10 +74,25 @@ class LossResult:
     def comparison(self) -> PairedComparison:
         return compare_paired(self.item_losses(self.reference_nll), self.item_losses(self.nll))
 
-    def document(self, **settings: object) -> dict:
-        """The ``eval loss --json`` document: the run's ``settings``, :meth:`summary`, the paired
-        comparison and :meth:`per_item` (what ``python -m harness gate`` reads)."""
-        return {**settings, **self.summary(), "comparison": self.comparison().as_dict(), "per_item": self.per_item()}
+    def document(
+        self, *, model: dict, recipe: dict, dataset: Dataset, item_ids: tuple[int, ...] | None = None
+    ) -> PerItemDocument:
+        """The ``eval loss --json`` document (:class:`harness.peritem.PerItemDocument`, what
+        ``python -m harness gate`` reads): :meth:`per_item` on items ``item_ids`` (default
+        ``0 … n-1``) of ``dataset``, :meth:`summary` as the aggregate, the paired comparison in
+        ``details``."""
+        details = {"comparison": self.comparison().as_dict()} if self.nll else {}
+        return PerItemDocument(
+            kind="eval loss",
+            model=model,
+            recipe=recipe,
+            dataset=dataset,
+            item_ids=tuple(range(self.n)) if item_ids is None else item_ids,
+            per_item={k: tuple(v) for k, v in self.per_item().items()},
+            aggregate=self.summary(),
+            provenance=provenance("eval loss"),
+            details=details,
+        )
 
 
 def answer_spans(tokenizer, items: Sequence[Gsm8kItem]) -> list[tuple[list[int], int]]:

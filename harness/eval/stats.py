@@ -74,15 +74,17 @@ class PairedComparison:
     cohens_d: float
     underpowered: bool
     significant: bool
+    mde: float = math.nan  # the smallest true difference the test detects with 80 % power
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @property
     def verdict(self) -> str:
+        power = f"MDE {self.mde:.4g} at 80 % power"
         if self.underpowered:
-            return f"underpowered (n < {MIN_N})"
-        return "significant" if self.significant else "not significant"
+            return f"underpowered (n < {MIN_N}; {power})"
+        return "significant" if self.significant else f"not significant ({power})"
 
 
 def compare_paired(
@@ -97,6 +99,7 @@ def compare_paired(
     lo, hi = bootstrap_ci(b_ - a_)
     p = mcnemar_p(a_ > 0.5, b_ > 0.5) if binary else paired_t_p(a_, b_)
     underpowered = n < MIN_N
+    sd = float((b_ - a_).std(ddof=1)) if n > 1 else math.nan
     return PairedComparison(
         n=n,
         mean_a=float(a_.mean()),
@@ -109,7 +112,25 @@ def compare_paired(
         cohens_d=cohens_d_paired(a_, b_),
         underpowered=underpowered,
         significant=(p < alpha) and not underpowered,
+        mde=(mcnemar_mde(a_ > 0.5, b_ > 0.5, alpha=alpha) if binary else paired_mde(sd, n, alpha=alpha))
+        if n > 1
+        else math.inf,
     )
+
+
+def mcnemar_mde(a_correct: Sequence[bool], b_correct: Sequence[bool], *, alpha: float = 0.05) -> float:
+    """The minimal detectable difference in accuracy of the two-sided exact McNemar test on n
+    items: the larger of the normal approximation at 80 % power, ``(z_{1-alpha/2} + z_0.8) ·
+    sqrt(p_disc - d²) / sqrt(n)`` with the observed discordant share and difference (Connor 1987),
+    and the smallest difference that can be significant at all, ``k / n`` with k the fewest
+    one-way discordant pairs whose exact p, ``2 · 0.5**k``, is below ``alpha``."""
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    n = len(a)
+    k = math.ceil(math.log2(2 / alpha))  # 2 · 0.5**k < alpha
+    k += 2 * 0.5**k >= alpha
+    disc, d = float((a != b).mean()), float(b.mean() - a.mean())
+    approx = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(0.8)) * math.sqrt(max(disc - d * d, 0.0)) / math.sqrt(n)
+    return max(k / n if k <= n else math.inf, float(approx))
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,7 @@ class SeedComparison:
     p_value: float  # two-sided paired t-test over seeds
     cohens_d: float  # d_z = mean / sd of the per-seed differences
     significant: bool
+    mde: float = math.nan  # the smallest true difference the test detects with 80 % power (items fixed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -146,6 +168,7 @@ def compare_seeds(
     sd = float(diff.std(ddof=1)) if s > 1 else math.nan
     half = float(stats.t.ppf((1 + confidence) / 2, s - 1) * sd / math.sqrt(s)) if s > 1 and sd > 0 else 0.0
     p = paired_t_p(a, b) if s > 1 else 1.0
+    mde = paired_mde(sd, s, alpha=alpha) if s > 1 else math.inf
     return SeedComparison(
         seeds=s,
         mean_diff=float(diff.mean()),
@@ -154,4 +177,47 @@ def compare_seeds(
         p_value=p,
         cohens_d=cohens_d_paired(a, b),
         significant=s > 1 and p < alpha,
+        mde=mde,
     )
+
+
+def paired_mde(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.80) -> float:
+    """The minimal detectable difference of a two-sided paired t-test on n pairs (items, or seeds)
+    at ``alpha`` with ``power``: ``(t_{1-alpha/2, n-1} + t_{power, n-1}) · sd / sqrt(n)`` (the usual
+    noncentral-t approximation; sd of the paired differences)."""
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+def two_level_bootstrap_ci(
+    a_runs: Sequence[Sequence[float]],
+    b_runs: Sequence[Sequence[float]],
+    weights: Sequence[float] | None = None,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """CI of the mean difference ``b - a`` when both the runs (seeds, paired: run s of ``a`` with
+    run s of ``b``) and the items (paired: the same items on both sides) are samples.  Each of
+    ``n_resamples`` resamples draws S seeds and n items with replacement (the two-stage bootstrap,
+    Davison & Hinkley 1997, §3.8) and takes the ``weights``-weighted mean over the drawn items
+    (answer tokens, for a token-weighted loss) of the per-item differences, averaged over the drawn
+    seeds.  The interval is ``mean ± t_{(1+c)/2, S-1} · se · sqrt(S / (S-1))`` with ``se`` the sd of
+    the resampled means: a resampled mean of S values has (S-1)/S of the true variance, and with a
+    handful of seeds percentile ends would be narrower than the seed-level t interval."""
+    a, b = np.asarray(a_runs, dtype=float), np.asarray(b_runs, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(
+            f"two-level bootstrap needs >= 2 runs x items on both sides, one shape: {a.shape} vs {b.shape}"
+        )
+    s, n = a.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    rng = np.random.default_rng(seed)
+    runs = rng.integers(0, s, size=(n_resamples, s))
+    items = rng.integers(0, n, size=(n_resamples, n))
+    diff = b - a  # runs x items
+    wi = w[items][:, None, :]
+    means = ((diff[runs[:, :, None], items[:, None, :]] * wi).sum(-1) / wi.sum(-1)).mean(-1)
+    centre = float(((diff * w).sum(-1) / w.sum()).mean())
+    half = float(stats.t.ppf((1 + confidence) / 2, s - 1)) * float(means.std(ddof=1)) * math.sqrt(s / (s - 1))
+    return centre - half, centre + half

@@ -47,7 +47,7 @@ def _mean_cell(values: list[float]) -> Cell:
 def metrics(kind: str, doc: dict) -> dict[str, Cell]:
     """The matrix's numbers of one job document (empty for scans, whose result is not one number)."""
     if kind == JobKind.EVAL_LOSS.value:
-        c = doc["comparison"]
+        c = doc["details"]["comparison"]  # a per-item document (harness.peritem)
         per_item = doc["per_item"]
         return {
             "loss increase": Cell(c["mean_diff"], c["ci_low"], c["ci_high"], c["n"]),
@@ -55,7 +55,7 @@ def metrics(kind: str, doc: dict) -> dict[str, Cell]:
             "top-1 agreement": _mean_cell(per_item["top1_agree"]),
         }
     if kind == JobKind.EVAL_GSM8K.value:
-        cmps = next(iter(doc.get("comparisons", {}).values()), {})
+        cmps = next(iter(doc["details"].get("comparisons", {}).values()), {})
         return {
             f"accuracy change ({m.split(',')[0]})": Cell(c["mean_diff"], c["ci_low"], c["ci_high"], c["n"])
             for m, c in cmps.items()
@@ -169,34 +169,33 @@ def write_report(root: str | Path) -> list[Path]:
 
 
 def gate_sweeps(old: str | Path, new: str | Path, **gate_options) -> tuple[list[str], int]:
-    """One line per job of either sweep and the exit code of the worst outcome
-    (:func:`harness.gate.worst_outcome`: 0 pass, 1 regression, 2 inconclusive or not comparable).
-    Jobs with per-item values (``eval loss``, ``eval gsm8k``) are gated; scans and pre-flights hold
-    none and are listed as not gated (no effect on the exit code); a job missing or unfinished on
-    either side is not comparable."""
-    from harness.gate import ALPHA, EXIT_CODES, GateError, GateResult, gate_documents, worst_outcome
+    """One line per job of either sweep and the exit code of the run's one verdict
+    (:func:`harness.gate.combine`: Holm over every gated metric of every job; 0 pass, 1 regression,
+    2 inconclusive, not comparable or unreadable).  Jobs with per-item values (``eval loss``,
+    ``eval gsm8k``) are gated (:func:`harness.gate.gate_files`); scans and pre-flights hold none and
+    are listed as not gated (no effect on the exit code); a job missing or unfinished on either side
+    is not comparable."""
+    from harness.gate import NOT_COMPARABLE, GateReport, combine, gate_files
 
     old_store, new_store = Store(old), Store(new)
     old_rows = {r["key"]: r for r in old_store.manifest()["jobs"]}
     new_rows = {r["key"]: r for r in new_store.manifest()["jobs"]}
-    lines, results = [], []
+    lines, reports = [], []
     for key in sorted(old_rows.keys() | new_rows.keys()):
         a, b = old_rows.get(key), new_rows.get(key)
-        reason = None
         if a is None or b is None:
-            reason = f"only in the {'new' if a is None else 'old'} sweep"
+            reports.append(GateReport((), NOT_COMPARABLE, f"only in the {'new' if a is None else 'old'} sweep", key))
         elif a["kind"] not in GATED:
             lines.append(f"{key}: not gated: a {a['kind']} document holds no per-item values")
-            continue
         elif a["status"] != DONE or b["status"] != DONE:
-            reason = f"the job is {a['status']} in the old sweep, {b['status']} in the new one"
+            why = f"the job is {a['status']} in the old sweep, {b['status']} in the new one"
+            reports.append(GateReport((), NOT_COMPARABLE, why, key))
         else:
-            try:
-                result = gate_documents(old_store.root / a["document"], new_store.root / b["document"], **gate_options)
-            except GateError as err:
-                reason = str(err)
-        if reason is not None:
-            result = GateResult.not_comparable("-", reason, gate_options.get("alpha", ALPHA))
-        results.append(result)
-        lines.append(f"{key}: {result.line()}")
-    return lines, EXIT_CODES[worst_outcome(results)]
+            report = gate_files(old_store.root / a["document"], new_store.root / b["document"], **gate_options)
+            reports.append(GateReport(report.results, report.outcome, report.problem, key))
+    run = combine(reports)
+    judged = iter(run.results)  # Holm over the run, in the order of the reports' results
+    for report in reports:
+        lines += [f"{report.case}: {report.outcome.value}: {report.problem}"] if report.problem else []
+        lines += [next(judged).line() for _ in report.results]
+    return lines, run.exit_code

@@ -41,7 +41,7 @@ def check_gpus() -> None:
 def execute(task: dict) -> dict:
     """Run ``task`` (``{"kind", "argv", "shard"}``): ``{"document": ...}`` (and the command's exit
     status ``rc``), or for a shard ``{"loss_result": per-item sums, "settings": ...}``."""
-    from harness.cli import loss_run
+    from harness.cli import loss_document, loss_run
 
     check_gpus()
     kind = JobKind(task["kind"])
@@ -51,7 +51,7 @@ def execute(task: dict) -> dict:
         result, settings, _ = loss_run(args)
         if task["shard"]:
             return {"schema_version": SHARD_SCHEMA, "loss_result": asdict(result), "settings": settings}
-        return {"document": result.document(**settings), "rc": 0}
+        return {"document": loss_document(result, settings).to_json(), "rc": 0}
     with tempfile.TemporaryDirectory(prefix="harness-sweep-") as tmp:
         args.output = str(Path(tmp) / "document.json")
         rc = args.run(args)
@@ -61,7 +61,9 @@ def execute(task: dict) -> dict:
 def merge_shards(shards: list[dict]) -> dict:
     """The ``eval loss`` document of shards in item order: their per-item sums concatenated into
     one ``LossResult`` (identical to the unsharded run's when the shards batch items alike)."""
+    from harness.cli import loss_document
     from harness.eval.loss import LossResult
 
     merged = LossResult(**{f.name: [v for s in shards for v in s["loss_result"][f.name]] for f in fields(LossResult)})
-    return merged.document(**shards[0]["settings"])
+    digests = [d for s in shards for d in s["settings"]["item_digests"]]  # the items of the whole, in order
+    return loss_document(merged, {**shards[0]["settings"], "item_digests": digests}).to_json()
