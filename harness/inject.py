@@ -22,9 +22,11 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[QuantInjector]] = weakref.Wea
 
 
 def causal_at(fmt: str, point: str) -> bool:
-    """Whether ``fmt`` may quantize at ``point``: a block of a (tokens x hidden) activation must
-    lie within one token, so 2-D tiles are for weights only."""
-    return point == "weight" or len(get_format(fmt).block_shape) == 1
+    """Whether ``fmt`` may quantize at ``point`` with a scale computed per call: a block of a
+    (tokens x hidden) activation must lie within one token, so 2-D tiles are for weights only,
+    and a per-tensor activation scale is static (calibrated, see ``QuantInjector(calibration=)``)."""
+    f = get_format(fmt)
+    return point == "weight" or (len(f.block_shape) == 1 or f.grouping == "row")
 
 
 @dataclass(frozen=True)

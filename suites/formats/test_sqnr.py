@@ -30,7 +30,7 @@ import math
 import pytest
 import torch
 
-from harness.formats import SCALE_MODES, fake_quantize, get_format, representable_max
+from harness.formats import SCALE_MODES, fake_quantize, get_format, quantize, representable_max
 from harness.srdd.metrics import sqnr_db
 from harness.testing import format_marks, format_params
 from suites.formats import data
@@ -41,8 +41,20 @@ GAUSSIAN_BLOCK32_AMAX_SQ = 5.70
 ONE_BINADE_DB = 20 * math.log10(2)
 
 
-def sqnr_floor_db(name: str) -> float:
+def integer_floor_db(x: torch.Tensor, name: str) -> float:
+    """Integer elements with a real-valued scale: one step ``scale`` per group, uniform rounding
+    error of power ``scale**2 / 12``, so SQNR = 10 log10(E[x**2] / E[scale**2 / 12]) over the
+    groups of ``x`` itself (its group maxima set the scales); 0.5 dB for the clipped group max
+    (amax / 127.5 clips it to 127) and the sampling."""
+    q = quantize(x, name)
+    noise = q.scales.float().pow(2).mean() / 12
+    return 10 * math.log10(x.float().pow(2).mean().item() / noise.item()) - 0.5
+
+
+def sqnr_floor_db(name: str, x: torch.Tensor | None = None) -> float:
     fmt = get_format(name)
+    if not fmt.microscaling and fmt.element.twos_complement:
+        return integer_floor_db(x, name)
     if fmt.element.twos_complement:
         return 10 * math.log10(12 * 4**fmt.element.mbits / GAUSSIAN_BLOCK32_AMAX_SQ)
     ideal = 10 * math.log10(28 * 4**fmt.element.mbits)
@@ -50,7 +62,7 @@ def sqnr_floor_db(name: str) -> float:
 
 
 def scale_modes(name: str) -> tuple[str, ...]:
-    """The scale modes a format takes: all four for E8M0 scales, ``floor`` for NVFP4's E4M3."""
+    """The scale modes a format takes: all four for E8M0 scales, ``floor`` for the others."""
     return SCALE_MODES if get_format(name).scale.name == "e8m0" else ("floor",)
 
 
@@ -63,7 +75,7 @@ def gaussian() -> torch.Tensor:
 def test_sqnr_above_the_format_floor(name: str, gaussian: torch.Tensor, device: torch.device, metrics) -> None:
     """Every scale mode of the format, side by side in the metrics table (``sqnr_<mode>_db``)."""
     x = gaussian.to(device)
-    floor = sqnr_floor_db(name)
+    floor = sqnr_floor_db(name, x)
     measured = {
         mode: sqnr_db(x, fake_quantize(x, name, generator=torch.Generator(device).manual_seed(1), scale_mode=mode))
         for mode in scale_modes(name)
