@@ -40,7 +40,7 @@ def _formats(args: argparse.Namespace) -> int:
         [
             f.name,
             f.element.name,
-            "x".join(map(str, f.block_shape)),
+            "x".join(map(str, f.block_shape)) or f.grouping,
             f.scale.name,
             f.bits_per_element,
             format_marker(f.name),
@@ -49,6 +49,11 @@ def _formats(args: argparse.Namespace) -> int:
         for f in FORMATS.values()
     ]
     print(tabulate(rows, headers=["format", "element", "block", "scale", "bits/elem", "marker", "description"]))
+    print("\nBit-for-bit references (checked in CI) and how the other implementations differ:")
+    for f in FORMATS.values():
+        print(f"- {f.name}: equals {f.library}")
+        if f.differs:
+            print(f"  others: {f.differs}")
     return 0
 
 

@@ -70,6 +70,7 @@ class Format:
 
 
 _MX = E8M0Scale()
+_TORCHAO_MX = "torchao 0.18 MXTensor.to_mx(...).dequantize() (OCP MX v1.0), every ScaleCalculationMode"
 _CT = "compressed-tensors 0.20 fake_quantize with calculate_qparams (its QuantizationArgs)"
 _CT_FP8 = AmaxScale("amax/448 (compressed-tensors)", 448.0, "eps", "zero", bits=16, adds_zero=True)
 _CT_FP8_DIFFERS = "torchao and vLLM compute x/scale in fp32 (compressed-tensors in the input dtype)"
@@ -86,7 +87,9 @@ _INT8_DIFFERS = (
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("mxfp4", E2M1, (32,), _MX, "OCP MXFP4: E2M1 elements, 32-element blocks, E8M0 scale"),
+        Format(
+            "mxfp4", E2M1, (32,), _MX, "OCP MXFP4: E2M1 elements, 32-element blocks, E8M0 scale", library=_TORCHAO_MX
+        ),
         Format(
             "mxfp4_sr",
             E2M1,
@@ -94,19 +97,35 @@ FORMATS: dict[str, Format] = {
             _MX,
             "MXFP4 with unbiased stochastic rounding driven by a torch.Generator",
             stochastic=True,
+            library="mxfp4's scale with Philox4x32-10 stochastic rounding (no library equivalent)",
         ),
-        Format("mxfp4_2d", E2M1, (32, 32), _MX, "MXFP4 with one E8M0 scale per 32x32 tile of the last two dims"),
-        Format("mxfp6_e2m3", E2M3, (32,), _MX, "OCP MXFP6 E2M3, 32-element blocks, E8M0 scale"),
-        Format("mxfp6_e3m2", E3M2, (32,), _MX, "OCP MXFP6 E3M2, 32-element blocks, E8M0 scale"),
-        Format("mxfp8_e4m3", E4M3, (32,), _MX, "OCP MXFP8 E4M3, 32-element blocks, E8M0 scale"),
-        Format("mxfp8_e5m2", E5M2, (32,), _MX, "OCP MXFP8 E5M2, 32-element blocks, E8M0 scale"),
-        Format("mxint8", INT8, (32,), _MX, "OCP MXINT8: int8 elements k * 2**-6, 32-element blocks, E8M0"),
+        Format(
+            "mxfp4_2d",
+            E2M1,
+            (32, 32),
+            _MX,
+            "MXFP4 with one E8M0 scale per 32x32 tile of the last two dims",
+            library="OCP MX v1.0 rule on true 32x32 tiles (scalar reference; no library has it)",
+        ),
+        Format("mxfp6_e2m3", E2M3, (32,), _MX, "OCP MXFP6 E2M3, 32-element blocks, E8M0 scale", library=_TORCHAO_MX),
+        Format("mxfp6_e3m2", E3M2, (32,), _MX, "OCP MXFP6 E3M2, 32-element blocks, E8M0 scale", library=_TORCHAO_MX),
+        Format("mxfp8_e4m3", E4M3, (32,), _MX, "OCP MXFP8 E4M3, 32-element blocks, E8M0 scale", library=_TORCHAO_MX),
+        Format("mxfp8_e5m2", E5M2, (32,), _MX, "OCP MXFP8 E5M2, 32-element blocks, E8M0 scale", library=_TORCHAO_MX),
+        Format(
+            "mxint8",
+            INT8,
+            (32,),
+            _MX,
+            "OCP MXINT8: int8 elements k * 2**-6, 32-element blocks, E8M0",
+            library="OCP MX v1.0 MXINT8 (microxcaling int8 elements, round half to even)",
+        ),
         Format(
             "nvfp4",
             E2M1,
             (16,),
             E4M3Scale(),
             "NVFP4: E2M1 elements, 16-element blocks, E4M3 scale (optional fp32 per-tensor scale)",
+            library="torchao 0.18 NVFP4Tensor.to_nvfp4(...).dequantize()",
         ),
         Format(
             "fp8_e4m3_tensor",
