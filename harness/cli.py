@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from harness import recipes
 from harness.aqn import preflight as aqn_preflight
 from harness.aqn import train as aqn_train
 from harness.baselines import BaselineError
@@ -25,6 +26,7 @@ from harness.models import DEFAULT_MODEL, DTYPES
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
 from harness.testing import format_marker
+from harness.transforms import TRANSFORMS
 from harness.validate import (
     check_compare_to,
     check_scan_options,
@@ -63,23 +65,33 @@ def _eval_loss(args: argparse.Namespace) -> int:
     from harness.inject import QuantInjector
 
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
+    sides = _recipe_options(args)
     model, tok = _load(args)
-    with QuantInjector(model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode) as inj:
+    calibration = None
+    if recipes.needs_calibration(sides["input"], sides["per_tensor_scale"] == "amax" or _recipe_pts(args)):
+        texts = [item.text for item in load_gsm8k("train", CALIBRATION_ITEMS, args.gsm8k_dir)]
+        calibration = recipes.calibration_ids(tok, texts)
+    with QuantInjector(
+        model, **sides, calibration=calibration, transform=args.transform, seed=args.seed, scale_mode=args.scale_mode
+    ) as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
+    label = recipes.recipe_id(inj.weight_format, inj.input_format) + (f"+{args.transform}" if args.transform else "")
     if args.json:
-        settings = {k: getattr(args, k) for k in ("model", "format", "scale_mode", "point", "dtype")}
+        settings = {k: getattr(args, k) for k in ("model", "scale_mode", "dtype", "transform")}
+        settings |= {"format": label, "point": inj.point, "weight_format": inj.weight_format}
+        settings |= {"input_format": inj.input_format}
         print(json.dumps(result.document(**settings, modules=len(inj.modules)), indent=2))
         return 0
     summary, cmp = result.summary(), result.comparison()
     print(
-        f"model {args.model}, {args.format} on {args.point} of {len(inj.modules)} Linear modules, "
+        f"model {args.model}, {label} on {inj.point} of {len(inj.modules)} Linear modules, "
         f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {args.dtype}"
     )
     for note in inj.notes:
         print(f"note: {note}")
     rows = [
         [REFERENCE, summary["reference_loss"], 0.0, 1.0],
-        [args.format, summary["loss"], summary["kl"], summary["top1_agree"]],
+        [label, summary["loss"], summary["kl"], summary["top1_agree"]],
     ]
     print(tabulate(rows, headers=["model", "loss", "kl", "top1_agree"], floatfmt=".4f"))
     print(
@@ -331,6 +343,57 @@ def _from_options(args: argparse.Namespace, cls, flags: dict[str, str]):
     return cls(**{name: getattr(args, name) for name in flags})
 
 
+def _recipe_options_add(p: argparse.ArgumentParser) -> None:
+    """--format/--point (one format), or --weight-format/--input-format, or --recipe."""
+    p.add_argument("--format", choices=list_formats(), help="one format at --point (or use the options below)")
+    p.add_argument("--point", default=None, choices=POINTS, help="with --format or one side's format: where")
+    p.add_argument("--weight-format", choices=list_formats(), help="the weights' format (a recipe's W side)")
+    p.add_argument("--input-format", choices=list_formats(), help="the Linear inputs' format (a recipe's A side)")
+    p.add_argument("--recipe", choices=recipes.list_recipes(), help="a named pair (python -m harness recipes)")
+    p.add_argument("--transform", choices=list(TRANSFORMS), help="rotate weights and inputs first (block Hadamard)")
+
+
+def _recipe_pts(args: argparse.Namespace) -> bool:
+    return bool(args.recipe) and recipes.get_recipe(args.recipe).per_tensor_scale
+
+
+def _recipe_options(args: argparse.Namespace) -> dict:
+    """QuantInjector's format arguments from the options; a usage error names the valid ways."""
+    given = [o for o in ("format", "weight_format", "input_format", "recipe") if getattr(args, o)]
+    if not given:
+        raise SystemExit("error: name the formats: --format F [--point P], --weight-format/--input-format, or --recipe")
+    if (args.recipe or args.format) and len(given) > 1:
+        first, second = (g.replace("_", "-") for g in given[:2])
+        raise SystemExit(f"error: --{first} and --{second} exclude each other")
+    sides = {
+        "fmt": None,
+        "point": "weight",
+        "weight": None,
+        "input": None,
+        "recipe": args.recipe,
+        "per_tensor_scale": None,
+    }
+    if args.format:
+        sides |= {"fmt": args.format, "point": args.point or "weight"}
+    elif not args.recipe:
+        weight, inp = args.weight_format, args.input_format
+        if args.point and not (weight and inp):  # one side named with --point: that side
+            only = weight or inp
+            weight, inp = (
+                (only if args.point in ("weight", "both") else None),
+                (only if args.point in ("input", "both") else None),
+            )
+        sides |= {"weight": weight, "input": inp}
+    return sides
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    rows = [[r.name, r.weight or "-", r.input or "-", "two-level" if r.per_tensor_scale else "", r.deployment]
+            for r in recipes.RECIPES.values()]  # fmt: skip
+    print(tabulate(rows, headers=["recipe", "weight", "input", "nvfp4 scale", "deployment"]))
+    return 0
+
+
 def _scale_mode_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale-mode",
@@ -344,12 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("formats", help="list the registered quantization formats").set_defaults(run=_formats)
+    commands.add_parser("recipes", help="list the named weight/input recipes").set_defaults(run=_recipes)
 
     evaluate = commands.add_parser("eval", help="evaluate a quantized model").add_subparsers(dest="what", required=True)
     loss = evaluate.add_parser("loss", help="answer-token loss, KL and top-1 agreement vs the reference model")
     _model_options(loss)
-    loss.add_argument("--format", required=True, choices=list_formats())
-    loss.add_argument("--point", default="weight", choices=POINTS)
+    _recipe_options_add(loss)
     loss.add_argument(
         "--items", type=count_arg(1), default=LOSS_ITEMS, help="first N GSM8K test items (default %(default)s)"
     )

@@ -85,3 +85,19 @@ def check_formats(weight: str | None, input: str | None) -> None:
     for f in (weight, input):
         if f is not None:
             get_format(f)
+
+
+def needs_calibration(input: str | None, per_tensor_scale: bool) -> bool:
+    """Whether an input format's scale is fixed by calibration: per-tensor formats, and NVFP4
+    inputs with the two-level scale."""
+    if input is None:
+        return False
+    fmt = get_format(input)
+    return fmt.static_at_input or (per_tensor_scale and fmt.scale.supports_per_tensor_scale)
+
+
+def calibration_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of calibration texts under the harness's BOS policy (:func:`harness.batching.encode`)."""
+    from harness.batching import encode
+
+    return [encode(tokenizer, t) for t in texts]

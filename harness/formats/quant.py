@@ -18,6 +18,7 @@ from harness.formats import affine, fast, philox
 from harness.formats.blocks import BlockLayout
 from harness.formats.elements import E4M3, decode, encode, round_to_grid
 from harness.formats.registry import FORMATS, Format, get_format
+from harness.formats.scales import E8M0Scale
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -104,7 +105,11 @@ def _check_input(
 
 
 def _quantize_blocks(
-    blocks: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None, generator: torch.Generator | None
+    blocks: torch.Tensor,
+    fmt: Format,
+    per_tensor_scale: torch.Tensor | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid values (fp32) and stored block scales (fp32, NaN for blocks holding NaN or Inf)."""
     amax = blocks.abs().amax(-1, keepdim=True)
@@ -113,8 +118,21 @@ def _quantize_blocks(
     if fmt.stochastic:
         noise = philox.uniform(tuple(blocks.shape), philox.draw_seed(generator, blocks.device), blocks.device)
     q = round_to_grid(blocks * multiplier, fmt.element, noise)
+    if isinstance(fmt.scale, E8M0Scale) and fmt.scale.mode != "floor":
+        q = _saturate_overflow(q, multiplier, fmt, dtype)
     stored = torch.where(torch.isfinite(amax), stored, torch.nan)
     return q, stored
+
+
+def _saturate_overflow(q: torch.Tensor, multiplier: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """Codes clamped to the largest grid value whose product with the block's scale is finite in
+    ``dtype``: near the dtype's max the ceil, even and rceil rules pick a scale one binade above
+    floor's, where the top codes would overflow to Inf (torchao returns Inf there); every other
+    code is unchanged.  (``floor`` never overflows: ``max_value * 2**(floor(log2 amax) - emax)``
+    is below ``2**(floor(log2 amax) + 1)``.)"""
+    reach = (torch.finfo(dtype).max * multiplier).clamp(max=fmt.element.max_value)
+    limit = round_to_grid(reach, fmt.element, torch.ones_like(reach))  # round down onto the grid
+    return torch.maximum(torch.minimum(q, limit), -limit)
 
 
 def _finite_groups(groups: torch.Tensor) -> torch.Tensor:
@@ -245,7 +263,7 @@ def fake_quantize(
     blocks = _blocks(x, layout)
     if blocks.numel() == 0:
         return x.clone()
-    q, stored = _quantize_blocks(blocks, fmt, pts, generator)
+    q, stored = _quantize_blocks(blocks, fmt, pts, generator, x.dtype)
     out = layout.merge(q * _dequant_scale(stored, pts))
     return out.reshape(x.shape).to(x.dtype).contiguous()
 
@@ -285,7 +303,7 @@ def quantize(
         codes, scale_codes = codes.reshape(*lead, codes.shape[-1]), scale_codes.reshape(lead)
         return QuantizedTensor(fmt.name, codes, scale_codes, layout, tuple(x.shape), x.dtype, pts)
     blocks = _blocks(x, layout)
-    q, stored = _quantize_blocks(blocks, fmt, pts, generator)
+    q, stored = _quantize_blocks(blocks, fmt, pts, generator, x.dtype)
     finite = ~torch.isnan(stored)
     codes = encode(torch.where(finite, q, 0.0), fmt.element)
     if fmt.element.bits == 4:

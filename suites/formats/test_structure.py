@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from harness.formats import fake_quantize, get_format, quantize
+from harness.formats import SCALE_MODES, dequantize, fake_quantize, get_format, quantize
 from harness.formats.affine import decode_elements
 from harness.formats.elements import E4M3
 from harness.testing import assert_same_bits, format_params
@@ -286,3 +286,20 @@ def test_deployed_saturates_huge_finite_input_to_finite_output(name: str) -> Non
         x = (data.normal((8, 256), seed=32) * 1.7e38).clamp(-3.3e38, 3.3e38).to(dtype)
         x[:, 0] = 3.3e38
         assert torch.isfinite(fake_quantize(x, name)).all(), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", format_params(where=lambda f: f.scale.name == "e8m0"))
+def test_every_scale_mode_saturates_finite_input_near_the_dtype_max(name: str, dtype: torch.dtype, device) -> None:
+    """ceil, even and rceil pick a scale up to one binade above floor's: near the dtype's max the
+    top codes times that scale overflow.  They saturate instead (the largest grid value whose
+    product is finite), on the fast path and the reference path, quantize() included; blocks away
+    from the max keep torchao's bits (test_torchao_parity.py)."""
+    top = torch.finfo(dtype).max
+    x = (data.normal((4, 64), seed=33) * top / 3).clamp(-top, top).to(dtype)
+    x[:, ::32] = top
+    for mode in SCALE_MODES:
+        out = fq(x, name, device, scale_mode=mode)
+        assert torch.isfinite(out).all(), f"{name}/{mode}/{dtype}: {out[~torch.isfinite(out)][:4]}"
+        g = torch.Generator(device).manual_seed(123)
+        assert_same_bits(dequantize(quantize(x.to(device), name, scale_mode=mode, generator=g)).cpu(), out)
