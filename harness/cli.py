@@ -62,13 +62,14 @@ def _formats(args: argparse.Namespace) -> int:
 def _eval_loss(args: argparse.Namespace) -> int:
     from harness.eval.loss import evaluate_loss
     from harness.gsm8k import load_gsm8k
-    from harness.inject import QuantInjector
+    from harness.inject import QuantInjector, resolve_sides
 
     items = load_gsm8k("test", args.items, args.gsm8k_dir)
     sides = _recipe_options(args)
     model, tok = _load(args)
     calibration = None
-    if recipes.needs_calibration(sides["input"], sides["per_tensor_scale"] == "amax" or _recipe_pts(args)):
+    *_, input_format, per_tensor_scale = resolve_sides(**sides)
+    if recipes.needs_calibration(input_format, per_tensor_scale == "amax"):
         texts = [item.text for item in load_gsm8k("train", CALIBRATION_ITEMS, args.gsm8k_dir)]
         calibration = recipes.calibration_ids(tok, texts)
     with QuantInjector(
@@ -351,10 +352,6 @@ def _recipe_options_add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-format", choices=list_formats(), help="the Linear inputs' format (a recipe's A side)")
     p.add_argument("--recipe", choices=recipes.list_recipes(), help="a named pair (python -m harness recipes)")
     p.add_argument("--transform", choices=list(TRANSFORMS), help="rotate weights and inputs first (block Hadamard)")
-
-
-def _recipe_pts(args: argparse.Namespace) -> bool:
-    return bool(args.recipe) and recipes.get_recipe(args.recipe).per_tensor_scale
 
 
 def _recipe_options(args: argparse.Namespace) -> dict:

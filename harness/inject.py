@@ -212,7 +212,7 @@ class QuantInjector:
             raise ValueError("pass a generator or a seed, not both")
         if point not in POINTS:
             raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
-        sides = _resolve_sides(fmt, point, weight, input, recipe, per_tensor_scale)
+        sides = resolve_sides(fmt, point, weight, input, recipe, per_tensor_scale)
         fmt, point, weight, input, per_tensor_scale = sides
         check_transform(transform)
         at_input = [f for f in (input, *((overrides or {}).values() if input else ())) if f is not None]
@@ -429,7 +429,7 @@ def _input_hook(quantizer: _Quantizer):
     return hook
 
 
-def _resolve_sides(
+def resolve_sides(
     fmt: str | None,
     point: str,
     weight: str | None,
