@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness import atomic
+from harness import atomic, recipes
 from harness.aqn import preflight as aqn_preflight
 from harness.aqn import train as aqn_train
 from harness.baselines import BaselineError
@@ -26,6 +26,7 @@ from harness.models import DEFAULT_MODEL, DTYPES, parse_max_memory
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
 from harness.testing import format_marker
+from harness.transforms import TRANSFORMS
 from harness.validate import (
     check_compare_to,
     check_scan_options,
@@ -41,7 +42,7 @@ def _formats(args: argparse.Namespace) -> int:
         [
             f.name,
             f.element.name,
-            "x".join(map(str, f.block_shape)),
+            "x".join(map(str, f.block_shape)) or f.grouping,
             f.scale.name,
             f.bits_per_element,
             format_marker(f.name),
@@ -50,6 +51,11 @@ def _formats(args: argparse.Namespace) -> int:
         for f in FORMATS.values()
     ]
     print(tabulate(rows, headers=["format", "element", "block", "scale", "bits/elem", "marker", "description"]))
+    print("\nBit-for-bit references (checked in CI) and how the other implementations differ:")
+    for f in FORMATS.values():
+        print(f"- {f.name}: equals {f.library}")
+        if f.differs:
+            print(f"  others: {f.differs}")
     return 0
 
 
@@ -59,17 +65,32 @@ def loss_run(args: argparse.Namespace):
     ``first_item … first_item + items - 1``."""
     from harness.eval.loss import evaluate_loss
     from harness.gsm8k import load_gsm8k
+    from harness.inject import resolve_sides
     from harness.models import model_identity
     from harness.peritem import item_digests
 
     items = load_gsm8k("test", args.first_item + args.items, args.gsm8k_dir)[args.first_item :]
+    sides = _recipe_options(args)
     model, tok = _load(args)
+    calibration = None
+    *_, input_format, per_tensor_scale = resolve_sides(**sides)
+    if recipes.needs_calibration(input_format, per_tensor_scale == "amax"):
+        texts = [item.text for item in load_gsm8k("train", CALIBRATION_ITEMS, args.gsm8k_dir)]
+        calibration = recipes.calibration_ids(tok, texts)
     injector = QuantInjector(
-        model, args.format, args.point, seed=args.seed, scale_mode=args.scale_mode, allow_partial=args.allow_partial
+        model,
+        **sides,
+        calibration=calibration,
+        transform=args.transform,
+        seed=args.seed,
+        scale_mode=args.scale_mode,
+        allow_partial=args.allow_partial,
     )
     with injector as inj:
         result = evaluate_loss(model, tok, items, inj, batch_size=args.batch_size, progress=not args.json)
-    recipe = {k: getattr(args, k) for k in ("format", "scale_mode", "point")}
+    label = recipes.recipe_id(inj.weight_format, inj.input_format) + (f"+{args.transform}" if args.transform else "")
+    recipe = {"format": label, "point": inj.point, "weight_format": inj.weight_format}
+    recipe |= {"input_format": inj.input_format, "transform": args.transform, "scale_mode": args.scale_mode}
     recipe |= {"dtype": _dtype_name(model), "modules": len(inj.modules), "coverage": inj.coverage.to_json()}
     settings = {
         "model": {"name": args.model, **model_identity(model)},
@@ -102,14 +123,14 @@ def _eval_loss(args: argparse.Namespace) -> int:
     summary, cmp = result.summary(), result.comparison()
     print(inj.coverage.line())
     print(
-        f"model {args.model}, {args.format} on {args.point} of {settings['recipe']['modules']} weights, "
-        f"{summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {settings['recipe']['dtype']}"
+        f"model {args.model}, {settings['recipe']['format']} on {inj.point} of {settings['recipe']['modules']} "
+        f"weights, {summary['n']} GSM8K test items, {summary['tokens']} answer tokens, {settings['recipe']['dtype']}"
     )
     for note in inj.notes:
         print(f"note: {note}")
     rows = [
         [REFERENCE, summary["reference_loss"], 0.0, 1.0],
-        [args.format, summary["loss"], summary["kl"], summary["top1_agree"]],
+        [settings["recipe"]["format"], summary["loss"], summary["kl"], summary["top1_agree"]],
     ]
     print(tabulate(rows, headers=["model", "loss", "kl", "top1_agree"], floatfmt=".4f"))
     print(
@@ -459,6 +480,53 @@ def _force_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _recipe_options_add(p: argparse.ArgumentParser) -> None:
+    """--format/--point (one format), or --weight-format/--input-format, or --recipe."""
+    p.add_argument("--format", choices=list_formats(), help="one format at --point (or use the options below)")
+    p.add_argument("--point", default=None, choices=POINTS, help="with --format or one side's format: where")
+    p.add_argument("--weight-format", choices=list_formats(), help="the weights' format (a recipe's W side)")
+    p.add_argument("--input-format", choices=list_formats(), help="the Linear inputs' format (a recipe's A side)")
+    p.add_argument("--recipe", choices=recipes.list_recipes(), help="a named pair (python -m harness recipes)")
+    p.add_argument("--transform", choices=list(TRANSFORMS), help="rotate weights and inputs first (block Hadamard)")
+
+
+def _recipe_options(args: argparse.Namespace) -> dict:
+    """QuantInjector's format arguments from the options; a usage error names the valid ways."""
+    given = [o for o in ("format", "weight_format", "input_format", "recipe") if getattr(args, o)]
+    if not given:
+        raise ValueError("name the formats: --format F [--point P], --weight-format/--input-format, or --recipe")
+    if (args.recipe or args.format) and len(given) > 1:
+        first, second = (g.replace("_", "-") for g in given[:2])
+        raise ValueError(f"--{first} and --{second} exclude each other")
+    sides = {
+        "fmt": None,
+        "point": "weight",
+        "weight": None,
+        "input": None,
+        "recipe": args.recipe,
+        "per_tensor_scale": None,
+    }
+    if args.format:
+        sides |= {"fmt": args.format, "point": args.point or "weight"}
+    elif not args.recipe:
+        weight, inp = args.weight_format, args.input_format
+        if args.point and not (weight and inp):  # one side named with --point: that side
+            only = weight or inp
+            weight, inp = (
+                (only if args.point in ("weight", "both") else None),
+                (only if args.point in ("input", "both") else None),
+            )
+        sides |= {"weight": weight, "input": inp}
+    return sides
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    rows = [[r.name, r.weight or "-", r.input or "-", "two-level" if r.per_tensor_scale else "", r.deployment]
+            for r in recipes.RECIPES.values()]  # fmt: skip
+    print(tabulate(rows, headers=["recipe", "weight", "input", "nvfp4 scale", "deployment"]))
+    return 0
+
+
 def _scale_mode_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale-mode",
@@ -472,12 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("formats", help="list the registered quantization formats").set_defaults(run=_formats)
+    commands.add_parser("recipes", help="list the named weight/input recipes").set_defaults(run=_recipes)
 
     evaluate = commands.add_parser("eval", help="evaluate a quantized model").add_subparsers(dest="what", required=True)
     loss = evaluate.add_parser("loss", help="answer-token loss, KL and top-1 agreement vs the reference model")
     _model_options(loss)
-    loss.add_argument("--format", required=True, choices=list_formats())
-    loss.add_argument("--point", default="weight", choices=POINTS)
+    _recipe_options_add(loss)
     loss.add_argument(
         "--items", type=count_arg(1), default=LOSS_ITEMS, help="first N GSM8K test items (default %(default)s)"
     )

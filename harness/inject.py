@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,8 +15,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from harness.formats import fake_quantize, get_format
+from harness.formats import fake_quantize, get_format, nvfp4_per_tensor_scale
+from harness.formats.quant import NVFP4_RANGE, PER_TENSOR_SCALE_MAX, PER_TENSOR_SCALE_MIN
 from harness.modelview import ModelView, QuantWeight, WeightKind, experts_forward
+from harness.recipes import check_formats, get_recipe
+from harness.transforms import BlockRotation, check_transform
 
 POINTS = ("weight", "input", "both")
 
@@ -24,20 +28,24 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[QuantInjector]] = weakref.Wea
 
 
 def causal_at(fmt: str, point: str) -> bool:
-    """Whether ``fmt`` may quantize at ``point``: a block of a (tokens x hidden) activation must
-    lie within one token, so 2-D tiles are for weights only."""
-    return point == "weight" or len(get_format(fmt).block_shape) == 1
+    """Whether ``fmt`` may quantize at ``point`` with a scale computed per call: a block of a
+    (tokens x hidden) activation must lie within one token, so 2-D tiles are for weights only,
+    and a per-tensor activation scale is static (calibrated, see ``QuantInjector(calibration=)``)."""
+    f = get_format(fmt)
+    return point == "weight" or (len(f.block_shape) == 1 or f.grouping == "row")
 
 
 @dataclass(frozen=True)
 class InjectedModule:
-    """One weight the injector touched: its name, shape (as stored), format, point and kind."""
+    """One weight the injector touched: its name, shape (as stored), format (the weight's, or the
+    input's at point ``input``), point and kind."""
 
     name: str
     shape: tuple[int, ...]
     format: str
     point: str
     kind: str = WeightKind.LINEAR.value
+    input_format: str | None = None  # the input's format when it differs from the weight's (recipes)
 
 
 COVERAGE_SCHEMA = 1
@@ -133,13 +141,28 @@ class StraightThrough(torch.autograd.Function):
 
 
 class _Quantizer:
-    """Fake-quantizes one module's weight or input and shows it to the injector's observer."""
+    """Fake-quantizes one module's weight or input and shows it to the injector's observer.
 
-    def __init__(self, injector: QuantInjector, fmt: str, name: str, module: nn.Module) -> None:
+    ``rotation``: the block Hadamard applied before quantizing (undone after it when the other
+    side of the Linear is not rotated, ``unrotate``); ``per_tensor_scale``: NVFP4's second level,
+    per weight (``"amax"``) or from the calibrated input range; ``calibrated_amax``: a static
+    per-tensor input range; ``keyed``: stochastic rounding keyed per item (see ``_item_keys``)."""
+
+    def __init__(
+        self,
+        injector: QuantInjector,
+        fmt: str,
+        name: str,
+        module: nn.Module,
+        rotation: BlockRotation | None = None,
+        unrotate: bool = False,
+    ) -> None:
         self.injector = injector
         self.fmt = fmt
         self.name = name
         self.module = weakref.ref(module)
+        self.rotation, self.unrotate = rotation, unrotate
+        self.calibrated_amax: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -147,9 +170,30 @@ class _Quantizer:
         stack = _ACTIVE.get(self.module(), [])
         return bool(stack) and stack[-1] is self.injector and self.injector.active_for(self.name)
 
-    def __call__(self, x: torch.Tensor, kind: str, axis: int = -1) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, kind: str, axis: int = -1) -> torch.Tensor:
         injector = self.injector
-        q = fake_quantize(x.detach(), self.fmt, axis=axis, generator=injector.generator, scale_mode=injector.scale_mode)
+        fmt = get_format(self.fmt)
+        v = self.rotation.rotate(x) if self.rotation is not None else x
+        kw: dict = {"axis": axis, "scale_mode": injector.scale_mode}
+        if fmt.grouping == "tensor" and kind == "input":
+            kw["calibrated_amax"] = self.calibrated_amax
+        if fmt.scale.supports_per_tensor_scale and injector.per_tensor_scale == "amax":
+            if kind == "weight":
+                kw["per_tensor_scale"] = nvfp4_per_tensor_scale(v)
+            elif self.calibrated_amax is not None:
+                kw["per_tensor_scale"] = (self.calibrated_amax / NVFP4_RANGE).clamp(
+                    PER_TENSOR_SCALE_MIN, PER_TENSOR_SCALE_MAX
+                )
+        if fmt.stochastic and kind == "input" and injector.item_keys is not None and v.dim() >= 2:
+            q = _keyed_rows(v, self.fmt, kw, injector.item_keys, self.name)
+        else:
+            q = fake_quantize(v, self.fmt, generator=injector.generator, **kw)
+        if self.rotation is not None:
+            q = (self.rotation.unrotate(q) if self.unrotate else q).to(x.dtype)
+        return q
+
+    def __call__(self, x: torch.Tensor, kind: str, axis: int = -1) -> torch.Tensor:
+        q = self._quantize(x.detach(), kind, axis)
         if self.injector.observer is not None:
             self.injector.observer(self.name, kind, x.detach(), q, self.fmt)
         if self.injector.straight_through and torch.is_grad_enabled() and x.requires_grad:
@@ -212,14 +256,38 @@ class QuantInjector:
     format replaces the outer one, it is not applied on top of it); when the inner one exits the
     outer one quantizes those modules again.  An architecture the model view does not know is a
     ValueError naming what it found.
+
+    Recipes: ``weight=`` and ``input=`` name one format per side (``QuantInjector(model,
+    weight="nvfp4", input="fp8_e4m3_row")``; ``fmt, point`` is the shorthand for the same format
+    on the named side(s)), or ``recipe=`` a named pair (:mod:`harness.recipes`).
+    ``per_tensor_scale="amax"``: NVFP4's two-level scale, ``amax / (448 * 6)`` of each weight
+    (and of each calibrated input range); the NVFP4 recipes turn it on.  ``calibration``: token-id
+    sequences (lists or 1-D tensors) run through the model on entry, one at a time, with the
+    weights quantized and the inputs not, to fix static input scales: a max observer of each
+    target's input ``|x|`` (after the transform) sets its per-tensor scale (``tensor`` input
+    formats need it; NVFP4 inputs use it for their second level).  ``transform="hadamard"``:
+    a block Hadamard (:mod:`harness.transforms`) of ``transform_size`` (default: the format's
+    block size, 32 for a row or tensor format) along the input dim of every target, with seeded
+    random signs when ``transform_seed`` is given: weight-only ``Q(W H) Hᵀ``, both ``Q(X H) Q(W H)ᵀ``.
+    Stochastic formats at the input are keyed per item and position: a model-level pre-hook reads
+    each row's ``input_ids`` (those under its ``attention_mask``), so an item's noise does not
+    depend on its batch-mates or the batch size.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        fmt: str,
+        fmt: str | None = None,
         point: str = "weight",
         *,
+        weight: str | None = None,
+        input: str | None = None,
+        recipe: str | None = None,
+        per_tensor_scale: str | None = None,
+        calibration: Sequence[Sequence[int] | torch.Tensor] | None = None,
+        transform: str | None = None,
+        transform_size: int | None = None,
+        transform_seed: int | None = None,
         targets: Sequence[str | type] | None = None,
         exclude: Sequence[str] = (),
         overrides: dict[str, str | None] | None = None,
@@ -234,11 +302,22 @@ class QuantInjector:
             raise ValueError("pass a generator or a seed, not both")
         if point not in POINTS:
             raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
-        for f in (fmt, *(overrides or {}).values()):
-            if f is None:
-                continue
-            get_format(f).with_scale_mode(scale_mode)
-            if not causal_at(f, point):
+        sides = resolve_sides(fmt, point, weight, input, recipe, per_tensor_scale)
+        fmt, point, weight, input, per_tensor_scale = sides
+        check_transform(transform)
+        at_input = [f for f in (input, *((overrides or {}).values() if input else ())) if f is not None]
+        for f in (weight, input, *(overrides or {}).values()):
+            if f is not None:
+                get_format(f).with_scale_mode(scale_mode)
+        for f in at_input:
+            if get_format(f).static_at_input:
+                if calibration is None:
+                    raise ValueError(
+                        f"format {f!r} at the input is static (one per-tensor scale, fixed in deployment): pass "
+                        "calibration= (token-id sequences; the CLI uses its calibration prompts), or use a dynamic "
+                        "per-token format such as fp8_e4m3_row or int8_row"
+                    )
+            elif not causal_at(f, "input"):
                 raise ValueError(
                     f"format {f!r} cannot quantize activations (point {point!r}): its "
                     f"{'x'.join(map(str, get_format(f).block_shape))} tiles of a (tokens x hidden) input would mix "
@@ -246,6 +325,10 @@ class QuantInjector:
                     "use it at point 'weight', or a 1-D block format for activations"
                 )
         self.model, self.fmt, self.point = model, fmt, point
+        self.weight_format, self.input_format, self.per_tensor_scale = weight, input, per_tensor_scale
+        self.calibration = None if calibration is None else list(calibration)
+        self.transform, self.transform_size, self.transform_seed = transform, transform_size, transform_seed
+        self.item_keys: list[int] | None = None
         self.targets, self.exclude, self.overrides = targets, tuple(exclude), dict(overrides or {})
         if seed is not None:  # a CPU generator keys the Philox stream on every device (formats.philox)
             generator = torch.Generator().manual_seed(seed)
@@ -258,6 +341,9 @@ class QuantInjector:
         self._parametrized: list[tuple[nn.Module, str, _WeightParametrization]] = []
         self._forwards: list[tuple[nn.Module, object]] = []  # (experts module, the forward it had)
         self._touched: list[nn.Module] = []
+        self._input_quantizers: list[_Quantizer] = []
+        self._expert_inputs: set[str] = set()  # inputs quantized inside fused experts (not calibrated)
+        self._calibrating = False
         self._active: Callable[[str], bool] = lambda name: True
 
     def active_for(self, name: str) -> bool:
@@ -347,8 +433,11 @@ class QuantInjector:
             embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             experts: dict[nn.Module, dict[str, _Quantizer]] = {}
             for weight, fmt in self.select():
-                module = weight.module
-                quantizer = _Quantizer(self, fmt, weight.name, module)
+                module, name = weight.module, weight.name
+                wfmt, ifmt = self._sides(fmt)
+                rotation = self._rotation(weight, wfmt or ifmt)
+                quantizer = _Quantizer(self, wfmt or fmt, name, module, rotation, unrotate=ifmt is None)
+                input_quantizer = _Quantizer(self, ifmt or fmt, name, module, rotation, unrotate=wfmt is None)
                 _ACTIVE.setdefault(module, []).append(self)
                 self._touched.append(module)
                 if self.point in ("weight", "both"):
@@ -369,19 +458,102 @@ class QuantInjector:
                     self._parametrized.append((module, weight.param, parametrization))
                 if self.point in ("input", "both"):
                     if weight.kind is WeightKind.EXPERTS:
-                        experts.setdefault(module, {})[weight.param] = quantizer
+                        if get_format(input_quantizer.fmt).static_at_input:
+                            raise ValueError(
+                                f"{name}: a static (per-tensor, calibrated) input format on fused experts is not "
+                                f"supported ({input_quantizer.fmt}); use a per-token format such as fp8_e4m3_row"
+                            )
+                        experts.setdefault(module, {})[weight.param] = input_quantizer
+                        self._expert_inputs.add(name)
                     else:
-                        self._hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
+                        self._hooks.append(module.register_forward_pre_hook(_input_hook(input_quantizer)))
+                    self._input_quantizers.append(input_quantizer)
                 self.modules.append(
-                    InjectedModule(weight.name, tuple(weight.parameter().shape), fmt, self.point, weight.kind.value)
+                    InjectedModule(
+                        name,
+                        tuple(weight.parameter().shape),
+                        wfmt or ifmt,
+                        self.point,
+                        weight.kind.value,
+                        input_format=ifmt if wfmt else None,
+                    )
                 )
             for module, quantizers in experts.items():
                 self._forwards.append((module, module.__dict__.get("forward")))
                 module.forward = _experts_input_forward(module, quantizers)
+            self._key_items()
+            self._calibrate()
         except BaseException:
             self._restore()
             raise
         return self
+
+    def _sides(self, fmt: str) -> tuple[str | None, str | None]:
+        """(weight format, input format) of a module whose selected format is ``fmt``: the
+        injector's pair, or an override's format on the active side(s)."""
+        default = self.weight_format or self.input_format
+        if fmt == default:
+            return self.weight_format, self.input_format
+        return (fmt if self.point in ("weight", "both") else None), (fmt if self.point in ("input", "both") else None)
+
+    def _rotation(self, weight: QuantWeight, fmt: str) -> BlockRotation | None:
+        if self.transform is None:
+            return None
+        if weight.axis != -1:
+            raise ValueError(
+                f"transform={self.transform!r} rotates along the last dim; {weight.name} stores its input dim first "
+                f"({weight.kind.value}), which the transform does not support"
+            )
+        f = get_format(fmt)
+        size = self.transform_size or (f.block_shape[-1] if f.block_shape else 32)
+        rotation = BlockRotation(size, self.transform_seed)
+        rotation.check(weight.parameter().shape[-1], weight.name)
+        return rotation
+
+    def _key_items(self) -> None:
+        """With a stochastic format at the input, key its draws per item (``_item_keys``)."""
+        if any(get_format(q.fmt).stochastic for q in self._input_quantizers):
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator)) if self.generator is not None else 0
+            self._hooks.append(self.model.register_forward_pre_hook(_item_keys(self, seed), with_kwargs=True))
+
+    def _calibrate(self) -> None:
+        """Max observer of every static input's ``|x|`` (after the transform) over the calibration
+        sequences, run one at a time with the weights quantized and the inputs not."""
+        needs = [
+            q
+            for q in self._input_quantizers
+            if q.name not in self._expert_inputs
+            and (
+                get_format(q.fmt).static_at_input
+                or (get_format(q.fmt).scale.supports_per_tensor_scale and self.per_tensor_scale == "amax")
+            )
+        ]
+        if not needs or self.calibration is None:
+            return
+        observed: dict[int, torch.Tensor] = {}
+
+        def observe(quantizer: _Quantizer):
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].detach()
+                v = quantizer.rotation.rotate(x) if quantizer.rotation is not None else x
+                top = v.float().abs().amax()
+                observed[id(quantizer)] = torch.maximum(observed.get(id(quantizer), top), top)
+
+            return hook
+
+        handles = [q.module().register_forward_pre_hook(observe(q)) for q in needs]
+        device = next(self.model.parameters()).device
+        try:
+            with torch.no_grad():
+                self._calibrating = True  # this injector's input hooks pass inputs through
+                for ids in self.calibration:
+                    self.model(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device).reshape(1, -1))
+        finally:
+            self._calibrating = False
+            for h in handles:
+                h.remove()
+        for q in needs:
+            q.calibrated_amax = observed.get(id(q))
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
@@ -406,6 +578,7 @@ class QuantInjector:
             if self in stack:
                 stack.remove(self)
         self._hooks, self._parametrized, self._touched, self._forwards = [], [], [], []
+        self._input_quantizers, self._expert_inputs, self.item_keys = [], set(), None
 
 
 def _experts_input_forward(module: nn.Module, quantizers: dict[str, _Quantizer]):
@@ -424,8 +597,83 @@ def _experts_input_forward(module: nn.Module, quantizers: dict[str, _Quantizer])
 
 def _input_hook(quantizer: _Quantizer):
     def hook(module: nn.Module, args: tuple) -> tuple | None:
-        if not quantizer.active:
+        if not quantizer.active or quantizer.injector._calibrating:
             return None
         return (quantizer(args[0], "input"), *args[1:])
 
     return hook
+
+
+def resolve_sides(
+    fmt: str | None,
+    point: str,
+    weight: str | None,
+    input: str | None,
+    recipe: str | None,
+    per_tensor_scale: str | None,
+) -> tuple[str, str, str | None, str | None, str | None]:
+    """``(fmt, point, weight format, input format, per_tensor_scale)`` from one of the three
+    ways of naming the formats: ``fmt`` at ``point``, ``weight=``/``input=``, or ``recipe=``."""
+    given = [what for what, v in (("fmt", fmt), ("weight/input", weight or input), ("recipe", recipe)) if v]
+    if len(given) != 1:
+        raise ValueError(
+            "name the formats one way: QuantInjector(model, fmt, point), weight=/input= formats, or recipe= "
+            f"(got {' and '.join(given) or 'none of them'})"
+        )
+    if recipe is not None:
+        r = get_recipe(recipe)
+        weight, input = r.weight, r.input
+        if per_tensor_scale is None and r.per_tensor_scale:
+            per_tensor_scale = "amax"
+    elif fmt is not None:
+        weight = fmt if point in ("weight", "both") else None
+        input = fmt if point in ("input", "both") else None
+    check_formats(weight, input)
+    if per_tensor_scale not in (None, "amax"):
+        raise ValueError(f"unknown per_tensor_scale {per_tensor_scale!r}; valid: 'amax' (per weight) or None")
+    if per_tensor_scale and not any(f and get_format(f).scale.supports_per_tensor_scale for f in (weight, input)):
+        raise ValueError(f"per_tensor_scale='amax' is NVFP4's second level; neither {weight!r} nor {input!r} has one")
+    point = "both" if weight and input else ("weight" if weight else "input")
+    return weight or input, point, weight, input, per_tensor_scale
+
+
+def _mix(*parts: int | str | bytes) -> int:
+    """A 62-bit key from ``parts`` (blake2b): distinct items, layers and seeds, distinct keys."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _item_keys(injector: QuantInjector, seed: int):
+    """Model pre-hook: one key per batch row from the row's ``input_ids`` under its attention mask
+    (``None`` when the model is called without ``input_ids``: then rows are keyed by content)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if ids is None or ids.dim() != 2:
+            injector.item_keys = None
+            return
+        mask = kwargs.get("attention_mask")
+        rows = []
+        for b in range(ids.shape[0]):
+            row = ids[b] if mask is None else ids[b][mask[b].bool()]
+            rows.append(_mix(seed, row.cpu().numpy().tobytes()))
+        injector.item_keys = rows
+
+    return hook
+
+
+def _keyed_rows(x: torch.Tensor, fmt: str, kw: dict, keys: list[int], name: str) -> torch.Tensor:
+    """Stochastic rounding of each batch row of ``x`` (batch, tokens, hidden) under its own
+    Philox key (the item's key and the module's name), so element (token t, feature h) of an item
+    draws the same noise whatever the batch around it: the counter runs over the row only and
+    right padding only appends tokens."""
+    if x.shape[0] != len(keys):  # not the model's batch layout: key each row by its content
+        keys = [_mix(x[b].detach().float().cpu().numpy().tobytes()) for b in range(x.shape[0])]
+    rows = [
+        fake_quantize(x[b], fmt, generator=torch.Generator().manual_seed(_mix(keys[b], name)), **kw)
+        for b in range(x.shape[0])
+    ]
+    return torch.stack(rows)

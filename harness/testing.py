@@ -15,8 +15,13 @@ from harness.formats import get_format, list_formats
 def format_marker(name: str) -> str:
     """The pytest marker of a format: its name without the element-type suffix, so the variants
     that differ only in their element type share one (``mxfp6_e2m3``, ``mxfp6_e3m2`` -> ``mxfp6``;
-    ``mxfp4_sr`` and ``mxfp4_2d`` keep their own). The plugin registers one per registry family."""
-    return re.sub(r"_e\d+m\d+$", "", get_format(name).name)
+    ``mxfp4_sr`` and ``mxfp4_2d`` keep their own); the deployed formats with a real-valued scale
+    share their element's (``fp8_e4m3_row`` -> ``fp8``, ``int4_g128_asym`` -> ``int4``). The
+    plugin registers one per registry family."""
+    fmt = get_format(name)
+    if not fmt.microscaling:
+        return fmt.name.split("_")[0]
+    return re.sub(r"_e\d+m\d+$", "", fmt.name)
 
 
 def format_marks(*names: str) -> list[pytest.MarkDecorator]:

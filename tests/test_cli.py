@@ -193,3 +193,28 @@ def test_every_command_that_loads_a_model_shares_the_model_options() -> None:
     assert len({tuple(v) for v in loaders.values()}) == 1, loaders
     args = build_parser().parse_args(["aqn", "compare", "--batch-size", "3", "--train-batch-size", "2"])
     assert (args.batch_size, args.train_batch_size) == (3, 2)
+
+
+def test_recipes_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.recipes import list_recipes
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in list_recipes()) and "two-level" in out
+
+
+def test_eval_loss_takes_a_weight_format_a_recipe_and_a_static_input(tmp_path, capsys) -> None:
+    """--weight-format F --point weight is W-only; --recipe names both sides and the document
+    carries them; a static input format calibrates on the train split's items first."""
+    base = ["eval", "loss", "--model", "tiny-llama", "--items", "4", "--gsm8k-dir", _gsm8k(tmp_path), "--json"]
+    assert main([*base, "--weight-format", "int4_g128", "--point", "weight"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "w4a16-int4-g128" and doc["point"] == "weight" and doc["input_format"] is None
+    assert main([*base, "--recipe", "w8a8-fp8-static", "--transform", "hadamard"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "w8a8-fp8-static+hadamard" and doc["input_format"] == "fp8_e4m3_tensor"
+    assert doc["point"] == "both" and doc["kl"] > 0
+    with pytest.raises(SystemExit, match="--weight-format and --recipe exclude each other"):
+        main([*base, "--weight-format", "int4_g128", "--recipe", "w4a4-nvfp4"])
+    with pytest.raises(SystemExit, match="name the formats"):
+        main(base)

@@ -172,6 +172,8 @@ def _triton_reason() -> str:
 def supports(fmt: Format, x: torch.Tensor) -> str:
     """Empty when ``fmt`` (under its own ``scale.mode``: the kernels have every rule) on ``x``
     can take a fast path (C on CPU, Triton on CUDA), else why not."""
+    if not fmt.microscaling:
+        return f"{fmt.name}: real-valued ({fmt.grouping}) scales have no fast kernel"
     if fmt.block_size > MAX_TILE or (fmt.stochastic and fmt.block_size % 4):
         return f"{fmt.name}: blocks of {fmt.block_size} elements have no fast kernel"
     if x.device.type == "cuda":

@@ -246,14 +246,26 @@ static inline void scales_of(float amax, const params_t *p, float *multiplier, f
 /* element i (row r, column c) of a tile: quantized and scaled by its tile's multiplier and scale,
  * to nearest even or (SR) up with probability t - floor(t) for its uniform u_i */
 static inline __attribute__((always_inline)) float quantized(float x, float multiplier, float scale, float zero,
-                                                            const params_t *p, const float *u, int i,
-                                                            const int SR) {
+                                                            float limit, const params_t *p, const float *u,
+                                                            int i, const int SR) {
     float v = x * multiplier, step, t = grid_t(v, p->emin, p->mbits, &step), n;
     if (SR) {
         n = (float)(int32_t)t; /* floor: 0 <= t < 2^(mbits+1) */
         n += u[i] < t - n ? 1.0f : 0.0f;
     } else n = (t + 8388608.0f) - 8388608.0f;
-    return finish(n, step, p->max_value, v, scale) + zero;
+    return finish(n, step, limit, v, scale) + zero;
+}
+
+/* The largest grid value g with g * 2^-multiplier's exponent finite in the output dtype: the
+ * ceil, even and rceil E8M0 rules can pick a scale whose top codes overflow near the dtype's max
+ * (floor never does); those codes saturate here, every other code is unchanged. */
+static inline float grid_limit(float multiplier, const params_t *p) {
+    if (p->scale_kind != 0 || p->scale_mode == 0) return p->max_value;
+    const float out_max = p->dtype == 0 ? 3.40282347e38f : (p->dtype == 1 ? float_of(0x7F7F0000u) : 65504.0f);
+    float v = out_max * multiplier, step;
+    if (!(v < p->max_value)) return p->max_value;
+    float t = grid_t(v, p->emin, p->mbits, &step);
+    return (float)(int32_t)t * step; /* round down onto the grid */
 }
 
 /* `nt` tiles side by side in one strip (tile g's first element at base + g * TC): `rows` x TC
@@ -274,7 +286,7 @@ static inline __attribute__((always_inline)) void do_tiles(const void *x, void *
                                                           int cols, const int TR, const int TC,
                                                           const int DTYPE, const int SR, const int CODES) {
     const int DIRECT = DTYPE == 0 && TR == 1 && !CODES;
-    float buf[MAX_TILE], multiplier[MAX_TILE], scale[MAX_TILE]; /* buf: unused when DIRECT */
+    float buf[MAX_TILE], multiplier[MAX_TILE], scale[MAX_TILE], limit[MAX_TILE]; /* buf: unused when DIRECT */
     int32_t amax_bits[MAX_TILE];
     uint8_t stored_code[MAX_TILE];
     const int per = TR * TC, full = rows == TR && cols == TC;
@@ -305,10 +317,11 @@ static inline __attribute__((always_inline)) void do_tiles(const void *x, void *
             multiplier[g] = scale[g] = 0.0f;
             stored_code[g] = (uint8_t)p->scale_nan_code;
         }
+        limit[g] = grid_limit(multiplier[g], p);
         if (CODES) scale[g] = 1.0f; /* codes: of the grid values themselves */
     }
     for (int g = 0; g < nt; ++g) {
-        const float mul = multiplier[g], sc = scale[g];
+        const float mul = multiplier[g], sc = scale[g], lim = limit[g];
         const float *ug = SR ? u + g * per : NULL;
         const int gr = full ? TR : rows, gc = full || g < nt - 1 ? TC : cols;
         const int64_t at = base + g * TC;
@@ -317,12 +330,12 @@ static inline __attribute__((always_inline)) void do_tiles(const void *x, void *
                 for (int c = 0; c < gc; ++c) ((float *)out)[at + c] = NAN;
             else
                 for (int c = 0; c < gc; ++c)
-                    ((float *)out)[at + c] = quantized(((const float *)x)[at + c], mul, sc, zero, p, ug, c, SR);
+                    ((float *)out)[at + c] = quantized(((const float *)x)[at + c], mul, sc, zero, lim, p, ug, c, SR);
             continue;
         }
         float *b = buf + g * per;
         if (amax_bits[g] < 0x7F800000)
-            for (int i = 0; i < per; ++i) b[i] = quantized(b[i], mul, sc, zero, p, ug, i, SR);
+            for (int i = 0; i < per; ++i) b[i] = quantized(b[i], mul, sc, zero, lim, p, ug, i, SR);
         if (CODES) {
             const int64_t code_bytes = packs_two(p) ? per / 2 : per;
             uint8_t *cg = codes + g * code_bytes;

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.formats import fast, philox
+from harness.formats import affine, fast, philox
 from harness.formats.blocks import BlockLayout
 from harness.formats.elements import E4M3, decode, encode, round_to_grid
 from harness.formats.registry import FORMATS, Format, get_format
+from harness.formats.scales import E8M0Scale
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -32,11 +33,13 @@ PER_TENSOR_SCALE_MAX = torch.finfo(torch.float32).max / NVFP4_RANGE
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A tensor in a block format: element ``codes`` and block ``scales``, both uint8.
+    """A tensor in a block format: element ``codes`` and block ``scales``.
 
-    ``codes`` has shape ``layout.blocks_shape`` (FP4 packed two per byte, element ``2i`` in the
-    low nibble as torchao packs; FP6 and FP8 one per byte).  ``scales`` has one entry per block:
-    the biased E8M0 exponent (255 = NaN) or the E4M3 bits (0x7F = NaN).
+    ``codes`` (uint8) has shape ``layout.blocks_shape`` (4-bit codes packed two per byte, element
+    ``2i`` in the low nibble as torchao packs; FP6, FP8 and INT8 one per byte).  ``scales`` has one
+    entry per block: the biased E8M0 exponent (255 = NaN) or the E4M3 bits (0x7F = NaN), uint8;
+    for real-valued scales (:mod:`harness.formats.affine`) the scale itself, in its storage dtype
+    (NaN for blocks holding NaN or Inf), with the integer ``zero_points`` (int8) when asymmetric.
     """
 
     format: str
@@ -46,10 +49,12 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     per_tensor_scale: torch.Tensor | None = None
+    zero_points: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.scales.numel()
+        zp = 0 if self.zero_points is None else self.zero_points.numel()
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size() + zp
 
 
 def _check_input(
@@ -64,8 +69,8 @@ def _check_input(
     if len(fmt.block_shape) == 2:
         if ndim < 2:
             raise ValueError(
-                f"{fmt.name} quantizes 32x32 tiles of the last two dims and needs a tensor of at "
-                f"least 2 dims; got a {ndim}-D tensor of shape {tuple(x.shape)}"
+                f"{fmt.name} quantizes {'x'.join(map(str, fmt.block_shape))} tiles of the last two dims and needs "
+                f"a tensor of at least 2 dims; got a {ndim}-D tensor of shape {tuple(x.shape)}"
             )
         if axis != -1:
             raise ValueError(f"{fmt.name} always tiles the last two dims; axis={axis} is not valid (use -1)")
@@ -90,11 +95,21 @@ def _check_input(
             )
         scale = scale.reshape(())
     shape = tuple(x.shape) if ndim else (1,)
-    return BlockLayout(shape, fmt.block_shape, axis % len(shape)), scale
+    axis, block_shape = axis % len(shape), fmt.block_shape
+    if fmt.whole == "row":
+        block_shape = (max(shape[axis], 1),)
+    elif fmt.whole == "tensor":
+        shape, axis = (x.numel(),), 0
+        block_shape = (max(x.numel(), 1),)
+    return BlockLayout(shape, block_shape, axis), scale
 
 
 def _quantize_blocks(
-    blocks: torch.Tensor, fmt: Format, per_tensor_scale: torch.Tensor | None, generator: torch.Generator | None
+    blocks: torch.Tensor,
+    fmt: Format,
+    per_tensor_scale: torch.Tensor | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid values (fp32) and stored block scales (fp32, NaN for blocks holding NaN or Inf)."""
     amax = blocks.abs().amax(-1, keepdim=True)
@@ -103,8 +118,42 @@ def _quantize_blocks(
     if fmt.stochastic:
         noise = philox.uniform(tuple(blocks.shape), philox.draw_seed(generator, blocks.device), blocks.device)
     q = round_to_grid(blocks * multiplier, fmt.element, noise)
+    if isinstance(fmt.scale, E8M0Scale) and fmt.scale.mode != "floor":
+        q = _saturate_overflow(q, multiplier, fmt, dtype)
     stored = torch.where(torch.isfinite(amax), stored, torch.nan)
     return q, stored
+
+
+def _saturate_overflow(q: torch.Tensor, multiplier: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """Codes clamped to the largest grid value whose product with the block's scale is finite in
+    ``dtype``: near the dtype's max the ceil, even and rceil rules pick a scale one binade above
+    floor's, where the top codes would overflow to Inf (torchao returns Inf there); every other
+    code is unchanged.  (``floor`` never overflows: ``max_value * 2**(floor(log2 amax) - emax)``
+    is below ``2**(floor(log2 amax) + 1)``.)"""
+    reach = (torch.finfo(dtype).max * multiplier).clamp(max=fmt.element.max_value)
+    limit = round_to_grid(reach, fmt.element, torch.ones_like(reach))  # round down onto the grid
+    return torch.maximum(torch.minimum(q, limit), -limit)
+
+
+def _finite_groups(groups: torch.Tensor) -> torch.Tensor:
+    """Per group (keepdim): no NaN or Inf in it (otherwise the whole group is NaN)."""
+    return torch.isfinite(groups.abs().amax(-1, keepdim=True))
+
+
+def _check_calibrated(fmt: Format, amax: float | torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A static per-tensor range, as a finite non-negative fp32 scalar on ``x``'s device."""
+    if amax is None:
+        return None
+    if fmt.grouping != "tensor":
+        tensor_formats = [f.name for f in FORMATS.values() if f.grouping == "tensor"]
+        raise ValueError(
+            f"calibrated_amax is for per-tensor formats ({', '.join(tensor_formats)}), not {fmt.name} "
+            f"({fmt.grouping} scales)"
+        )
+    value = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+    if value.numel() != 1 or not bool(torch.isfinite(value).all() and (value >= 0).all()):
+        raise ValueError(f"calibrated_amax must be one finite non-negative number, got {amax!r}")
+    return value.reshape(1, 1)
 
 
 def _dequant_scale(stored: torch.Tensor, per_tensor_scale: torch.Tensor | None) -> torch.Tensor:
@@ -178,6 +227,7 @@ def fake_quantize(
     per_tensor_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
     scale_mode: str = "floor",
+    calibrated_amax: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x`` quantized to format ``name`` and dequantized: same shape and dtype, computed in fp32.
 
@@ -191,17 +241,29 @@ def fake_quantize(
     where it applies, ``"reference"`` the tensor-op path here, ``"fast"`` insists on the fast
     path; None: ``"auto"`` unless :func:`default_backend` says otherwise.  ``x`` is never modified.
 
+    Real-valued-scale formats (FP8 / INT8 / INT4 per row, group, tile or tensor,
+    :mod:`harness.formats.affine`) compute in the dtypes their library does (``Format.library``),
+    not in fp32; ``calibrated_amax`` (``tensor`` formats only) fixes the range of a static scale.
+
     The output is detached from autograd (no gradient flows through rounding): to train through
     it, use :class:`harness.inject.QuantInjector` with ``straight_through=True`` (or
     ``harness.inject.StraightThrough.apply(x, fake_quantize(x, ...))``).
     """
     fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
+    amax = _check_calibrated(fmt, calibrated_amax, x)
     if on_kernel:
         return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
+    if not fmt.microscaling:
+        groups = layout.split(x.detach().reshape(layout.shape))
+        if groups.numel() == 0:
+            return x.clone()
+        q, s, zp = affine.quantize_groups(groups, fmt.element, fmt.scale, amax)
+        out = torch.where(_finite_groups(groups), affine.dequantize_groups(q, s, zp, x.dtype), torch.nan)
+        return layout.merge(out).reshape(x.shape).to(x.dtype).contiguous()
     blocks = _blocks(x, layout)
     if blocks.numel() == 0:
         return x.clone()
-    q, stored = _quantize_blocks(blocks, fmt, pts, generator)
+    q, stored = _quantize_blocks(blocks, fmt, pts, generator, x.dtype)
     out = layout.merge(q * _dequant_scale(stored, pts))
     return out.reshape(x.shape).to(x.dtype).contiguous()
 
@@ -215,6 +277,7 @@ def quantize(
     per_tensor_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
     scale_mode: str = "floor",
+    calibrated_amax: float | torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Real quantization: packed uint8 element codes plus E8M0 or E4M3 block scales.
 
@@ -223,13 +286,24 @@ def quantize(
     :func:`fake_quantize`: the fast kernels write the same codes and scales as the reference path.
     """
     fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
+    amax = _check_calibrated(fmt, calibrated_amax, x)
+    if not fmt.microscaling:
+        groups = layout.split(x.detach().reshape(layout.shape))
+        q, s, zp = affine.quantize_groups(groups, fmt.element, fmt.scale, amax)
+        finite = _finite_groups(groups)
+        codes = affine.encode_elements(torch.where(finite, q, 0.0), fmt.element)
+        if fmt.element.bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales = torch.where(finite, s, torch.nan).squeeze(-1)
+        zps = None if zp is None else zp.squeeze(-1).to(torch.int8)
+        return QuantizedTensor(fmt.name, codes, scales, layout, tuple(x.shape), x.dtype, None, zps)
     if on_kernel:
         codes, scale_codes = fast.quantize_fast(x, fmt, layout.axis, pts, generator)
         lead = layout.blocks_shape[:-1]
         codes, scale_codes = codes.reshape(*lead, codes.shape[-1]), scale_codes.reshape(lead)
         return QuantizedTensor(fmt.name, codes, scale_codes, layout, tuple(x.shape), x.dtype, pts)
     blocks = _blocks(x, layout)
-    q, stored = _quantize_blocks(blocks, fmt, pts, generator)
+    q, stored = _quantize_blocks(blocks, fmt, pts, generator, x.dtype)
     finite = ~torch.isnan(stored)
     codes = encode(torch.where(finite, q, 0.0), fmt.element)
     if fmt.element.bits == 4:
@@ -248,6 +322,10 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     codes = q.codes
     if fmt.element.bits == 4:
         codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
+    if not fmt.microscaling:
+        zp = None if q.zero_points is None else q.zero_points.unsqueeze(-1)
+        out = affine.dequantize_groups(affine.decode_elements(codes, fmt.element), q.scales.unsqueeze(-1), zp, q.dtype)
+        return q.layout.merge(out).reshape(q.shape).to(q.dtype).contiguous()
     scales = q.scales.unsqueeze(-1)
     stored = torch.where(scales == fmt.scale.nan_code, torch.nan, fmt.scale.decode(scales))
     out = q.layout.merge(decode(codes, fmt.element) * _dequant_scale(stored, q.per_tensor_scale))
@@ -266,6 +344,12 @@ def representable_max(
     ``element max_value * block scale`` (NaN for blocks holding NaN/Inf).  A value above it is
     clipped by the format: what SRDD's ``saturation_ratio`` counts."""
     fmt, layout, pts, _ = _prepare(x, name, axis, per_tensor_scale, scale_mode)
+    if not fmt.microscaling:
+        groups = layout.split(x.detach().reshape(layout.shape))
+        s, zp, _ = affine.qparams(groups, fmt.element, fmt.scale)
+        top = fmt.element.max_value - (0.0 if zp is None else zp.float())
+        limit = torch.where(_finite_groups(groups), s.float() * top, torch.nan).expand(groups.shape)
+        return layout.merge(limit).reshape(x.shape).contiguous()
     blocks = _blocks(x, layout)
     amax = blocks.abs().amax(-1, keepdim=True)
     stored, _ = fmt.scale.block_scale(amax, fmt.element, pts)

@@ -169,6 +169,7 @@ def _fake_quantize_kernel(
     CODES: tl.constexpr,
     EBITS: tl.constexpr,
     SCALE_NAN_CODE: tl.constexpr,
+    OUT_MAX: tl.constexpr,
 ):
     """Fake quantization into ``out_ptr``, or (``CODES``) the element codes into ``out_ptr``
     (uint8, tile after tile, FP4 two per byte, element 2i in the low nibble) and the scale
@@ -227,6 +228,9 @@ def _fake_quantize_kernel(
     if STOCHASTIC:
         noise = tl.reshape(_uniform(seed, counter), x.shape)
     q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC)
+    if not E4M3_SCALE and SCALE_MODE != 0:  # saturate codes whose value would overflow (fast_kernel.c grid_limit)
+        limit = _round_to_grid(tl.minimum(OUT_MAX * multiplier, MAX_VALUE), 1.0, EMIN, MBITS, MAX_VALUE, True)
+        q = tl.where(q > limit, limit, tl.where(q < -limit, -limit, q))
     if CODES:
         _store_codes(
             out_ptr,
@@ -319,4 +323,5 @@ def _launch(x: torch.Tensor, out: torch.Tensor, scale_codes: torch.Tensor, job: 
         CODES=codes,
         EBITS=job.ebits,
         SCALE_NAN_CODE=job.scale_nan_code,
+        OUT_MAX=float(torch.finfo(x.dtype).max),
     )

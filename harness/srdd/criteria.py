@@ -321,12 +321,13 @@ def _threshold_reasons(findings: dict[str, LayerFinding], t: Thresholds) -> None
 
 
 def milder_format(fmt: str) -> str | None:
-    """The cheapest registered format with more mantissa bits (ties: more mantissa bits), or None."""
+    """The cheapest registered block format (MX / NVFP4) with more mantissa bits (ties: more
+    mantissa bits), or None."""
     here = get_format(fmt)
     better = [
         f
         for f in FORMATS.values()
-        if f.element.mbits > here.element.mbits and not f.stochastic and len(f.block_shape) == 1
+        if f.element.mbits > here.element.mbits and not f.stochastic and len(f.block_shape) == 1 and f.microscaling
     ]
     if not better:
         return None

@@ -20,15 +20,16 @@ def exact_ties(fmt: Format, shape: tuple[int, ...], seed: int = 0) -> torch.Tens
     """Blocks whose elements sit exactly on grid points and midpoints between them.
 
     The block's first element is ``2**emax_elem`` (so the MX scale is exactly 1 before the
-    random power-of-two factor) and the others are drawn from the grid and its midpoints.
+    random power-of-two factor; for real-valued scales the divisor, so ``amax / divisor = 1``)
+    and the others are drawn from the grid and its midpoints.
     """
     g = generator(seed)
     grid = torch.tensor(fmt.element.grid())
     points = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
     values = points[torch.randint(len(points), shape, generator=g)]
     values = values * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
-    block = fmt.block_shape[-1]
-    values[..., ::block] = 2.0**fmt.element.emax
+    block = fmt.block_shape[-1] if fmt.block_shape else shape[-1]
+    values[..., ::block] = 2.0**fmt.element.emax if fmt.microscaling else fmt.scale.divisor
     return values * 2.0 ** torch.randint(-20, 21, (*shape[:-1], 1), generator=g).float()
 
 

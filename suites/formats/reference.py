@@ -82,3 +82,50 @@ def reference_fake_quantize(x: torch.Tensor, fmt: Format, per_tensor_scale: floa
                 for (r, c), v in zip(cells, result):
                     out[m, r, c] = v
     return out.to(torch.float32).reshape(x.shape).to(x.dtype)
+
+
+def _rows(x: torch.Tensor, width: int) -> list[list[float]]:
+    """``x`` (2-D) as fp32 Python floats, cut into groups of ``width`` along the last dim."""
+    flat = x.float().tolist()
+    return [row[c : c + width] for row in flat for c in range(0, len(row), width)]
+
+
+def vllm_int8_row(x: torch.Tensor) -> torch.Tensor:
+    """vLLM ``csrc/quantization/compressed_tensors/int8_quant_kernels.cu``,
+    ``dynamic_scaled_int8_quant_kernel``: per token ``absmax`` in fp32, stored scale
+    ``absmax / 127``, codes ``cvt.rni.sat.s8.f32(x * (127 / absmax))`` (round half to even,
+    saturate to [-128, 127], NaN -> 0), dequantized ``code * scale`` in fp32."""
+    f32 = np.float32
+    out = []
+    for group in _rows(x, x.shape[-1]):
+        absmax = f32(max(abs(v) for v in group))
+        scale = absmax / f32(127.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mult = f32(127.0) / absmax
+            products = [f32(v) * mult for v in group]
+        codes = [0.0 if math.isnan(p) else min(max(float(round(float(p))), -128.0), 127.0) for p in products]
+        out.append([float(f32(c) * scale) for c in codes])
+    return torch.tensor(out, dtype=torch.float32).reshape(x.shape).to(x.dtype)
+
+
+def vllm_fp8_group_ue8m0(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """vLLM ``vllm/model_executor/layers/quantization/utils/fp8_utils.py``,
+    ``_per_token_group_quant_fp8`` with ``use_ue8m0=True`` (DeepGEMM's scale format):
+    ``absmax = max(max |y|, eps = 1e-10)`` in fp32, ``scale = 2**ceil(log2(absmax / 448))``
+    (computed exactly here; the kernel's ``tl.log2`` is a float approximation of the same rule),
+    codes ``fp8_e4m3(clamp(y / scale, -448, 448))`` (round to nearest even), dequantized
+    ``code * scale``."""
+    f32 = np.float32
+    out = []
+    for values in _rows(x, group):
+        absmax = max(f32(max(abs(v) for v in values)), f32(1e-10))
+        raw = float(absmax / f32(448.0))
+        mantissa, exponent = math.frexp(raw)  # raw = mantissa * 2**exponent, mantissa in [0.5, 1)
+        scale = 2.0 ** (exponent - 1) if mantissa == 0.5 else 2.0**exponent
+        scaled = [min(max(float(f32(v) / f32(scale)), -E4M3_MAX), E4M3_MAX) for v in values]
+        codes = [_round_to_grid(v, 3, -6, E4M3_MAX) for v in scaled]
+        out.append([c * scale for c in codes])
+    return torch.tensor(out, dtype=torch.float32).reshape(x.shape).to(x.dtype)
+
+
+VLLM_REFERENCES = {"int8_row_vllm": vllm_int8_row, "fp8_e4m3_g128_ue8m0": vllm_fp8_group_ue8m0}

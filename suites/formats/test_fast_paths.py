@@ -113,7 +113,7 @@ def _parity_params() -> list:
     """(kernel, format, dtype): the C kernel on everything; the Triton kernel on what
     test_triton_parity.py (1-D deterministic formats, fp32 and bf16, both axes) leaves out."""
     out = []
-    for p in format_params():
+    for p in format_params(where=lambda f: f.microscaling):
         fmt = get_format(p.values[0])
         for dtype in DTYPES:
             covered = not fmt.stochastic and len(fmt.block_shape) == 1 and dtype != torch.float16
@@ -138,7 +138,7 @@ def _quantize_params() -> list:
     """(kernel, format, dtype): both kernels on every format and dtype."""
     return [
         pytest.param(kernel, p.values[0], dtype, marks=p.marks, id=f"{kernel}-{p.id}-{str(dtype)[6:]}")
-        for p in format_params()
+        for p in format_params(where=lambda f: f.microscaling)
         for dtype in DTYPES
         for kernel in ("c", "c-portable", "triton")
     ]

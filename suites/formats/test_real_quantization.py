@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness.formats import dequantize, fake_quantize, get_format, nvfp4_per_tensor_scale, quantize
+from harness.formats.affine import IntElement, decode_elements
 from harness.formats.elements import decode
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
@@ -53,7 +54,7 @@ def test_nvfp4_two_level_round_trip(device: torch.device) -> None:
     assert_same_bits(dequantize(q), fake_quantize(x, "nvfp4", per_tensor_scale=pts))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", format_params(where=lambda f: f.microscaling))
 def test_storage_layout(name: str, device: torch.device) -> None:
     """uint8 codes and scales; FP4 packs two codes per byte; one scale per block; the storage
     cost is the format's bits per element."""
@@ -96,10 +97,29 @@ def test_e8m0_scale_codes(name: str, device: torch.device) -> None:
     assert codes[2, 0] == 255
 
 
+@pytest.mark.parametrize("name", format_params(where=lambda f: not f.microscaling))
+def test_deployed_storage_layout(name: str, device: torch.device) -> None:
+    """uint8 codes (INT4 two per byte, low nibble first), one real-valued scale per group in its
+    library's dtype (the input's, or fp32), int8 zero points for asymmetric formats."""
+    fmt = get_format(name)
+    x = data.normal((256, 256), seed=45).to(torch.bfloat16).to(device)
+    q = quantize(x, name)
+    groups = {"tensor": 1, "row": 256}.get(fmt.grouping, x.numel() // max(fmt.block_size, 1))
+    assert q.codes.dtype == torch.uint8 and q.scales.numel() == groups
+    assert q.scales.dtype == (torch.bfloat16 if fmt.scale.storage_dtype == "input" else torch.float32)
+    assert q.codes.numel() == x.numel() // (2 if fmt.element.bits == 4 else 1)
+    assert (q.zero_points is not None) == fmt.scale.asymmetric
+    if q.zero_points is not None:
+        assert q.zero_points.dtype == torch.int8 and q.zero_points.numel() == groups
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_code_decodes_to_the_element_grid(name: str) -> None:
     elem = get_format(name).element
     codes = torch.arange(2**elem.bits, dtype=torch.uint8)
+    if isinstance(elem, IntElement):  # integers: every code is a value, -qmin included
+        assert sorted(set(decode_elements(codes, elem).abs().tolist())) == elem.grid()
+        return
     values = decode(codes, elem)
     finite = values[values.abs() <= elem.max_value]
     assert sorted(set(finite.abs().tolist())) == elem.grid()

@@ -30,9 +30,10 @@ import math
 import pytest
 import torch
 
-from harness.formats import SCALE_MODES, fake_quantize, get_format, representable_max
+from harness.formats import SCALE_MODES, fake_quantize, get_format, quantize, representable_max
 from harness.srdd.metrics import sqnr_db
 from harness.testing import format_marks, format_params
+from harness.transforms import BlockRotation
 from suites.formats import data
 
 BLOCK_SCALING_ALLOWANCE_DB = 2.0
@@ -41,8 +42,20 @@ GAUSSIAN_BLOCK32_AMAX_SQ = 5.70
 ONE_BINADE_DB = 20 * math.log10(2)
 
 
-def sqnr_floor_db(name: str) -> float:
+def integer_floor_db(x: torch.Tensor, name: str) -> float:
+    """Integer elements with a real-valued scale: one step ``scale`` per group, uniform rounding
+    error of power ``scale**2 / 12``, so SQNR = 10 log10(E[x**2] / E[scale**2 / 12]) over the
+    groups of ``x`` itself (its group maxima set the scales); 0.5 dB for the clipped group max
+    (amax / 127.5 clips it to 127) and the sampling."""
+    q = quantize(x, name)
+    noise = q.scales.float().pow(2).mean() / 12
+    return 10 * math.log10(x.float().pow(2).mean().item() / noise.item()) - 0.5
+
+
+def sqnr_floor_db(name: str, x: torch.Tensor | None = None) -> float:
     fmt = get_format(name)
+    if not fmt.microscaling and fmt.element.twos_complement:
+        return integer_floor_db(x, name)
     if fmt.element.twos_complement:
         return 10 * math.log10(12 * 4**fmt.element.mbits / GAUSSIAN_BLOCK32_AMAX_SQ)
     ideal = 10 * math.log10(28 * 4**fmt.element.mbits)
@@ -50,7 +63,7 @@ def sqnr_floor_db(name: str) -> float:
 
 
 def scale_modes(name: str) -> tuple[str, ...]:
-    """The scale modes a format takes: all four for E8M0 scales, ``floor`` for NVFP4's E4M3."""
+    """The scale modes a format takes: all four for E8M0 scales, ``floor`` for the others."""
     return SCALE_MODES if get_format(name).scale.name == "e8m0" else ("floor",)
 
 
@@ -63,7 +76,7 @@ def gaussian() -> torch.Tensor:
 def test_sqnr_above_the_format_floor(name: str, gaussian: torch.Tensor, device: torch.device, metrics) -> None:
     """Every scale mode of the format, side by side in the metrics table (``sqnr_<mode>_db``)."""
     x = gaussian.to(device)
-    floor = sqnr_floor_db(name)
+    floor = sqnr_floor_db(name, x)
     measured = {
         mode: sqnr_db(x, fake_quantize(x, name, generator=torch.Generator(device).manual_seed(1), scale_mode=mode))
         for mode in scale_modes(name)
@@ -118,3 +131,32 @@ def test_on_gaussian_data_e4m3_and_e2m3_tie_because_floor_scaling_clips_e4m3_mor
     blocks = x.reshape(-1, 32).abs()
     top = blocks.amax(-1) / torch.exp2(torch.frexp(blocks.amax(-1)).exponent.float() - 1)  # in [1, 2)
     assert (top > 1.75).float().mean() > (top > 1.875).float().mean() + 0.05
+
+
+MXFP4_FAMILY = ("mxfp4", "mxfp4_sr", "mxfp4_2d")
+
+
+@pytest.mark.parametrize("transform", [None, "hadamard"], ids=["plain", "hadamard"])
+@pytest.mark.parametrize("name", format_params(MXFP4_FAMILY))
+def test_mxfp4_with_and_without_the_block_hadamard(name: str, transform: str | None, metrics) -> None:
+    """The transform axis: MXFP4 of ``x`` and of ``x H`` (block Hadamard of 32 along the last dim,
+    undone after quantizing).  On Gaussian data the rotation changes nothing statistically (a
+    rotated Gaussian is Gaussian: within 0.2 dB); on heavy-tailed Student-t(3) it spreads each
+    outlier over its block, which the shared power-of-two scale rewards.  Measured (seed 0,
+    1024x1024): mxfp4 16.92 -> 18.85 dB, mxfp4_sr 14.31 -> 16.15, mxfp4_2d 10.80 -> 17.62."""
+    rotation = BlockRotation(32)
+
+    def sqnr(x: torch.Tensor, how: str | None) -> float:
+        g = torch.Generator().manual_seed(1)
+        if how is None:
+            return sqnr_db(x, fake_quantize(x, name, generator=g))
+        return sqnr_db(x, rotation.unrotate(fake_quantize(rotation.rotate(x), name, generator=g)))
+
+    heavy = data.student_t((1024, 1024), seed=0, df=3)
+    gaussian = data.normal((1024, 1024), seed=0)
+    measured = {"student_t3_db": sqnr(heavy, transform), "normal_db": sqnr(gaussian, transform)}
+    metrics.record(**measured)
+    if transform is not None:
+        assert measured["student_t3_db"] > sqnr(heavy, None) + 1.5, measured
+        assert abs(measured["normal_db"] - sqnr(gaussian, None)) < 0.2, measured
+    assert measured["normal_db"] > sqnr_floor_db(name)

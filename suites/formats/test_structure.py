@@ -1,6 +1,8 @@
 """Structural properties every format must have, checked on seeded data: grid membership,
 scale structure, true 32x32 tiles, idempotence, odd symmetry, saturation, zero blocks, the
-NaN/Inf rule, partial blocks, axes and dtypes."""
+NaN/Inf rule, partial blocks, axes and dtypes.  The real-valued-scale formats (FP8 / INT8 / INT4
+per row, group, tile, tensor) have their own versions where the property differs (their scale
+is not a power of two, their library computes in the input dtype, amax/127.5 is not idempotent)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,34 @@ import math
 import pytest
 import torch
 
-from harness.formats import fake_quantize, get_format
+from harness.formats import SCALE_MODES, dequantize, fake_quantize, get_format, quantize
+from harness.formats.affine import decode_elements
 from harness.formats.elements import E4M3
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
 
 ALL = format_params()
-DETERMINISTIC = format_params(where=lambda f: not f.stochastic)
+MICRO = format_params(where=lambda f: f.microscaling)
+DEPLOYED = format_params(where=lambda f: not f.microscaling)
+DIVISOR_IS_MAX = format_params(where=lambda f: not f.microscaling and f.scale.divisor == f.element.max_value)
+HALF_RANGE = format_params(where=lambda f: not f.microscaling and f.scale.divisor == f.element.max_value + 0.5)
+DETERMINISTIC = format_params(where=lambda f: not f.stochastic and f.microscaling)
 ONE_D = format_params(where=lambda f: len(f.block_shape) == 1)
+
+
+def group_mask(name: str, shape: tuple[int, int], r: int, c: int) -> torch.Tensor:
+    """Which elements of a (rows, cols) tensor share element (r, c)'s scale."""
+    fmt = get_format(name)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if fmt.grouping == "tensor":
+        mask[:] = True
+    elif fmt.grouping == "row":
+        mask[r] = True
+    else:
+        rows, cols = fmt.block_shape if fmt.grouping == "tile" else (1, fmt.block_size)
+        r0, c0 = r // rows * rows, c // cols * cols
+        mask[r0 : r0 + rows, c0 : c0 + cols] = True
+    return mask
 
 
 def fq(x: torch.Tensor, name: str, device: torch.device, **kw) -> torch.Tensor:
@@ -44,7 +66,7 @@ def expected_scale(blocks: torch.Tensor, name: str) -> torch.Tensor:
     return (amax / 6.0).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", MICRO)
 def test_every_output_is_a_grid_point_times_its_block_scale(name: str, device: torch.device) -> None:
     x = data.student_t((64, 256), seed=20)
     blocks, out = block_view(x, name), block_view(fq(x, name, device), name)
@@ -102,7 +124,7 @@ def test_odd_symmetry(name: str, device: torch.device) -> None:
     assert_same_bits(fq(-x, name, device), expected, name)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", MICRO)
 def test_saturates_to_the_element_max_never_inf(name: str, device: torch.device) -> None:
     """Values above the block's largest representable value clip to it: for MX an amax of
     2**(emax+1) - ulp maps to max_value * 2**0; near fp32 max the output stays finite."""
@@ -136,10 +158,7 @@ def test_non_finite_poisons_exactly_its_block(name: str, bad: float, device: tor
     poisoned = x.clone()
     poisoned[40, 37] = bad
     clean, out = fq(x, name, device), fq(poisoned, name, device)
-    in_block = torch.zeros_like(x, dtype=torch.bool)
-    rows, cols = get_format(name).block_shape if name == "mxfp4_2d" else (1, get_format(name).block_size)
-    r0, c0 = 40 // rows * rows, 37 // cols * cols
-    in_block[r0 : r0 + rows, c0 : c0 + cols] = True
+    in_block = group_mask(name, tuple(x.shape), 40, 37)
     assert torch.isnan(out[in_block]).all()
     assert_same_bits(out[~in_block], clean[~in_block], "blocks without the non-finite value")
 
@@ -147,11 +166,14 @@ def test_non_finite_poisons_exactly_its_block(name: str, bad: float, device: tor
 @pytest.mark.parametrize("shape", [(3, 45), (5, 1), (2, 7, 33), (70, 45)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", ALL)
 def test_partial_blocks_are_zero_padded(name: str, shape: tuple[int, ...], device: torch.device) -> None:
-    if name == "mxfp4_2d" and len(shape) < 2:
+    fmt = get_format(name)
+    if fmt.grouping == "tile" and len(shape) < 2:
         pytest.skip("2-D tiles need 2 dims")
+    if fmt.whole:
+        pytest.skip("a row or tensor scale has no partial blocks")
     x = data.normal(shape, seed=28)
-    pad_r = (-shape[-2]) % 32 if name == "mxfp4_2d" else 0
-    padded = torch.nn.functional.pad(x, (0, (-shape[-1]) % 32, 0, pad_r))
+    pad_r = (-shape[-2]) % fmt.block_shape[0] if fmt.grouping == "tile" else 0
+    padded = torch.nn.functional.pad(x, (0, (-shape[-1]) % fmt.block_shape[-1], 0, pad_r))
     expected = fq(padded, name, device)[..., : shape[-2], : shape[-1]]
     if get_format(name).stochastic:  # the draws depend on the padded layout: compare the pattern only
         assert fq(x, name, device).shape == x.shape
@@ -168,7 +190,7 @@ def test_blocks_along_another_axis(name: str, device: torch.device) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", MICRO)
 def test_every_dtype_is_computed_in_fp32_and_returned_in_kind(
     name: str, dtype: torch.dtype, device: torch.device
 ) -> None:
@@ -193,3 +215,91 @@ def test_scalars_and_empty_tensors(name: str, device: torch.device) -> None:
     assert fq(torch.empty(0, 32), name, device).shape == (0, 32)
     assert fq(torch.tensor(3.3), name, device).shape == ()
     assert fq(torch.tensor(3.3), name, device).item() == fq(torch.tensor([3.3]), name, device).item()
+
+
+def deployed_parts(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per element of a 2-D ``x``: its element code value, its group's scale and zero point, from
+    :func:`quantize` (the grid and scale structure checked below against the output)."""
+    fmt = get_format(name)
+    q = quantize(x, name)
+    codes = q.codes
+    if fmt.element.bits == 4:
+        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
+    values = q.layout.merge(decode_elements(codes, fmt.element)).reshape(x.shape)
+    zp = torch.zeros_like(q.scales) if q.zero_points is None else q.zero_points
+    scale, zp = (q.layout.merge(t.unsqueeze(-1).expand(q.layout.blocks_shape)).reshape(x.shape) for t in (q.scales, zp))
+    return values, scale, zp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", DEPLOYED)
+def test_deployed_outputs_are_codes_times_their_group_scale(name: str, dtype: torch.dtype) -> None:
+    """``out == (code - zp) * scale`` with codes on the element grid (integers in [qmin, qmax],
+    E4M3 values within +-448), one scale per group, and every group's max reaching at least
+    ``qmax - 1`` codes (the scale is ``amax / divisor``, divisor >= qmax)."""
+    fmt = get_format(name)
+    x = data.student_t((256, 256), seed=20).to(dtype)
+    values, scale, zp = deployed_parts(x, name)
+    out = fake_quantize(x, name)
+    assert torch.equal(((values - zp.float()).to(scale.dtype) * scale).to(dtype), out)
+    grid = torch.tensor(fmt.element.grid())
+    assert torch.isin(values.abs(), grid).all()
+    if hasattr(fmt.element, "qmin"):
+        assert values.min() >= fmt.element.qmin and values.max() <= fmt.element.qmax
+    top = (values - zp.float()).abs().amax()
+    assert top >= fmt.element.max_value - 1
+
+
+@pytest.mark.parametrize("name", DIVISOR_IS_MAX)
+def test_deployed_idempotent_where_the_divisor_is_the_element_max(name: str) -> None:
+    """Scale ``amax / qmax``: the quantized group's max is ``qmax * scale`` again, so a second
+    pass changes nothing.  (amax / 127.5 and amax / 7.5 are not idempotent: the group max
+    becomes ``127 * scale`` or ``7 * scale`` and the next scale is smaller.)"""
+    once = fake_quantize(data.student_t((64, 256), seed=24), name)
+    assert_same_bits(fake_quantize(once, name), once, name)
+
+
+@pytest.mark.parametrize("name", DIVISOR_IS_MAX)
+def test_deployed_symmetric_formats_are_odd(name: str) -> None:
+    """Scale ``amax / qmax``: ``f(-x) == -f(x)`` in value (zeros are +0 where the library adds a zero point)."""
+    x = data.student_t((64, 256), seed=25)
+    assert torch.equal(fake_quantize(-x, name), -fake_quantize(x, name))
+
+
+@pytest.mark.parametrize("name", HALF_RANGE)
+def test_half_range_divisor_maps_the_group_max_to_qmax_or_qmin_by_its_sign(name: str) -> None:
+    """Scale ``amax / (qmax + 0.5)`` on ``[qmin, qmax] = [-qmax - 1, qmax]`` (torchao,
+    compressed-tensors): ``amax / scale = qmax + 0.5`` exactly, a tie: a positive max clamps to
+    ``qmax``, a negative one rounds half to even onto ``qmin``; so these formats are not odd."""
+    fmt = get_format(name)
+    x = torch.zeros(1, 256)
+    x[0, 0], x[0, 1] = fmt.scale.divisor, -fmt.scale.divisor  # scale 1, exactly
+    values, scale, _ = deployed_parts(x, name)
+    assert values[0, 0] == fmt.element.qmax and values[0, 1] == fmt.element.qmin
+    assert scale[0, 0] == 1.0
+
+
+@pytest.mark.parametrize("name", DEPLOYED)
+def test_deployed_saturates_huge_finite_input_to_finite_output(name: str) -> None:
+    """Near the fp32 and bf16 maxima the scale stays finite and so does every output."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (data.normal((8, 256), seed=32) * 1.7e38).clamp(-3.3e38, 3.3e38).to(dtype)
+        x[:, 0] = 3.3e38
+        assert torch.isfinite(fake_quantize(x, name)).all(), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", format_params(where=lambda f: f.scale.name == "e8m0"))
+def test_every_scale_mode_saturates_finite_input_near_the_dtype_max(name: str, dtype: torch.dtype, device) -> None:
+    """ceil, even and rceil pick a scale up to one binade above floor's: near the dtype's max the
+    top codes times that scale overflow.  They saturate instead (the largest grid value whose
+    product is finite), on the fast path and the reference path, quantize() included; blocks away
+    from the max keep torchao's bits (test_torchao_parity.py)."""
+    top = torch.finfo(dtype).max
+    x = (data.normal((4, 64), seed=33) * top / 3).clamp(-top, top).to(dtype)
+    x[:, ::32] = top
+    for mode in SCALE_MODES:
+        out = fq(x, name, device, scale_mode=mode)
+        assert torch.isfinite(out).all(), f"{name}/{mode}/{dtype}: {out[~torch.isfinite(out)][:4]}"
+        g = torch.Generator(device).manual_seed(123)
+        assert_same_bits(dequantize(quantize(x.to(device), name, scale_mode=mode, generator=g)).cpu(), out)

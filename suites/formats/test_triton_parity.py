@@ -17,7 +17,7 @@ from suites.formats.data import CASES, DTYPES
 pytest.importorskip("triton", reason="triton is not installed: the CUDA fast path is not available here")
 from harness.formats.triton_kernel import fake_quantize_triton
 
-ONE_D = format_params(where=lambda f: not f.stochastic and len(f.block_shape) == 1)
+ONE_D = format_params(where=lambda f: not f.stochastic and len(f.block_shape) == 1 and f.microscaling)
 
 
 @pytest.fixture(params=["triton"])
