@@ -159,7 +159,7 @@ def _scan(args: argparse.Namespace) -> int:
     n_eval = args.eval_items + args.heldout_items if args.eval_items else 0
     test_items = load_gsm8k("test", n_eval, args.gsm8k_dir) if n_eval else []
     evaluation, heldout = test_items[: args.eval_items], test_items[args.eval_items :]
-    if len(heldout) < args.heldout_items:
+    if n_eval and len(heldout) < args.heldout_items:
         raise UsageError(
             f"--eval-items {args.eval_items} + --heldout-items {args.heldout_items} need {n_eval} GSM8K test items; "
             f"the test split has {len(test_items)}"
