@@ -1,7 +1,8 @@
 """The scan's verdicts are calibrated: a clean model (i.i.d. Gaussian weights, HF's initialisation)
 is flagged in at most 5 % of seeded scans, for 6 and 30 layers and each format, and a planted
-defect (2 outliers per row of every Linear of layer 3) is found from 4 sigma.  The models are as
-small as the rules allow (hidden 16, 16 evaluation items) so that 120 clean scans fit in CI."""
+defect (2 outliers per row of every Linear of layer 3) is found from 4 sigma.  The models are
+small (hidden 32: one MX block per row; 16 evaluation items in one batch) so that 120 clean scans
+fit in CI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from harness.srdd.criteria import Rules, log_outliers, outliers
 
 SEEDS = 20
 FORMATS = ["mxfp4", "nvfp4", "mxfp8_e4m3"]
-SMALL = {"hidden": 16, "intermediate": 32, "heads": 2}
+SMALL = {"hidden": 32, "intermediate": 64, "heads": 2}
 
 
 def cheap_scan(model, tok, fmt: str):
@@ -48,7 +49,6 @@ def test_a_clean_gaussian_model_is_flagged_in_at_most_5_percent_of_scans(fmt: st
     [
         ("mxfp4", 4.0),
         ("mxfp4", 6.0),
-        ("mxfp4", 8.0),
         ("nvfp4", 4.0),
         pytest.param(
             "nvfp4",
@@ -59,7 +59,6 @@ def test_a_clean_gaussian_model_is_flagged_in_at_most_5_percent_of_scans(fmt: st
                 "floor and its deadzone stays under 2x the floor's; no weight rule fires",
             ),
         ),
-        ("nvfp4", 8.0),
     ],
 )
 def test_a_planted_defect_is_found_in_at_least_95_percent_of_seeds(fmt: str, sigma: float, metrics) -> None:

@@ -177,7 +177,7 @@ def test_the_verification_uses_heldout_items_and_its_control_p_is_the_rank_stati
     assert ver.control_p == (1 + at_least) / 20
     assert ver.confirmed == (ver.recovery > 0 and ver.control_p <= 0.05)
     assert rec.confirmed == ver.confirmed and rec.control_p == ver.control_p
-    assert ver.predicted_recovery == rec.predicted_recovery and ver.predicted_recovery is not None
+    assert ver.predicted_recovery == rec.predicted_recovery  # None here: all layers together lower the loss
 
 
 def test_labels_read_a_ci_against_the_negligible_band() -> None:
