@@ -25,6 +25,8 @@ from harness.inject import POINTS, Coverage, QuantInjector
 from harness.models import DEFAULT_MODEL, DTYPES, parse_max_memory
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
+from harness.srdd.sensitivity import ATTRIBUTION_MODES
+from harness.srdd.verify import CONTROL_DRAWS
 from harness.testing import format_marker
 from harness.transforms import TRANSFORMS
 from harness.validate import (
@@ -192,20 +194,45 @@ def _eval_gsm8k(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bits_arg(text: str) -> float:
+    """Bits per weight in (0, 16]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (valid: bits per weight in (0, 16])") from None
+    if not 0 < value <= 16:
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range (valid: bits per weight in (0, 16])")
+    return value
+
+
 def _scan(args: argparse.Namespace) -> int:
     from harness.gsm8k import load_gsm8k
     from harness.models import model_key
     from harness.srdd.report import fill_report, markdown_summary
     from harness.srdd.sensitivity import DEFAULT_MODE
+    from harness.validate import UsageError
 
-    check_scan_options(args.attribution, args.eval_items, args.instability_runs)
+    check_scan_options(args.attribution not in (None, "none"), args.eval_items, args.instability_runs)
+    if args.control_items is not None and args.control_items > args.heldout_items:
+        raise UsageError(
+            f"--control-items {args.control_items} exceeds --heldout-items {args.heldout_items} "
+            f"(valid: 1 to {args.heldout_items})"
+        )
     if args.output:
         atomic.check_target(args.output, atomic.Kind.SCAN, args.force)
     if args.report_dir:
         atomic.check_target(args.report_dir, atomic.Kind.SCAN_REPORT, args.force)
+    mode = args.attribution or (DEFAULT_MODE if args.eval_items else "none")
     thresholds = _from_options(args, srdd_criteria.Thresholds, SCAN_THRESHOLDS)
     calibration = load_gsm8k("train", args.prompts, args.gsm8k_dir)
-    evaluation = load_gsm8k("test", args.eval_items, args.gsm8k_dir) if args.eval_items else []
+    n_eval = args.eval_items + args.heldout_items if args.eval_items else 0
+    test_items = load_gsm8k("test", n_eval, args.gsm8k_dir) if n_eval else []
+    evaluation, heldout = test_items[: args.eval_items], test_items[args.eval_items :]
+    if n_eval and len(heldout) < args.heldout_items:
+        raise UsageError(
+            f"--eval-items {args.eval_items} + --heldout-items {args.heldout_items} need {n_eval} GSM8K test items; "
+            f"the test split has {len(test_items)}"
+        )
     model, tok = _load(args)
     doc = srdd_run.scan_model(
         model,
@@ -216,8 +243,11 @@ def _scan(args: argparse.Namespace) -> int:
         model_name=model_key(args.model),
         thresholds=thresholds,
         evaluation=evaluation,
-        attribution=bool(args.attribution),
-        attribution_mode=args.attribution or DEFAULT_MODE,
+        heldout=heldout,
+        attribution=mode,
+        control_draws=args.control_draws,
+        control_items=args.control_items,
+        budget_bits=args.budget_bits,
         gain=not args.no_gain,
         instability_runs=args.instability_runs,
         batch_size=args.batch_size,
@@ -595,15 +625,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-items",
         type=count_arg(0),
         default=LOSS_ITEMS,
-        help="GSM8K test items for attribution and verification (0: skip both; default %(default)s)",
+        help="GSM8K test items 0..N-1 for the attribution, which chooses the recommendation (0: skip "
+        "attribution and verification; default %(default)s)",
+    )
+    sc.add_argument(
+        "--heldout-items",
+        type=count_arg(0),
+        default=LOSS_ITEMS,
+        help="the next GSM8K test items, disjoint from --eval-items, that verify the recommendation "
+        "(0: no verification; default %(default)s)",
     )
     sc.add_argument(
         "--attribution",
         nargs="?",
         const="exact",
-        choices=["exact", "screen"],
-        help="per-layer loss attribution with 95%% CIs: 'exact' (default) = every layer exactly; 'screen' = "
-        "Fisher screen of every layer (estimates) + exact attribution of its top 5 and the flagged layers",
+        choices=ATTRIBUTION_MODES,
+        help="per-layer loss attribution with 95%% CIs: 'screen' (default) = Fisher screen of every layer "
+        "(estimates) + exact rows for its top 5 and every layer a detector points at; 'exact' (the bare "
+        "flag) = every layer exactly; 'none' = no attribution (floor rules only)",
+    )
+    sc.add_argument(
+        "--control-draws",
+        type=count_arg(1),
+        default=CONTROL_DRAWS,
+        help="seeded random proposals of the same size the recommendation is ranked against "
+        "(confirmed only if control_p <= 0.05, which needs >= 19; default %(default)s)",
+    )
+    sc.add_argument(
+        "--control-items",
+        type=count_arg(1),
+        default=None,
+        help="measure the control draws on the first N held-out items only (cheaper; the rank "
+        "statistic compares the proposal on the same items; default: all held-out items)",
+    )
+    sc.add_argument(
+        "--budget-bits",
+        type=_bits_arg,
+        default=None,
+        help="keep harmful layers in BF16 greedily while the average bits per weight stays within "
+        "this budget (e.g. 4.5 for mxfp4; default: the decision framework's count)",
     )
     sc.add_argument("--no-gain", action="store_true", help="skip the gain scan")
     sc.add_argument(

@@ -12,21 +12,22 @@ from harness.srdd.run import scan_model
 
 LAYERS = 6
 PLANTED = "model.layers.3"
-ITEMS = [Gsm8kItem(f"What is {i} plus {2 * i}?", f"{i} + {2 * i} = {3 * i}\n#### {3 * i}") for i in range(32)]
+ALL_ITEMS = [Gsm8kItem(f"What is {i} plus {2 * i}?", f"{i} + {2 * i} = {3 * i}\n#### {3 * i}") for i in range(64)]
+ITEMS, HELDOUT = ALL_ITEMS[:32], ALL_ITEMS[32:]  # the attribution's items choose, the others verify
 
 
-def gaussian_model(seed: int = 0):
-    """A 6-layer Llama whose Linear weights are i.i.d. N(0, 0.02²) (HF's initialisation)."""
+def gaussian_model(seed: int = 0, layers: int = LAYERS, hidden: int = 64, intermediate: int = 128, heads: int = 4):
+    """A Llama whose Linear weights are i.i.d. N(0, 0.02²) (HF's initialisation)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=256,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -37,22 +38,22 @@ def gaussian_model(seed: int = 0):
     return model, tok
 
 
-def plant_outliers(model, layer: str = PLANTED) -> None:
-    """Two entries per row of each of the layer's Linear weights at ±25 σ: MXFP4 blocks holding
-    one crush the other 31 values towards zero."""
-    g = torch.Generator().manual_seed(7)
+def plant_outliers(model, layer: str = PLANTED, per_row: int = 2, sigma: float = 25.0, seed: int = 7) -> None:
+    """``per_row`` entries per row of each of the layer's Linear weights at ±``sigma`` σ: a
+    block holding one is scaled to it, which crushes its other values towards zero."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.startswith(layer + ".") and isinstance(module, torch.nn.Linear):
                 w = module.weight
-                cols = torch.randint(0, w.shape[1], (w.shape[0], 2), generator=g)
-                w.scatter_(1, cols, 25 * w.std() * torch.sign(torch.randn(w.shape[0], 2, generator=g)))
+                cols = torch.randint(0, w.shape[1], (w.shape[0], per_row), generator=g)
+                signs = torch.sign(torch.randn(w.shape[0], per_row, generator=g))
+                w.scatter_(1, cols, sigma * w.std() * signs)
 
 
 def scan(model, tok, fmt: str, **kw):
-    return scan_model(
-        model, tok, ITEMS[:8], fmt, "weight", model_name="gaussian", evaluation=ITEMS, instability_runs=0, **kw
-    )
+    kw = {"evaluation": ITEMS, "heldout": HELDOUT, "instability_runs": 0} | kw
+    return scan_model(model, tok, ITEMS[:8], fmt, "weight", model_name="gaussian", **kw)
 
 
 def planted_model():

@@ -4,6 +4,7 @@ the strategy comparison's significance on seeds, the targeted layers on attribut
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ from scipy import stats
 
 from harness.aqn.configs import get_config
 from harness.aqn.preflight import Interval, Thresholds, preflight, preflight_items, verdict
-from harness.aqn.report import write_comparison
 from harness.aqn.train import CONTROL, StrategyComparison, harmful_layers, problematic_layers
 from harness.eval.loss import answer_logprobs
 from harness.eval.stats import compare_paired, compare_seeds
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.models import load_model
+from harness.srdd.attribution import NEGLIGIBLE_DELTA
+from harness.srdd.document import ScanDocument
 
 # SmolLM2, MXFP4, config 1C, noise seeds 0-5 on 16 items: one draw said `ok`, another `risky`.
 ONE_C_INCREASES = [0.026, 0.104, 0.041, 0.078, 0.033, 0.048]
@@ -128,42 +130,28 @@ def test_seed_comparison_and_the_gap_to_the_unquantized_control() -> None:
         compare_seeds([1.0], [1.0, 2.0])
 
 
-ATTRIBUTION = [
-    {"layer": "all", "only": {"delta_loss": 0.4, "ci": [0.3, 0.5]}},
-    {"layer": "model.layers.0", "only": {"delta_loss": 0.02, "ci": [0.01, 0.03]}},
-    {"layer": "model.layers.1", "only": {"delta_loss": 0.03, "ci": [-0.01, 0.07]}},
-    {"layer": "model.layers.2", "delta_loss": 0.05, "ci": [0.02, 0.08]},
-    {"layer": "model.layers.3", "only": {"delta_loss": -0.02, "ci": [-0.03, -0.01]}},
-]
+SCAN = Path(__file__).parents[1] / "reports/sample/aqn-smollm2-135m-mxfp4-attribution.json"
 
 
-def test_the_comparison_report_is_markdown_with_its_json_beside_it(tmp_path) -> None:
-    comparison = StrategyComparison("mxfp4", "c", ["none", "global"], [0, 1], 3)
-    comparison.per_seed_loss = {"none": [1.4, 1.5], "global": [1.3, 1.45], CONTROL: [1.2, 1.25]}
-    text = write_comparison(tmp_path / "out" / "aqn.md", comparison, "tiny-llama", [], "no attribution given")
-    assert (tmp_path / "out" / "aqn.md").read_text() == text and "| global" in text and "tiny-llama under mxfp4" in text
-    doc = json.loads((tmp_path / "out" / "aqn.json").read_text())
-    assert doc["per_seed_loss"] == comparison.per_seed_loss and doc["rows"] == comparison.rows()
-    with pytest.raises(ValueError, match=r"--output aqn\.json: the markdown goes there and the JSON beside it"):
-        write_comparison("aqn.json", comparison, "tiny-llama", [], "")
-
-
-def test_targeted_layers_are_those_whose_attribution_ci_excludes_zero() -> None:
-    assert harmful_layers(ATTRIBUTION) == ["model.layers.2", "model.layers.0"]
-    with pytest.raises(ValueError, match=r"'model.layers.0' has no 'ci'.*--attribution"):
-        harmful_layers([{"layer": "model.layers.0", "only": {"delta_loss": 0.02}}])
+def test_targeted_layers_are_the_scans_harmful_layers() -> None:
+    """The same rule as the scan's verdicts and recommendation: Δloss CI above the band δ."""
+    doc = ScanDocument.read(SCAN)
+    layers = harmful_layers(doc.attribution)
+    ci = {a.layer: a.ci for a in doc.attribution}
+    assert layers[:3] == ["model.layers.2", "model.layers.16", "model.layers.12"]
+    assert all(ci[name][0] > NEGLIGIBLE_DELTA for name in layers) and len(layers) == 20
+    assert {"model.layers.10", "model.layers.27", "model.layers.23"}.isdisjoint(layers)  # below 0, or inside δ
 
 
 def test_problematic_layers_come_from_a_scan_json_or_targeted_is_refused(tmp_path) -> None:
-    scan = tmp_path / "scan.json"
-    scan.write_text(json.dumps({"attribution": ATTRIBUTION}))
-    layers, how = problematic_layers(["none", "targeted", "healthy"], str(scan), model="m", fmt="nvfp4")
-    assert layers == ["model.layers.2", "model.layers.0"] and str(scan) in how
+    layers, how = problematic_layers(["none", "targeted", "healthy"], str(SCAN), model="m", fmt="nvfp4")
+    assert layers == harmful_layers(ScanDocument.read(SCAN).attribution) and str(SCAN) in how
     assert problematic_layers(["none", "global"], None, model="m", fmt="nvfp4") == ([], "no attribution given")
     with pytest.raises(ValueError, match=r"targeted/healthy need --attribution SCAN.json.*--model m --format nvfp4"):
         problematic_layers(["none", "healthy"], None, model="m", fmt="nvfp4")
     with pytest.raises(ValueError, match="unknown AQN strategy 'random'; valid: none, global, targeted, healthy"):
-        problematic_layers(["none", "random"], str(scan), model="m", fmt="nvfp4")
+        problematic_layers(["none", "random"], str(SCAN), model="m", fmt="nvfp4")
+    scan = tmp_path / "scan.json"
     scan.write_text(json.dumps({"layers": []}))
-    with pytest.raises(ValueError, match=r"scan\.json: not a scan JSON with an 'attribution' list"):
+    with pytest.raises(ValueError, match=r"scan\.json is not a scan JSON"):
         problematic_layers(["targeted"], str(scan), model="m", fmt="nvfp4")

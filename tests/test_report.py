@@ -28,8 +28,7 @@ def doc() -> ScanDocument:
         "both",
         model_name="tiny-llama",
         evaluation=ITEMS[:3],
-        attribution=True,
-        attribution_mode="screen",
+        attribution="screen",
         instability_runs=2,
     )
 
@@ -66,9 +65,9 @@ def test_scan_document_has_the_documented_keys_and_round_trips(doc: ScanDocument
     "sample", sorted((Path(__file__).parents[1] / "reports/sample").glob("*/results.json")), ids=lambda p: p.parent.name
 )
 def test_the_committed_samples_are_read(sample: Path) -> None:
-    """Files written before the screen (no ``screen`` key) are read with an empty one."""
+    """Version 2 files (before the screen was the default) are read with an empty screen."""
     doc = ScanDocument.read(sample)
-    assert doc.screen == [] and len(doc.layers) == 30
+    assert len(doc.layers) == 30 and (doc.screen == []) == (doc.schema_version == 2)
 
 
 def test_an_old_document_is_refused_with_its_version() -> None:
@@ -124,6 +123,8 @@ def test_cli_scan_and_compare(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
         "4",
         "--eval-items",
         "2",
+        "--heldout-items",
+        "3",
         "--gsm8k-dir",
         str(tmp_path),
         "--output",

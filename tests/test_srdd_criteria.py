@@ -1,6 +1,6 @@
 """SRDD verdicts relative to the format and the model, on small random models:
 Gaussian weights are never flagged whatever the format, a planted damaged layer is, attribution
-ranks it first, a proposal no better than its control is not confirmed, NaN is a finding."""
+ranks it first, NaN is a finding."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from harness.cli import main
 from harness.formats import fake_quantize
 from harness.inject import QuantInjector
 from harness.srdd.attribution import loss_attribution, ranked
-from harness.srdd.criteria import Recommendation, Rules, Thresholds, outliers, robust_z
+from harness.srdd.criteria import Rules, Thresholds, outliers, robust_z
 from harness.srdd.floors import excess, gaussian_floor
 from harness.srdd.metrics import QuantErrorStats, clip_threshold
-from harness.srdd.verify import judge, verify
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxfp8_e4m3"])
@@ -27,11 +26,11 @@ def test_gaussian_weights_are_never_problematic(fmt: str) -> None:
     """The old fixed thresholds flagged every layer under MXFP4 and NVFP4 (SQNR 18.8 dB < 20 dB on
     any Gaussian data); judged against the format's own floor and the other layers, none is."""
     model, tok = gaussian_model()
-    doc = scan(model, tok, fmt, attribution=True, do_verify=False)
+    doc = scan(model, tok, fmt, do_verify=False)
     assert [layer.reasons for layer in doc.layers] == [[]] * LAYERS
     assert doc.recommendation.action == "no_action"
     if fmt != "mxfp8_e4m3":  # the old absolute thresholds: the format, not the model, fails them
-        old = scan(model, tok, fmt, thresholds=Thresholds(sqnr_db=20.0), attribution=False, do_verify=False)
+        old = scan(model, tok, fmt, thresholds=Thresholds(sqnr_db=20.0), attribution="none", do_verify=False)
         assert all(r.rule == "threshold" for layer in old.layers for r in layer.reasons)
         assert len(old.problematic_layers) == LAYERS
 
@@ -43,7 +42,7 @@ def planted():
 
 def test_planted_layer_is_flagged_by_its_floor_and_ranked_first_by_attribution(planted) -> None:
     model, tok = planted
-    doc = scan(model, tok, "mxfp4", attribution=True, do_verify=False)
+    doc = scan(model, tok, "mxfp4", attribution="exact", do_verify=False)
     assert doc.problematic_layers == [PLANTED]
     rules = {r.rule for r in doc.layers[3].reasons}
     assert "floor" in rules
@@ -51,32 +50,6 @@ def test_planted_layer_is_flagged_by_its_floor_and_ranked_first_by_attribution(p
     per_layer = sorted(doc.attribution[1:], key=lambda a: -a.kl)
     assert per_layer[0].layer == PLANTED and per_layer[0].kl_ci[0] > per_layer[1].kl_ci[1]
     assert all(len(a.ci) == 2 and a.ci[0] <= a.delta_loss <= a.ci[1] for a in doc.attribution)
-
-
-def test_a_proposal_no_better_than_its_control_is_not_confirmed(planted) -> None:
-    """Keeping a healthy layer in BF16 is no better than keeping a random one (the draws here
-    include the planted layer): not confirmed; keeping the planted one beats them: confirmed."""
-    model, tok = planted
-    layers = [f"model.layers.{i}" for i in range(LAYERS)]
-
-    def proposal(layer: str):
-        rec = Recommendation("mixed_precision", 1 / LAYERS, [layer], [], None, "test")
-        return verify(model, tok, ITEMS, "mxfp4", "weight", rec, layers)
-
-    healthy, damaged = proposal("model.layers.1"), proposal(PLANTED)
-    assert not healthy.confirmed and "not confirmed" in healthy.verdict
-    assert damaged.confirmed and damaged.recovery > damaged.control_recovery
-    assert len(damaged.control_recoveries) == 5 and damaged.advantage_ci[0] > 0
-
-
-def test_judge_needs_positive_recovery_and_an_advantage_over_the_control() -> None:
-    assert judge(0.5, (0.01, 0.02), 0.1)[0]
-    ok, why = judge(0.5, (-0.01, 0.02), 0.45)
-    assert not ok and "no better than random proposals" in why and "includes 0" in why
-    ok, why = judge(0.005, (-0.018, -0.0011), 0.048)  # the NVFP4 sample: significantly worse than the control
-    assert not ok and "worse than random proposals" in why and "lies below 0" in why
-    ok, why = judge(-0.054, (0.01, 0.02), -0.2)  # the old MXFP8 sample: recovery −5.4 %
-    assert not ok and "≤ 0" in why
 
 
 def test_nan_weight_is_a_finding_and_the_cli_exits_non_zero(monkeypatch, tmp_path, capsys) -> None:

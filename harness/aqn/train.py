@@ -12,13 +12,11 @@ noise acts as exploration): a result here says nothing about that mechanism."""
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +29,8 @@ from harness.eval.stats import compare_seeds, two_level_bootstrap_ci
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.modelview import ModelView
+from harness.srdd.attribution import NEGLIGIBLE_DELTA, Label
+from harness.srdd.document import AttributionEntry, ScanDocument
 
 STRATEGIES = ("none", "global", "targeted", "healthy")
 SEEDS = 5  # training runs per strategy: the unit of every comparison
@@ -134,33 +134,20 @@ def train_and_evaluate(
         ).nll
 
 
-def harmful_layers(attribution: Sequence[dict]) -> list[str]:
-    """Layers whose quantization demonstrably hurts: the attribution entries (``harness scan
-    --attribution``: ``{"layer": name, "only": {"delta_loss": x, "ci": [low, high]}}``, or the
-    ``ci`` on the entry itself) whose CI of Δloss from quantizing that layer alone excludes 0 on the
-    harmful side (low > 0), worst first.  An entry without a CI is an error, never a guess."""
-    harmful = []
-    for entry in attribution:
-        if entry.get("layer") == "all":
-            continue
-        only = entry.get("only") or {}
-        ci = entry.get("ci", only.get("ci"))
-        if ci is None:
-            raise ValueError(
-                f"attribution entry {entry.get('layer')!r} has no 'ci' (a scan made before per-layer CIs): "
-                "rerun `python -m harness scan --attribution --output SCAN.json`"
-            )
-        if ci[0] > 0:
-            harmful.append((only.get("delta_loss", entry.get("delta_loss", ci[0])), entry["layer"]))
-    return [layer for _, layer in sorted(harmful, reverse=True)]
+def harmful_layers(attribution: Sequence[AttributionEntry]) -> list[str]:
+    """The layers the scan labels ``harmful`` (their exact Δloss CI from quantizing that layer
+    alone lies above the negligible band δ, ``harness.srdd.attribution.label``: the rule that
+    also decides problematic layers and the recommendation), worst first by exact Δloss."""
+    rows = [a for a in attribution if a.layer != "all" and a.label == Label.HARMFUL.value]
+    return [a.layer for a in sorted(rows, key=lambda a: (-a.delta_loss, a.layer))]
 
 
 def problematic_layers(
     strategies: Sequence[str], scan_json: str | None, *, model: str, fmt: str
 ) -> tuple[list[str], str]:
     """The layers ``targeted`` noises and ``healthy`` spares, and how they were chosen:
-    :func:`harmful_layers` of the ``attribution`` list of a scan JSON (``python -m harness scan
-    --attribution --output SCAN.json``); without one none, and ``targeted``/``healthy`` are refused
+    :func:`harmful_layers` of a scan document (``python -m harness scan --output SCAN.json``, which
+    runs the attribution by default); without one none, and ``targeted``/``healthy`` are refused
     (any other choice would be a guess).  Unknown strategies are refused too; ``model`` and ``fmt``
     only name the scan command in the error."""
     for strategy in strategies:
@@ -170,14 +157,16 @@ def problematic_layers(
         if {"targeted", "healthy"} & set(strategies):
             raise ValueError(
                 "strategies targeted/healthy need --attribution SCAN.json with per-layer CIs "
-                f"(python -m harness scan --model {model} --format {fmt} --attribution --output SCAN.json)"
+                f"(python -m harness scan --model {model} --format {fmt} --output SCAN.json)"
             )
         return [], "no attribution given"
-    try:
-        attribution = json.loads(Path(scan_json).read_text())["attribution"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{scan_json}: not a scan JSON with an 'attribution' list ({err!r})") from err
-    return harmful_layers(attribution), f"layers whose attribution CI of Δloss excludes 0 ({scan_json})"
+    doc = ScanDocument.read(scan_json)
+    if not doc.attribution:
+        raise ValueError(f"{scan_json}: a scan without attribution (rerun without --attribution none)")
+    delta = doc.rules.get("negligible_delta", NEGLIGIBLE_DELTA)
+    return harmful_layers(
+        doc.attribution
+    ), f"layers whose attribution CI of Δloss lies above δ = {delta:g} ({scan_json})"
 
 
 CONTROL = "unquantized"  # trained with the same recipe, without quantization or noise

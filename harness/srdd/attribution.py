@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -34,6 +35,40 @@ from harness.modelview import ModelView
 from harness.srdd.scan import record_layers
 
 MIN_ITEMS = 32
+# The negligible band δ of a one-layer Δloss, in nats per answer token: changes inside ±δ are
+# read as no change.  0.005 is a third of an average layer's share of the MXFP4 loss gap of a
+# 30-layer model (0.45 / 30) and below what 32 items resolve (a per-layer CI half-width is
+# about 0.007 there); see docs/srdd.md.
+NEGLIGIBLE_DELTA = 0.005
+
+
+class Label(str, Enum):
+    """What a Δloss CI says against the negligible band ±δ."""
+
+    HARMFUL = "harmful"  # the whole CI lies above +δ
+    BENEFICIAL = "beneficial"  # the whole CI lies below −δ: quantizing the layer lowers the loss
+    NEGLIGIBLE = "negligible"  # the whole CI lies inside [−δ, +δ]
+    INCONCLUSIVE = "inconclusive"  # the CI crosses a band edge
+
+
+def label(ci: Sequence[float], delta: float = NEGLIGIBLE_DELTA) -> Label:
+    """The :class:`Label` of a Δloss confidence interval ``(low, high)`` for the band ±``delta``
+    (an equivalence reading of a CI: Schuirmann's two one-sided tests at the CI's level)."""
+    lo, hi = ci
+    if lo > delta:
+        return Label.HARMFUL
+    if hi < -delta:
+        return Label.BENEFICIAL
+    if lo >= -delta and hi <= delta:
+        return Label.NEGLIGIBLE
+    return Label.INCONCLUSIVE
+
+
+def contradicts(a: Label, b: Label) -> bool:
+    """Two labels of one layer from disjoint items contradict when one is decided (harmful or
+    beneficial) and the other says the opposite or negligible; inconclusive contradicts nothing."""
+    decided = {Label.HARMFUL, Label.BENEFICIAL}
+    return a != b and (a in decided or b in decided) and Label.INCONCLUSIVE not in (a, b)
 
 
 class PerItem:
@@ -68,10 +103,14 @@ class Attribution(PerItem):
     delta_loss_items: list[float]
     kl_items: list[float]
 
+    def label(self, delta: float = NEGLIGIBLE_DELTA) -> Label:
+        return label(self.ci, delta)
+
     @property
     def harmful(self) -> bool:
-        """Quantizing the layer raises the loss beyond noise: the Δloss CI lies above 0."""
-        return self.ci[0] > 0
+        """Quantizing the layer raises the loss beyond the negligible band: its Δloss CI lies
+        above +:data:`NEGLIGIBLE_DELTA`."""
+        return self.label() is Label.HARMFUL
 
 
 def selected_layers(model: nn.Module, injector: QuantInjector) -> list[str]:

@@ -1,43 +1,56 @@
-"""From scan sums to per-layer findings and a recommendation.
+"""From scan sums and the loss attribution to per-layer findings and a recommendation.
 
-A layer is problematic because it is worse than it should be, never because the format is coarse.
-Rules, each named in the finding's reasons with its evidence:
+Direct evidence decides, detectors explain.  A layer is **problematic** when one of these rules
+fires, each named in the finding's reasons with its evidence:
 
+- ``attribution``: quantizing the layer alone raises the loss beyond the negligible band (its
+  exact Δloss CI over items lies above +δ, ``Rules.negligible_delta``; label ``harmful``,
+  ``harness.srdd.attribution.label``) *and* it is an outlier among the layers by log KL or log
+  Δloss: robust z ``0.6745·(v − median)/MAD`` of the logs (Iglewicz & Hoaglin 1993) above a
+  threshold calibrated to the number of layers (``outlier_threshold``: the family-wise level
+  ``Rules.outlier_alpha`` for i.i.d. log-normal layers, never below ``Rules.outlier_z``), with an
+  effect-size guard (worse than ``Rules.outlier_factor`` × the median layer).  KL is positive and
+  right-skewed, so a z on its raw values flags clean models; on the log scale it is close to
+  Gaussian.  Without an exact row a layer cannot be flagged by this rule; screen estimates stand
+  in for missing layers in the median and MAD only.
 - ``floor``: a target weight's detector is worse than the format's own floor for that tensor (a
   seeded i.i.d. Gaussian tensor of its shape and RMS, ``harness.srdd.floors``) by more than
   ``Rules.floor_factor`` (error energy for SQNR, the ratio for relative error; for the counted
-  ratios, deadzone and saturation, also beyond 4 binomial standard errors of the floor's rate).
-  Activations are heavy-tailed by nature, so their floor is reported but never judged.
-- ``outlier``: a per-layer metric is an outlier among the model's layers: robust z
-  ``0.6745·(v − median)/MAD`` above ``Rules.outlier_z`` (3.5, Iglewicz & Hoaglin 1993) in the
-  bad direction *and* worse than the median layer by ``Rules.outlier_factor`` (an effect-size
-  guard: with near-identical layers the MAD → 0 and z alone would flag noise).  Needs at least
-  ``Rules.min_layers`` layers.  Applies to the weight excesses, activation metrics (input
-  detectors, layer-output error, activation-aware output error, kurtosis ratio, massive
-  activation, residual gain) and attribution KL.
-- ``attribution``: quantizing the layer alone raises the loss beyond noise (its exact Δloss CI
-  over items excludes 0, above) *and* its KL is an outlier among the layers (every layer of a
-  4-bit model costs something; the question is which cost more than the others).  With the
-  two-stage attribution (``harness.srdd.sensitivity``) only the layers it ran exactly can be
-  flagged: their exact KL is tested against all layers' KL, the screen's estimates standing in
-  for the layers without an exact row (a noisy estimate widens the MAD: conservative).
+  ratios, deadzone and saturation, also beyond 4 standard errors of the difference of the two
+  binomial rates, the tensor's and its floor tensor's):
+  a property of that weight, not of upstream error.
 - ``threshold``: an absolute threshold given explicitly (``Thresholds``; all off by default).
 - ``non-finite``: NaN/Inf in a weight, an activation, a layer output or the attribution loss.
 
-Decision framework (by the share of problematic layers): < 10 % of layers problematic -> ``mixed_precision``
-(keep them in BF16); 10-30 % -> ``mixed_precision_and_aqn``; > 30 % -> ``reconsider_format`` (a
-milder format; AQN, if used, global); none -> ``no_action``.
+The activation detectors are **local** (the layer quantized alone on its reference input) and
+never flag a layer: an outlier among the layers (robust z > ``Rules.outlier_z`` and worse than
+``Rules.outlier_factor`` × the median; for quantized/reference ratios, |log r| above that factor
+times the median |log r|) only *points at* the layer, so that the two-stage attribution gives it
+an exact row (``LayerFinding.pointers``).  The cumulative curves (the fully quantized model)
+show how error grows with depth and are reported as plots only.  Every problematic layer gets a
+``why`` from its Linears' local detectors (``explain``).
+
+Decision framework (by the share of problematic layers): < 10 % of layers problematic -> ``mixed_precision``;
+10-30 % -> ``mixed_precision_and_aqn``; > 30 % -> ``reconsider_format`` (a milder format; AQN, if
+used, global); none -> ``no_action``.  Which layers stay in BF16 is decided by the exact attributed
+harm (``recommend``): the harmful layers in decreasing exact Δloss, greedily, as many as the
+framework says or as fit a bits-per-weight budget; a layer that is not ``harmful`` is never kept
+in BF16 nor targeted by AQN.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from harness.formats import FORMATS, get_format
-from harness.srdd.attribution import Attribution
+from harness.srdd.attribution import NEGLIGIBLE_DELTA, Attribution, Label
 from harness.srdd.floors import FLOOR_METRICS, excess
 from harness.srdd.metrics import OutputErrorStats, QuantErrorStats
 from harness.srdd.scan import ScanResult, layer_of
@@ -46,6 +59,7 @@ from harness.srdd.sensitivity import Screened
 SOURCES = ("weight", "input")
 ROBUST_Z_SCALE = 0.6745  # Φ⁻¹(0.75): makes MAD a consistent estimator of σ for Gaussian data
 MEAN_AD_SCALE = 1.253314  # √(π/2): the same for the mean absolute deviation (MAD = 0 fallback)
+BF16_BITS = 16.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,8 @@ class Rules:
     floor_factor: float = 2.0  # error twice the Gaussian floor's (3 dB for SQNR)
     outlier_z: float = 3.5
     outlier_factor: float = 1.25
+    outlier_alpha: float = 0.01  # family-wise, per attribution metric, for exchangeable layers
+    negligible_delta: float = NEGLIGIBLE_DELTA
     min_layers: int = 5
 
     def as_dict(self) -> dict[str, float]:
@@ -71,7 +87,7 @@ class Thresholds:
     deadzone_ratio: float | None = None  # above
     saturation_ratio: float | None = None  # above
     relative_error: float | None = None  # above
-    kurtosis_ratio: float | None = None  # quantized / reference, below
+    kurtosis_ratio: float | None = None  # quantized / reference (local), below
     gain_ratio: float | None = None  # quantized / reference, below
 
     def as_dict(self) -> dict[str, float | None]:
@@ -80,7 +96,8 @@ class Thresholds:
 
 @dataclass
 class Reason:
-    """Why a layer is flagged: the rule, the metric and tensor it looked at, the evidence."""
+    """Why a layer is flagged (or, for a pointer, why it got an exact row): the rule, the metric
+    and tensor it looked at, the evidence."""
 
     rule: str
     metric: str
@@ -96,6 +113,9 @@ class LayerFinding:
     name: str
     metrics: dict[str, float]
     reasons: list[Reason] = field(default_factory=list)
+    pointers: list[Reason] = field(default_factory=list)  # local detectors that point at it (no verdict)
+    why: list[str] = field(default_factory=list)  # its Linears' local detectors, when problematic
+    label: str | None = None  # the exact attribution's label (harness.srdd.attribution.Label)
 
     @property
     def problematic(self) -> bool:
@@ -118,13 +138,39 @@ def robust_z(values: dict[str, float]) -> dict[str, float]:
     return {k: (v - med) / scale if scale > 0 else 0.0 for k, v in finite.items()}
 
 
-def outliers(values: dict[str, float], rules: Rules, guard: Callable[[float, float], bool]) -> dict[str, float]:
-    """Names whose value is a high outlier (``robust_z > rules.outlier_z``) and passes the effect
-    ``guard(value, median)``; name -> z."""
+@functools.lru_cache(maxsize=256)
+def outlier_threshold(n: int, alpha: float, draws: int = 20_000, seed: int = 0) -> float:
+    """The (1 − ``alpha``) quantile of the largest :func:`robust_z` among ``n`` i.i.d. Gaussian
+    values (seeded Monte Carlo, ``draws`` samples): a z above it happens to *some* layer of ``n``
+    exchangeable layers with probability ``alpha``.  The median/MAD of few values is itself
+    noisy, so the bound is far above 3.5 for small ``n`` (about 7.9 at n = 6 for alpha = 0.01)."""
+    x = np.random.default_rng(seed).standard_normal((draws, n))
+    med = np.median(x, axis=1, keepdims=True)
+    mad = np.median(np.abs(x - med), axis=1, keepdims=True)
+    return float(np.quantile((ROBUST_Z_SCALE * (x - med) / mad).max(axis=1), 1 - alpha))
+
+
+def outliers(
+    values: dict[str, float], rules: Rules, guard: Callable[[float, float], bool], z_limit: float | None = None
+) -> dict[str, float]:
+    """Names whose value is a high outlier (``robust_z > z_limit``, default ``rules.outlier_z``)
+    and passes the effect ``guard(value, median)``; name -> z."""
     if sum(math.isfinite(v) for v in values.values()) < rules.min_layers:
         return {}
+    limit = rules.outlier_z if z_limit is None else z_limit
     med = statistics.median(v for v in values.values() if math.isfinite(v))
-    return {k: z for k, z in robust_z(values).items() if z > rules.outlier_z and guard(values[k], med)}
+    return {k: z for k, z in robust_z(values).items() if z > limit and guard(values[k], med)}
+
+
+def log_outliers(values: dict[str, float], rules: Rules) -> dict[str, float]:
+    """High outliers on the log scale among the positive ``values`` (non-positive ones are left
+    out), at the calibrated threshold ``max(outlier_z, outlier_threshold(n, outlier_alpha))`` and
+    with the guard value > ``outlier_factor`` × median; name -> z."""
+    logs = {k: math.log(v) for k, v in values.items() if math.isfinite(v) and v > 0}
+    if len(logs) < rules.min_layers:
+        return {}
+    limit = max(rules.outlier_z, outlier_threshold(len(logs), rules.outlier_alpha))
+    return outliers(logs, rules, lambda v, med: v > med + math.log(rules.outlier_factor), limit)
 
 
 def _pooled(stats: list[QuantErrorStats]) -> QuantErrorStats:
@@ -143,8 +189,12 @@ def floor_failure(metric: str, stats: QuantErrorStats, floor: QuantErrorStats, r
     """The evidence when ``stats`` is worse than its Gaussian ``floor`` by the floor rule, else None."""
     value, ref = getattr(stats, metric), getattr(floor, metric)
     if metric in ("deadzone_ratio", "saturation_ratio"):
-        n = stats.nonzero if metric == "deadzone_ratio" else stats.count
-        allowance = rules.floor_factor * ref + 4 * math.sqrt(max(ref, 1 / max(n, 1)) / max(n, 1))
+        # two binomial samples (the tensor and its floor tensor): 4 standard errors of their
+        # difference at the pooled rate (at least one count), beyond floor_factor x the floor's rate
+        n = max(stats.nonzero if metric == "deadzone_ratio" else stats.count, 1)
+        n_f = max(floor.nonzero if metric == "deadzone_ratio" else floor.count, 1)
+        pooled = max((value * n + ref * n_f) / (n + n_f), 1 / (n + n_f))
+        allowance = rules.floor_factor * ref + 4 * math.sqrt(pooled * (1 / n + 1 / n_f))
         if value > allowance:
             return f"{value:.2%} vs Gaussian floor {ref:.2%} (allowed up to {allowance:.2%})"
         return None
@@ -154,6 +204,10 @@ def floor_failure(metric: str, stats: QuantErrorStats, floor: QuantErrorStats, r
         shown = f"{value:.2f} {unit} vs Gaussian floor {ref:.2f} {unit}".replace("  ", " ")
         return f"{shown}: error {factor:.2f}x the floor's (> {rules.floor_factor:g}x)"
     return None
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
 
 
 def _layer_metrics(result: ScanResult, layer: str, members: list[str]) -> dict[str, float]:
@@ -172,43 +226,57 @@ def _layer_metrics(result: ScanResult, layer: str, members: list[str]) -> dict[s
                 f"{source}_{metric}_excess": excess(metric, value, ref),
             }
         metrics[f"{source}_clip_share"] = pooled.clip_share
+    shapes = [result.module_shapes[m] for m in members if m in result.module_shapes]
+    if shapes:
+        metrics["weight_params"] = float(sum(math.prod(s) for s in shapes))
     errors = [result.output_error[m] for m in members if m in result.output_error]
     if errors:
         total = OutputErrorStats(sum(e.error for e in errors), sum(e.output for e in errors))
         metrics["output_error"] = total.output_error
     if layer in result.layer_outputs:
-        metrics["output_sqnr_db"] = result.layer_outputs[layer].sqnr_db
         k_ref, k_q = result.kurtosis_ref[layer].kurtosis, result.kurtosis_quant[layer].kurtosis
-        metrics |= {"kurtosis_ref": k_ref, "kurtosis_quant": k_q, "kurtosis_ratio": k_q / k_ref if k_ref else math.nan}
         p_ref, p_q = result.peak_ref[layer], result.peak_quant[layer]
         metrics |= {
+            "output_sqnr_db": result.layer_outputs[layer].sqnr_db,  # cumulative: a plot, not a verdict
+            "kurtosis_ref": k_ref,
+            "kurtosis_quant": k_q,
+            "kurtosis_ratio": _ratio(k_q, k_ref),
             "massive_ref": p_ref.value,
             "massive_quant": p_q.value,
-            "massive_ratio": p_q.value / p_ref.value if p_ref.value else math.nan,
+            "massive_ratio": _ratio(p_q.value, p_ref.value),
             "massive_position": p_ref.position,
             "massive_dim": p_ref.dim,
         }
+    if layer in result.local_outputs:
+        k_loc, p_loc = result.local_kurtosis[layer].kurtosis, result.local_peak[layer].value
+        metrics |= {
+            "local_output_sqnr_db": result.local_outputs[layer].sqnr_db,
+            "local_kurtosis_quant": k_loc,
+            "local_kurtosis_ratio": _ratio(k_loc, metrics["kurtosis_ref"]),
+            "local_massive_quant": p_loc,
+            "local_massive_ratio": _ratio(p_loc, metrics["massive_ref"]),
+        }
     if layer in result.gain_ref:
         g_ref, g_q = result.gain_ref[layer], result.gain_quant[layer]
-        metrics |= {"gain_ref": g_ref, "gain_quant": g_q, "gain_ratio": g_q / g_ref if g_ref else math.nan}
+        metrics |= {"gain_ref": g_ref, "gain_quant": g_q, "gain_ratio": _ratio(g_q, g_ref)}
     if layer in result.instability:
         metrics["instability"] = result.instability[layer].instability
     return metrics
 
 
-# Per-layer metrics judged against the other layers: (metric, badness transform, guard, label).
-_OUTLIER_METRICS: list[tuple[str, Callable[[dict], float], str]] = [
-    *[(f"weight_{m}_excess", lambda d, m=m: d.get(f"weight_{m}_excess", math.nan), "x floor") for m in FLOOR_METRICS],
-    ("input_sqnr_db", lambda d: 10 ** (-d.get("input_sqnr_db", math.nan) / 10), "noise/signal"),
-    ("input_deadzone_ratio", lambda d: d.get("input_deadzone_ratio", math.nan), ""),
-    ("input_saturation_ratio", lambda d: d.get("input_saturation_ratio", math.nan), ""),
-    ("input_relative_error", lambda d: d.get("input_relative_error", math.nan), ""),
-    ("output_error", lambda d: d.get("output_error", math.nan), ""),
-    ("output_sqnr_db", lambda d: 10 ** (-d.get("output_sqnr_db", math.nan) / 10), "noise/signal"),
+# Local per-layer detectors judged against the other layers, to point at layers: (metric, badness).
+_POINTER_METRICS: list[tuple[str, Callable[[dict], float]]] = [
+    *[(f"weight_{m}_excess", lambda d, m=m: d.get(f"weight_{m}_excess", math.nan)) for m in FLOOR_METRICS],
+    ("input_sqnr_db", lambda d: 10 ** (-d.get("input_sqnr_db", math.nan) / 10)),
+    ("input_deadzone_ratio", lambda d: d.get("input_deadzone_ratio", math.nan)),
+    ("input_saturation_ratio", lambda d: d.get("input_saturation_ratio", math.nan)),
+    ("input_relative_error", lambda d: d.get("input_relative_error", math.nan)),
+    ("output_error", lambda d: d.get("output_error", math.nan)),
+    ("local_output_sqnr_db", lambda d: 10 ** (-d.get("local_output_sqnr_db", math.nan) / 10)),
 ]
-_LOG_RATIO_METRICS = [
-    ("kurtosis_ratio", "kurtosis_quant", "kurtosis_ref"),
-    ("massive_ratio", "massive_quant", "massive_ref"),
+_LOG_RATIO_METRICS = [  # quantized/reference ratios, local
+    ("local_kurtosis_ratio", "local_kurtosis_quant", "kurtosis_ref"),
+    ("local_massive_ratio", "local_massive_quant", "massive_ref"),
     ("gain_ratio", "gain_quant", "gain_ref"),
 ]
 
@@ -222,9 +290,11 @@ def _nonfinite_reasons(result: ScanResult, layer: str, members: list[str]) -> li
                 reasons.append(
                     Reason("non-finite", kind, f"{m}.{kind}" if kind == "weight" else f"{m} {kind}", evidence)
                 )
-    out = result.layer_outputs.get(layer)
-    if out is not None and out.nonfinite:
-        reasons.append(Reason("non-finite", "output", f"{layer} output", f"{out.nonfinite} NaN/Inf values"))
+    for where, outputs in (("output", result.local_outputs), ("output (cumulative)", result.layer_outputs)):
+        out = outputs.get(layer)
+        if out is not None and out.nonfinite:
+            reasons.append(Reason("non-finite", "output", f"{layer} {where}", f"{out.nonfinite} NaN/Inf values"))
+            break
     return reasons
 
 
@@ -233,11 +303,12 @@ def layer_findings(
     layers: list[str],
     thresholds: Thresholds | None = None,
     rules: Rules | None = None,
-    attribution: list[Attribution] = (),
-    screen: list[Screened] = (),
+    attribution: Sequence[Attribution] = (),
+    screen: Sequence[Screened] = (),
 ) -> list[LayerFinding]:
     """Per decoder layer: its metrics (weights and inputs pooled over its Linears, with their
-    Gaussian floors) and the reasons the rules (module docstring) flag it."""
+    Gaussian floors; local and cumulative outputs), the reasons the rules (module docstring) flag
+    it, the local detectors that point at it, and for a problematic layer the ``why``."""
     thresholds, rules = thresholds or Thresholds(), rules or Rules()
     members = {layer: [m for m in result.modules if layer_of(m, [layer]) == layer] for layer in layers}
     findings = {layer: LayerFinding(layer, _layer_metrics(result, layer, members[layer])) for layer in layers}
@@ -249,32 +320,75 @@ def layer_findings(
                     evidence = floor_failure(metric, result.modules[m]["weight"], result.floors[m]["weight"], rules)
                     if evidence:
                         finding.reasons.append(Reason("floor", metric, f"{m}.weight", evidence))
-    for metric, badness, _ in _OUTLIER_METRICS:
+    for metric, badness in _POINTER_METRICS:
         values = {layer: badness(f.metrics) for layer, f in findings.items()}
         for layer, z in outliers(values, rules, lambda v, med: v > rules.outlier_factor * med).items():
             m = findings[layer].metrics[metric]
-            findings[layer].reasons.append(Reason("outlier", metric, layer, f"{m:.4g}, robust z {z:.1f} among layers"))
+            findings[layer].pointers.append(
+                Reason("detector", metric, layer, f"{m:.4g}, robust z {z:.1f} among layers")
+            )
     for metric, quant, ref in _LOG_RATIO_METRICS:
         values = {
             layer: _log_ratio(f.metrics.get(quant, math.nan), f.metrics.get(ref, math.nan))
             for layer, f in findings.items()
         }
-        for layer, z in outliers(values, rules, lambda v, med: v > math.log(rules.outlier_factor)).items():
+        for layer, z in outliers(values, rules, lambda v, med: v > rules.outlier_factor * med).items():
             m = findings[layer].metrics[metric]
-            findings[layer].reasons.append(
-                Reason("outlier", metric, layer, f"quantized/reference {m:.3g}, robust z {z:.1f} among layers")
+            findings[layer].pointers.append(
+                Reason("detector", metric, layer, f"quantized/reference {m:.3g}, robust z {z:.1f} among layers")
             )
     _attribution_reasons(findings, attribution, rules, screen)
     _threshold_reasons(findings, thresholds)
+    for layer, finding in findings.items():
+        if finding.problematic:
+            finding.why = explain(result, members[layer])
     return [findings[layer] for layer in layers]
 
 
+def pointed_at(findings: Sequence[LayerFinding]) -> list[str]:
+    """The layers a detector points at or a non-attribution rule flags: what the two-stage
+    attribution must run exactly."""
+    return [f.name for f in findings if f.pointers or f.reasons]
+
+
+def explain(result: ScanResult, members: Sequence[str], top: int = 3) -> list[str]:
+    """The ``top`` Linears of a layer with the largest local error (activation-aware output error
+    when weights were quantized, else weight or input error energy over its Gaussian floor), each
+    with its deadzone, clipping share and largest |w| over RMS against its floor."""
+    rows = []
+    for m in members:
+        kinds = result.modules.get(m, {})
+        source = "weight" if "weight" in kinds else "input" if "input" in kinds else None
+        if source is None:
+            continue
+        stats, floor = kinds[source], result.floors.get(m, {}).get(source)
+        err = result.output_error[m].output_error if m in result.output_error else math.nan
+        ratio = excess("sqnr_db", stats.sqnr_db, floor.sqnr_db) if floor else math.nan
+        parts = [f"output error {err:.3g}"] if math.isfinite(err) else []
+        parts.append(f"{source} error {ratio:.2f}x its Gaussian floor's")
+        dz_floor = f" (floor {floor.deadzone_ratio:.1%})" if floor else ""
+        parts.append(f"deadzone {stats.deadzone_ratio:.1%}{dz_floor}")
+        parts.append(f"clipping {stats.clip_share:.1%} of the error")
+        if source == "weight" and m in result.weight_peak:
+            parts.append(f"max |w| {result.weight_peak[m]:.1f}x RMS")
+        key = err if math.isfinite(err) else ratio
+        rows.append((-key if math.isfinite(key) else math.inf, f"{short_name(m)}: " + ", ".join(parts)))
+    return [text for _, text in sorted(rows)[:top]]
+
+
+def short_name(module: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj``."""
+    match = re.search(r"\.\d+\.(.+)$", module)
+    return match.group(1) if match else module
+
+
 def _attribution_reasons(
-    findings: dict[str, LayerFinding], rows: list[Attribution], rules: Rules, screen: list[Screened]
+    findings: dict[str, LayerFinding], rows: Sequence[Attribution], rules: Rules, screen: Sequence[Screened]
 ) -> None:
     per_layer = [r for r in rows if r.layer in findings]
     for r in screen:
         findings[r.layer].metrics["screen_kl"] = r.kl
+        findings[r.layer].metrics["screen_delta_loss"] = r.delta_loss
     for r in rows:
         if r.layer in findings:
             lo, hi = r.ci
@@ -284,32 +398,36 @@ def _attribution_reasons(
                 "attribution_ci_high": hi,
                 "attribution_kl": r.kl,
             }
+            findings[r.layer].label = r.label(rules.negligible_delta).value
         if not all(math.isfinite(x) for x in (*r.delta_loss_items, *r.kl_items)):
             target = findings.get(r.layer)
             for f in [target] if target else findings.values():
                 f.reasons.append(
                     Reason("non-finite", "loss", f"{r.layer} quantized", "NaN/Inf in the answer loss or KL")
                 )
-    kl = {r.layer: r.kl for r in screen} | {r.layer: r.kl for r in per_layer}  # exact where it ran
-    high = outliers(kl, rules, lambda v, med: v > rules.outlier_factor * med)
+    # exact where it ran, screen estimates standing in for the others
+    kl = {r.layer: r.kl for r in screen} | {r.layer: r.kl for r in per_layer}
+    delta = {r.layer: r.delta_loss for r in screen} | {r.layer: r.delta_loss for r in per_layer}
+    high = {"kl": log_outliers(kl, rules), "Δloss": log_outliers(delta, rules)}
     among = "layers, screen estimates where not exact" if screen else "layers"
     for r in per_layer:
-        if r.harmful and r.layer in high:
+        hits = [f"log {name} robust z {found[r.layer]:.1f}" for name, found in high.items() if r.layer in found]
+        if r.label(rules.negligible_delta) is Label.HARMFUL and hits:
             lo, hi = r.ci
             findings[r.layer].reasons.append(
                 Reason(
                     "attribution",
-                    "kl",
+                    "kl" if r.layer in high["kl"] else "delta_loss",
                     r.layer,
-                    f"KL {r.kl:.4g} (robust z {high[r.layer]:.1f} among {among}), "
-                    f"Δloss {r.delta_loss:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}] over {len(r.delta_loss_items)} items",
+                    f"Δloss {r.delta_loss:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}] over {len(r.delta_loss_items)} items "
+                    f"(> δ = {rules.negligible_delta:g}), KL {r.kl:.4g}; {', '.join(hits)} among {among}",
                 )
             )
 
 
 def _threshold_reasons(findings: dict[str, LayerFinding], t: Thresholds) -> None:
     checks = [(f"{s}_{k}", getattr(t, k), k == "sqnr_db") for s in SOURCES for k in FLOOR_METRICS]
-    checks += [("kurtosis_ratio", t.kurtosis_ratio, True), ("gain_ratio", t.gain_ratio, True)]
+    checks += [("local_kurtosis_ratio", t.kurtosis_ratio, True), ("gain_ratio", t.gain_ratio, True)]
     for f in findings.values():
         for key, limit, below in checks:
             if limit is None or key not in f.metrics:
@@ -342,46 +460,102 @@ class Recommendation:
     aqn_layers: list[str]
     alternative_format: str | None
     reason: str
+    predicted_recovery: float | None = None  # Σ exact Δloss of the BF16 layers / Δloss of all layers
+    bits_per_weight: float | None = None  # the model's average over the quantized Linears' weights
+    budget_bits: float | None = None
 
 
-def _severity(f: LayerFinding) -> tuple[float, float]:
-    """Worst first: attribution KL when attribution ran, then the number of reasons."""
-    return (f.metrics.get("attribution_kl", -math.inf), len(f.reasons))
+def _index(name: str) -> tuple[int, str]:
+    """Model order from the name alone (``model.layers.12`` -> 12), so that no ranking depends on
+    the order of the findings."""
+    match = re.search(r"(\d+)$", name)
+    return (int(match.group(1)) if match else -1, name)
 
 
-def recommend(findings: list[LayerFinding], fmt: str) -> Recommendation:
-    bad = sorted((f for f in findings if f.problematic), key=_severity, reverse=True)
+def _ranked(findings: Sequence[LayerFinding], attributed: bool) -> list[LayerFinding]:
+    """Candidates for BF16, worst first.  With attribution: the ``harmful`` layers by exact Δloss;
+    without: the problematic layers by their number of reasons (no direct evidence of harm)."""
+    if attributed:
+        harmful = [f for f in findings if f.label == Label.HARMFUL.value]
+        return sorted(harmful, key=lambda f: (-f.metrics["attribution_delta_loss"], _index(f.name)))
+    bad = [f for f in findings if f.problematic]
+    return sorted(bad, key=lambda f: (-len(f.reasons), _index(f.name)))
+
+
+def bits_per_weight(findings: Sequence[LayerFinding], fmt: str, bf16: Sequence[str]) -> float | None:
+    """The average bits per weight of the quantized Linears with the ``bf16`` layers at 16 bits."""
+    params = {f.name: f.metrics.get("weight_params", 0.0) for f in findings}
+    total = sum(params.values())
+    if not total:
+        return None
+    kept = sum(params[name] for name in bf16)
+    return (kept * BF16_BITS + (total - kept) * get_format(fmt).bits_per_element) / total
+
+
+def recommend(
+    findings: Sequence[LayerFinding],
+    fmt: str,
+    *,
+    budget_bits: float | None = None,
+    all_delta_loss: float | None = None,
+) -> Recommendation:
+    """The decision framework (module docstring) on the problematic share; BF16 layers greedily
+    from :func:`_ranked` (the framework's count, or with ``budget_bits`` as many as keep the
+    average bits per weight within it); ``all_delta_loss`` (every layer quantized) turns the
+    chosen layers' exact Δloss into a predicted recovery."""
+    bad = [f for f in findings if f.problematic]
     share = len(bad) / len(findings) if findings else 0.0
-    names = [f.name for f in bad]
+    attributed = any(f.label is not None for f in findings)
     if not bad:
         return Recommendation("no_action", 0.0, [], [], None, f"no layer is worse than expected under {fmt}")
-    if share < 0.10:
+    n = len(findings)
+    if share > 0.30:
+        alternative = milder_format(fmt)
         return Recommendation(
-            "mixed_precision",
+            "reconsider_format",
             share,
-            names,
             [],
-            None,
-            f"{len(bad)}/{len(findings)} layers problematic (< 10 %): keep them in BF16",
+            [f.name for f in findings],
+            alternative,
+            f"{len(bad)}/{n} layers problematic (> 30 %): try {alternative or 'BF16'}; AQN, if used, should be global",
         )
-    if share <= 0.30:
-        worst = names[: max(1, math.ceil(0.1 * len(findings)))]
-        return Recommendation(
-            "mixed_precision_and_aqn",
-            share,
-            worst,
-            names[len(worst) :],
-            None,
-            f"{len(bad)}/{len(findings)} layers problematic (10-30 %): BF16 for the worst "
-            f"{len(worst)}, targeted AQN for the rest",
-        )
-    alternative = milder_format(fmt)
+    ranked = _ranked(findings, attributed)
+    action = "mixed_precision" if share < 0.10 else "mixed_precision_and_aqn"
+    count = len(bad) if action == "mixed_precision" else max(1, math.ceil(0.1 * n))
+    if budget_bits is None:
+        chosen = [f.name for f in ranked[:count]]
+    else:
+        chosen = []
+        for f in ranked:
+            fits = bits_per_weight(findings, fmt, [*chosen, f.name])
+            if fits is not None and fits <= budget_bits:
+                chosen.append(f.name)
+    if attributed:  # targeted AQN only where the direct evidence says harmful
+        aqn = [f.name for f in ranked if f.problematic and f.name not in chosen]
+    else:
+        aqn = [f.name for f in ranked if f.name not in chosen]
+    aqn = aqn if action == "mixed_precision_and_aqn" else []
+    predicted = None
+    if attributed and all_delta_loss and all_delta_loss > 0:
+        by_name = {f.name: f for f in findings}
+        predicted = sum(by_name[c].metrics["attribution_delta_loss"] for c in chosen) / all_delta_loss
+    what = "harmful by exact Δloss" if attributed else "most reasons (no attribution)"
+    reason = f"{len(bad)}/{n} layers problematic ({'< 10 %' if action == 'mixed_precision' else '10-30 %'}): "
+    reason += (
+        f"BF16 for the {len(chosen)} {what}" if chosen else f"no layer is {what.split(' (')[0]}: nothing kept in BF16"
+    )
+    if budget_bits is not None:
+        reason += f" within {budget_bits:g} bits per weight"
+    if aqn:
+        reason += f", targeted AQN for {len(aqn)} more"
     return Recommendation(
-        "reconsider_format",
+        action,
         share,
-        [],
-        [f.name for f in findings],
-        alternative,
-        f"{len(bad)}/{len(findings)} layers problematic (> 30 %): try {alternative or 'BF16'}; "
-        "AQN, if used, should be global",
+        chosen,
+        aqn,
+        None,
+        reason,
+        predicted_recovery=predicted,
+        bits_per_weight=bits_per_weight(findings, fmt, chosen),
+        budget_bits=budget_bits,
     )

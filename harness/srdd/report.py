@@ -20,13 +20,18 @@ FLOOR_METRICS = [  # (metric, label, as percent)
     ("saturation_ratio", "Saturation (clipping that matters)", True),
     ("relative_error", "Relative error", True),
 ]
-ACTIVATION_METRICS = [  # (metric, label)
+ACTIVATION_METRICS = [  # (metric, label): local detectors (the layer quantized alone on its reference input)
     ("output_error", "Output error ‖(W−Q(W))X‖/‖WX‖"),
-    ("output_sqnr_db", "Layer-output SQNR (dB)"),
-    ("kurtosis_ratio", "Kurtosis ratio (quant/ref, non-sink tokens)"),
-    ("massive_ratio", "Massive activation (quant/ref)"),
+    ("local_output_sqnr_db", "Layer-output SQNR, local (dB, non-sink tokens)"),
+    ("local_kurtosis_ratio", "Kurtosis ratio, local (quant/ref, non-sink tokens)"),
+    ("local_massive_ratio", "Massive activation, local (quant/ref)"),
     ("gain_ratio", "Residual-branch gain ratio (quant/ref)"),
     ("instability", "Instability (std/RMS over runs)"),
+]
+CUMULATIVE_METRICS = [  # the fully quantized model: how error grows with depth (a plot, never a verdict)
+    ("output_sqnr_db", "Layer-output SQNR, cumulative (dB, non-sink tokens)"),
+    ("kurtosis_ratio", "Kurtosis ratio, cumulative"),
+    ("massive_ratio", "Massive activation, cumulative"),
 ]
 GROUPS = 5
 
@@ -47,30 +52,37 @@ def _flagged(doc: ScanDocument, rule: str, metric: str) -> int:
     return sum(any(r.rule == rule and r.metric == metric for r in row.reasons) for row in doc.layers)
 
 
+def _pointed(doc: ScanDocument, metric: str) -> int:
+    return sum(any(r.metric == metric for r in row.pointers) for row in doc.layers)
+
+
 def metric_ranges(doc: ScanDocument) -> list[list[str]]:
     """Per source and detector: the range over layers, the Gaussian floor's range, and how many
-    layers the floor rule (weights) or the outlier rule (activations) flags."""
+    layers the floor rule flags (weights) or the detector points at (local activation detectors:
+    an exact attribution row, no verdict); the cumulative curves are shown, never judged."""
     rows = []
+    n_layers = len(doc.layers)
     for source in ("weight", "input"):
         for metric, label, pct in FLOOR_METRICS:
             span = _span(doc, f"{source}_{metric}", pct)
             if span is None:
                 continue
-            rule, key = ("floor", metric) if source == "weight" else ("outlier", f"input_{metric}")
-            n = _flagged(doc, rule, key)
-            rows.append(
-                [
-                    f"{source} {label}",
-                    span,
-                    _span(doc, f"{source}_{metric}_floor", pct) or "n/a",
-                    f"{rule}: {n}/{len(doc.layers)}" if n else "OK",
-                ]
-            )
+            if source == "weight":
+                n = _flagged(doc, "floor", metric)
+                status = f"floor: {n}/{n_layers}" if n else "OK"
+            else:
+                n = _pointed(doc, f"input_{metric}")
+                status = f"points at {n}/{n_layers}" if n else "OK"
+            rows.append([f"{source} {label}", span, _span(doc, f"{source}_{metric}_floor", pct) or "n/a", status])
     for metric, label in ACTIVATION_METRICS:
         span = _span(doc, metric)
         if span is not None:
-            n = _flagged(doc, "outlier", metric)
-            rows.append([label, span, "(judged among layers)", f"outlier: {n}/{len(doc.layers)}" if n else "OK"])
+            n = _pointed(doc, metric)
+            rows.append([label, span, "(among layers)", f"points at {n}/{n_layers}" if n else "OK"])
+    for metric, label in CUMULATIVE_METRICS:
+        span = _span(doc, metric)
+        if span is not None:
+            rows.append([label, span, "(plot only)", "not judged"])
     return rows
 
 
@@ -118,10 +130,14 @@ def markdown_summary(doc: ScanDocument) -> str:
         f"{len(doc.modules)} Linear modules in {n} decoder layers; "
         f"scan time {doc.timings_s.get('total', math.nan):.1f} s.",
         "",
-        "Rules: a weight is judged against the format's own floor (a seeded Gaussian tensor of its shape "
-        f"and RMS; error > {doc.rules['floor_factor']:g}x the floor's); every per-layer metric against the "
-        f"other layers (robust z > {doc.rules['outlier_z']:g} and > {doc.rules['outlier_factor']:g}x the median); "
-        "attribution when a layer's Δloss CI excludes 0 and its KL is an outlier. Absolute thresholds: "
+        "Rules: a layer is problematic when quantizing it alone raises the loss beyond the negligible band "
+        f"(exact Δloss CI above δ = {doc.rules.get('negligible_delta', 0.0):g} nats/token) and it is an outlier "
+        "among the layers by log KL or log Δloss (robust z above the threshold calibrated to the number of "
+        f"layers, family-wise {doc.rules.get('outlier_alpha', 0.0):g} per metric), or when one of its weights is "
+        "worse than the format's own floor (a seeded Gaussian tensor of its shape and RMS; error > "
+        f"{doc.rules['floor_factor']:g}x the floor's). Local activation detectors (each layer quantized alone "
+        "on its reference input) only point at layers for an exact attribution row and explain; the "
+        "cumulative curves are plots. Absolute thresholds: "
         + (", ".join(f"{k} {v:g}" for k, v in thresholds.items()) if thresholds else "none (off by default)")
         + ".",
         "",
@@ -143,26 +159,40 @@ def markdown_summary(doc: ScanDocument) -> str:
     if bad:
         table = [[row.name, r.rule, r.tensor, r.metric, r.evidence] for row in bad for r in row.reasons]
         out += [tabulate(table, headers=["Layer", "Rule", "Tensor", "Metric", "Evidence"], tablefmt="github"), ""]
+        out += ["Why (each problematic layer's Linears, local detectors, largest error first):", ""]
+        out += [f"- {row.name}: " + "; ".join(row.why) for row in bad if row.why] + [""]
+    pointed = [row for row in doc.layers if row.pointers]
+    if pointed:
+        out += ["Local detectors pointed at (exact attribution rows, no verdict): "]
+        out[-1] += "; ".join(f"{row.name} ({', '.join(r.metric for r in row.pointers)})" for row in pointed) + "."
+        out += [""]
     if doc.attribution:
-        everything, per_layer = doc.attribution[0], sorted(doc.attribution[1:], key=lambda a: -a.kl)
+        everything = doc.attribution[0]
+        per_layer = sorted(doc.attribution[1:], key=lambda a: -a.delta_loss)
         table = [
-            [a.layer, a.kl, a.delta_loss, f"[{a.ci[0]:+.4f}, {a.ci[1]:+.4f}]", "yes" if a.harmful else "no"]
-            for a in [everything, *per_layer[:10]]
+            [
+                a.layer,
+                a.kl,
+                a.delta_loss,
+                f"[{a.ci[0]:+.4f}, {a.ci[1]:+.4f}]",
+                a.label or ("harmful" if a.harmful else ""),
+            ]
+            for a in [everything, *per_layer[:12]]
         ]
-        which = "the layers the screen ranked first or the detectors flagged" if doc.screen else "top 10 by KL"
+        which = f"{len(per_layer)} layers the screen ranked first or a detector pointed at" if doc.screen else "top 12"
         out += _table_section(
             f"## Loss attribution ({doc.evaluation_items} GSM8K test items; one layer quantized at a time, "
-            f"exact; {which})",
+            f"exact; {which}, by Δloss)",
             [],
             table,
-            ["Quantized", "KL", "Δloss", "Δloss 95% CI", "CI > 0"],
+            ["Quantized", "KL", "Δloss", "Δloss 95% CI", f"Label (band ±{doc.rules.get('negligible_delta', 0):g})"],
             "+.4f",
         )
     out += _screen(doc)
     out += _recommendation(doc, rec, ver)
-    plots = ["![SQNR](sqnr.png)", "![Deadzone](deadzone.png)"] + (
-        ["![Attribution](attribution.png)"] if doc.attribution else []
-    )
+    plots = ["![SQNR](sqnr.png)", "![Deadzone](deadzone.png)"]
+    plots += ["![Output SQNR](output_sqnr.png)"] if any("local_output_sqnr_db" in r.metrics for r in doc.layers) else []
+    plots += ["![Attribution](attribution.png)"] if doc.attribution else []
     out += ["", "Plots: " + " ".join(plots), ""]
     return "\n".join(out)
 
@@ -208,6 +238,11 @@ def _recommendation(doc: ScanDocument, rec, ver) -> list[str]:
     if ver is None:
         return head
     lo, hi = ver.recovery_ci
+    held = ver.heldout_items
+    where = f"GSM8K test items {held[0]}-{held[-1]}" if held else "the choosing items (an old scan)"
+    predicted = "n/a" if ver.predicted_recovery is None else f"{ver.predicted_recovery:.1%}"
+    bits = "" if ver.bits_per_weight is None else f" Average bits per weight: {ver.bits_per_weight:.3f}"
+    bits += "" if ver.budget_bits is None else f" (budget {ver.budget_bits:g})"
     return [
         *head,
         "",
@@ -224,10 +259,15 @@ def _recommendation(doc: ScanDocument, rec, ver) -> list[str]:
             tablefmt="github",
         ),
         "",
-        f"Recovery of the {doc.format} loss increase: {ver.recovery:.1%} (95% CI {lo:.1%} – {hi:.1%}, "
-        f"{ver.items} GSM8K test items). Control: {ver.control}, recovery {ver.control_recovery:.1%} "
-        f"(draws: {', '.join(f'{r:.1%}' for r in ver.control_recoveries)}); proposal − control per-item "
-        f"loss advantage {ver.advantage:+.4f} (95% CI {ver.advantage_ci[0]:+.4f}, {ver.advantage_ci[1]:+.4f}).",
+        f"Recovery of the {doc.format} loss increase, measured on {ver.items} held-out items ({where}, "
+        f"disjoint from the {doc.evaluation_items} that chose the proposal): **{ver.recovery:.1%}** (95% CI over "
+        f"items {lo:.1%} – {hi:.1%}); predicted from the exact attribution: {predicted}.{bits}",
+        "",
+        f"Against chance: {ver.control}, measured on the first {ver.control_items} held-out items: "
+        f"the proposal recovers {ver.proposal_control_recovery:.1%} there and ranks {ver.rank} of "
+        f"{len(ver.control_recoveries) + 1}; control_p = (1 + draws at least as good) / (draws + 1) = "
+        f"**{ver.control_p:.3f}** (draws: {', '.join(f'{r:.1%}' for r in ver.control_recoveries)}; "
+        f"mean {ver.control_recovery:.1%}).",
     ]
 
 
@@ -273,6 +313,17 @@ def fill_report(doc: ScanDocument, out: Path) -> Path:
             if any(f"{src}_{key}" in row.metrics for row in doc.layers)
         }
         _bar_plot(out / f"{key.split('_')[0]}.png", f"{title}: per-layer {ylabel}", labels, series, ylabel)
+    if any("local_output_sqnr_db" in row.metrics for row in doc.layers):
+        _bar_plot(
+            out / "output_sqnr.png",
+            f"{title}: layer-output SQNR, local (layer alone) vs cumulative (all quantized)",
+            labels,
+            {
+                "local": [row.metrics.get("local_output_sqnr_db", math.nan) for row in doc.layers],
+                "cumulative": [row.metrics.get("output_sqnr_db", math.nan) for row in doc.layers],
+            },
+            "SQNR (dB), non-sink tokens",
+        )
     if doc.attribution:
         rows = doc.attribution[1:]
         delta = [r.delta_loss for r in rows]
@@ -295,8 +346,10 @@ COMPARED = [
     ("input_sqnr_db", False),
     ("weight_deadzone_ratio", True),
     ("input_deadzone_ratio", True),
+    ("local_output_sqnr_db", False),
     ("output_sqnr_db", False),
-    ("kurtosis_ratio", False),
+    ("local_kurtosis_ratio", False),
+    ("attribution_delta_loss", False),
     ("attribution_kl", False),
 ]
 

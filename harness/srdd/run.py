@@ -1,6 +1,7 @@
-"""One SRDD scan end to end: scans -> attribution -> findings -> recommendation -> verification
-against a control, as the typed document (``harness.srdd.document``) the CLI writes and the report
-renders."""
+"""One SRDD scan end to end: scans -> findings of the local detectors -> attribution (the Fisher
+screen plus exact rows for every layer it or a detector points at, by default) -> findings ->
+recommendation -> verification on held-out items against random draws, as the typed document
+(``harness.srdd.document``) the CLI writes and the report renders."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.modelview import ModelView
 from harness.srdd import scan
-from harness.srdd.criteria import Rules, Thresholds, layer_findings, recommend
+from harness.srdd.attribution import selected_layers
+from harness.srdd.criteria import Rules, Thresholds, layer_findings, pointed_at, recommend
 from harness.srdd.document import (
     AttributionEntry,
     LayerReport,
@@ -24,8 +26,8 @@ from harness.srdd.document import (
     ScanDocument,
     ScreenEntry,
 )
-from harness.srdd.sensitivity import DEFAULT_MODE, screened_attribution
-from harness.srdd.verify import verify
+from harness.srdd.sensitivity import DEFAULT_MODE, check_mode, screened_attribution
+from harness.srdd.verify import CONTROL_DRAWS, verify
 
 POINTS_SCANNED = {"weight": ("weight",), "input": ("input",), "both": ("weight", "input")}
 
@@ -38,6 +40,8 @@ def _modules(result: scan.ScanResult, layers: list[str]) -> list[ModuleReport]:
             metrics[f"{kind}_floor"] = floor.as_dict()
         if name in result.output_error:
             metrics["output"] = {"output_error": result.output_error[name].output_error}
+        if name in result.weight_peak and "weight" in metrics:
+            metrics["weight"]["peak_to_rms"] = result.weight_peak[name]
         shape = list(result.module_shapes.get(name, ()))
         reports.append(ModuleReport(name, scan.layer_of(name, layers), shape, result.module_formats.get(name), metrics))
     return reports
@@ -64,29 +68,39 @@ def scan_model(
     thresholds: Thresholds | None = None,
     rules: Rules | None = None,
     evaluation: Sequence[Gsm8kItem] = (),
-    attribution: bool = False,
-    attribution_mode: str = DEFAULT_MODE,
+    heldout: Sequence[Gsm8kItem] = (),
+    heldout_items: Sequence[int] | None = None,
+    attribution: str = DEFAULT_MODE,
     gain: bool = True,
     instability_runs: int | None = None,
     instability_prompts: int = 4,
     batch_size: int = 8,
+    control_draws: int = CONTROL_DRAWS,
+    control_items: int | None = None,
+    budget_bits: float | None = None,
+    exclude: Sequence[str] = (),
     do_verify: bool = True,
     progress: bool = False,
     allow_partial: bool = False,
 ) -> ScanDocument:
-    """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts; ``evaluation`` items feed
-    the loss attribution (``attribution_mode``: ``harness.srdd.sensitivity.ATTRIBUTION_MODES``;
-    the two-stage ``screen`` runs exactly the layers the detectors flagged) and the verification.
+    """Scan ``model`` under ``fmt`` at ``point`` on ``calibration`` texts.  ``evaluation`` items
+    feed the loss attribution (``attribution``: ``harness.srdd.sensitivity.ATTRIBUTION_MODES``) and
+    so choose the recommendation; the disjoint ``heldout`` items (``heldout_items``: their indices in
+    the test split, default the positions after ``evaluation``) verify it against
+    ``control_draws`` random draws (measured on the first ``control_items``).  ``exclude``: module
+    globs kept in their original precision everywhere (e.g. a layer kept in BF16).
     ``instability_runs``: runs of the instability scan (0: skip it; None: :func:`default_instability_runs`).
     ``allow_partial``: accept weights the injector cannot quantize (the document's ``coverage`` says which)."""
     thresholds, rules = thresholds or Thresholds(), rules or Rules()
+    check_mode(attribution)
     if instability_runs is None:
         instability_runs = default_instability_runs(fmt)
-    injector = QuantInjector(model, fmt, point, allow_partial=allow_partial)
-    injector.select()  # refuses a partial scan before any work unless allow_partial
     started = time.perf_counter()
     result = scan.ScanResult()
     timings: dict[str, float] = {}
+    select = {"exclude": tuple(exclude), "allow_partial": allow_partial}
+    injector = QuantInjector(model, fmt, point, **select)
+    injector.select()  # refuses a partial scan before any work unless allow_partial
 
     def timed(name, fn, *args, **kw):
         t0 = time.perf_counter()
@@ -95,7 +109,7 @@ def scan_model(
         return out
 
     if "weight" in POINTS_SCANNED[point]:
-        timed("weight_scan", scan.weight_scan, model, fmt, result, allow_partial=allow_partial)
+        timed("weight_scan", scan.weight_scan, model, fmt, result, **select)
     timed(
         "activation_scan",
         scan.activation_scan,
@@ -107,11 +121,11 @@ def scan_model(
         result,
         batch_size=batch_size,
         progress=progress,
-        allow_partial=allow_partial,
+        **select,
     )
     probe = calibration[:instability_prompts]
     if gain:
-        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result, allow_partial=allow_partial)
+        timed("gain_scan", scan.gain_scan, model, tokenizer, probe, fmt, point, result, **select)
     if instability_runs:
         timed(
             "instability_scan",
@@ -123,12 +137,12 @@ def scan_model(
             point,
             result,
             runs=instability_runs,
-            allow_partial=allow_partial,
+            **select,
         )
     layers = ModelView(model).layer_names
     rows, screen = [], []
-    if attribution and evaluation:
-        flagged = [f.name for f in layer_findings(result, layers, thresholds, rules) if f.problematic]
+    if attribution != "none" and evaluation:
+        flagged = pointed_at(layer_findings(result, layers, thresholds, rules))
         rows, screen = timed(
             "loss_attribution",
             screened_attribution,
@@ -137,28 +151,34 @@ def scan_model(
             evaluation,
             fmt,
             point,
-            mode=attribution_mode,
+            mode=attribution,
             flagged=flagged,
             batch_size=batch_size,
             progress=progress,
-            allow_partial=allow_partial,
+            **select,
         )
     findings = layer_findings(result, layers, thresholds, rules, rows, screen)
-    rec = recommend(findings, fmt)
+    everything = next((r.delta_loss for r in rows if r.layer == "all"), None)
+    rec = recommend(findings, fmt, budget_bits=budget_bits, all_delta_loss=everything)
     verification = None
-    if do_verify and evaluation:
+    if do_verify and heldout:
+        if heldout_items is None:
+            heldout_items = range(len(evaluation), len(evaluation) + len(heldout))
+        quantized = selected_layers(model, QuantInjector(model, fmt, point, **select))
         verification = timed(
             "verify",
             verify,
             model,
             tokenizer,
-            evaluation,
+            heldout,
             fmt,
             point,
             rec,
-            layers,
+            quantized,
+            heldout_items=heldout_items,
+            draws=control_draws,
+            control_items=control_items,
             batch_size=batch_size,
-            allow_partial=allow_partial,
         )
     timings["total"] = time.perf_counter() - started
     return ScanDocument(
@@ -173,7 +193,7 @@ def scan_model(
         thresholds=thresholds.as_dict(),
         modules=_modules(result, layers),
         layers=[LayerReport.of(f) for f in findings],
-        attribution=[AttributionEntry.of(r) for r in rows],
+        attribution=[AttributionEntry.of(r, rules.negligible_delta) for r in rows],
         recommendation=RecommendationReport.of(rec, verification),
         timings_s=timings,
         screen=[ScreenEntry.of(r, {row.layer for row in rows}) for r in screen],

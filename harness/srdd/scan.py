@@ -2,9 +2,12 @@
 
 - weight scan: every target weight against its quantization;
 - activation scan: the input each Linear really quantizes under W16A4 (observed inside the
-  injector, padding excluded); each Linear's activation-aware output error ‖(W−Q(W))X‖/‖WX‖ when
-  weights are quantized; each decoder layer's output, reference vs quantized model, with the
-  kurtosis of both over real non-sink tokens and the massive activation (largest |h|, where);
+  injector, padding excluded); each Linear's activation-aware output error ‖(W−Q(W))X‖/‖WX‖ on its
+  reference input when weights are quantized; each decoder layer's output **locally** (only that
+  layer quantized, run on its reference input: the error the layer makes) and **cumulatively**
+  (the fully quantized model: the error it inherits plus its own, a plot of error growth, never
+  a verdict), reference vs quantized, with output SQNR and kurtosis over real non-sink tokens and
+  the massive activation (largest |h|, where);
 - gain scan: residual-branch gain ‖f(h+δ)−f(h)−δ‖/‖δ‖ of each decoder layer for a small seeded
   probe on real non-sink tokens, ref vs quantized;
 - instability scan: the spread of each decoder layer's output across R seeded runs.
@@ -78,7 +81,11 @@ class ScanResult:
     module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     module_formats: dict[str, str] = field(default_factory=dict)
     output_error: dict[str, OutputErrorStats] = field(default_factory=dict)  # per Linear
-    layer_outputs: dict[str, QuantErrorStats] = field(default_factory=dict)
+    weight_peak: dict[str, float] = field(default_factory=dict)  # per Linear: max |w| / RMS(w)
+    layer_outputs: dict[str, QuantErrorStats] = field(default_factory=dict)  # cumulative, non-sink tokens
+    local_outputs: dict[str, QuantErrorStats] = field(default_factory=dict)  # the layer alone, non-sink
+    local_kurtosis: dict[str, Moments] = field(default_factory=dict)
+    local_peak: dict[str, Peak] = field(default_factory=dict)
     kurtosis_ref: dict[str, Moments] = field(default_factory=dict)
     kurtosis_quant: dict[str, Moments] = field(default_factory=dict)
     peak_ref: dict[str, Peak] = field(default_factory=dict)
@@ -100,14 +107,19 @@ class ScanResult:
             self.floors.setdefault(name, {}).setdefault(kind, QuantErrorStats()).merge(floor)
 
 
-def weight_scan(model: nn.Module, fmt: str, result: ScanResult, *, allow_partial: bool = False) -> None:
-    """Every target weight, as (out, in), along its input dim against its quantization; fused
-    experts one expert at a time (``name[e]``), so a defect in one expert stands out."""
-    for weight, f in QuantInjector(model, fmt, "weight", allow_partial=allow_partial).select():
+def weight_scan(
+    model: nn.Module, fmt: str, result: ScanResult, *, exclude: Sequence[str] = (), allow_partial: bool = False
+) -> None:
+    """Every target weight, as (out, in), along its input dim against its quantization (``exclude``:
+    module globs left unquantized); fused experts one expert at a time (``name[e]``), so a defect in
+    one expert stands out."""
+    for weight, f in QuantInjector(model, fmt, "weight", exclude=exclude, allow_partial=allow_partial).select():
         w = weight.matrix().detach()
         for name, m in [(f"{weight.name}[{e}]", w[e]) for e in range(len(w))] if w.dim() == 3 else [(weight.name, w)]:
             result.add(name, "weight", m, fake_quantize(m, f), f, m.shape)
             result.module_shapes[name] = tuple(m.shape)
+            rms = float(m.float().pow(2).mean().sqrt())
+            result.weight_peak[name] = float(m.float().abs().max()) / rms if rms > 0 else math.nan
 
 
 @contextlib.contextmanager
@@ -147,25 +159,28 @@ def activation_scan(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    exclude: Sequence[str] = (),
     allow_partial: bool = False,
 ) -> None:
     """Reference and quantized forward passes batch by batch; Linear inputs are observed inside
     the injector (what it really quantizes), each Linear's output error measured on its reference
-    input when weights are quantized, decoder-layer outputs compared across the passes."""
+    input when weights are quantized, each decoder layer quantized alone on its recorded reference
+    input (local), and its output in the fully quantized model (cumulative)."""
     view = ModelView(model)
     layers = view.layers
     device = next(model.parameters()).device
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | bool] = {"observe": True}
 
     def observe(name: str, kind: str, x: torch.Tensor, q: torch.Tensor, f: str) -> None:
-        if kind == "input":
+        if kind == "input" and state["observe"]:
             keep = state["mask"]
             x, q = real_rows(x, keep), real_rows(q, keep)
             result.add(name, "input", x, q, f, (ACTIVATION_FLOOR_TOKENS, x.shape[-1]))
 
-    ref_out: dict[str, torch.Tensor] = {}
     quant_out: dict[str, torch.Tensor] = {}
-    injector = QuantInjector(model, fmt, point, seed=seed, observer=observe, allow_partial=allow_partial)
+    injector = QuantInjector(
+        model, fmt, point, seed=seed, observer=observe, exclude=exclude, allow_partial=allow_partial
+    )
     selected = injector.select()
     with injector:
         for weight, _ in selected:
@@ -177,19 +192,29 @@ def activation_scan(
         for input_ids, mask in batches:
             keep = mask.bool()
             state["mask"] = keep
-            with injector.paused(), _capture_layer_outputs(layers, ref_out), _output_errors(weights, keep, result):
-                view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            with injector.paused(), _output_errors(weights, keep, result):
+                record = record_layers(model, input_ids, mask)
+            ref_out = record.outputs
+            state["observe"] = False
+            local_out = {}
+            for name, layer in layers:
+                with injector.restricted(lambda m, p=name + ".": m.startswith(p)):
+                    local_out[name] = record.inputs[name].run(layer, record.inputs[name].hidden)
+            state["observe"] = True
             with _capture_layer_outputs(layers, quant_out):
                 view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)
             positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[keep]
             body = real_tokens(mask)
             for name, _ in layers:
-                r, q = ref_out[name][keep], quant_out[name][keep]
-                result.layer_outputs.setdefault(name, QuantErrorStats()).update(r, q)
-                result.kurtosis_ref.setdefault(name, Moments()).update(ref_out[name][body])
-                result.kurtosis_quant.setdefault(name, Moments()).update(quant_out[name][body])
-                result.peak_ref.setdefault(name, Peak()).update(r, positions)
-                result.peak_quant.setdefault(name, Peak()).update(q, positions)
+                r, q, loc = ref_out[name], quant_out[name], local_out[name]
+                result.layer_outputs.setdefault(name, QuantErrorStats()).update(r[body], q[body])
+                result.local_outputs.setdefault(name, QuantErrorStats()).update(r[body], loc[body])
+                result.kurtosis_ref.setdefault(name, Moments()).update(r[body])
+                result.kurtosis_quant.setdefault(name, Moments()).update(q[body])
+                result.local_kurtosis.setdefault(name, Moments()).update(loc[body])
+                result.peak_ref.setdefault(name, Peak()).update(r[keep], positions)
+                result.peak_quant.setdefault(name, Peak()).update(q[keep], positions)
+                result.local_peak.setdefault(name, Peak()).update(loc[keep], positions)
             result.prompts += len(input_ids)
             result.tokens += int(keep.sum())
 
@@ -229,6 +254,7 @@ def gain_scan(
     *,
     seed: int = 0,
     allow_partial: bool = False,
+    exclude: Sequence[str] = (),
 ) -> None:
     """Each decoder layer's residual-branch gain for a seeded probe at its real input (probe
     and RMS over real non-sink tokens, zero on the sink and on padding), reference vs quantized."""
@@ -237,7 +263,7 @@ def gain_scan(
     captured = record_layers(model, input_ids, mask).inputs
     keep = real_tokens(mask)
     probes = DeviceGenerators(seed)
-    with QuantInjector(model, fmt, point, seed=seed, allow_partial=allow_partial) as injector:
+    with QuantInjector(model, fmt, point, seed=seed, exclude=exclude, allow_partial=allow_partial) as injector:
         for name, layer in layers:
             hidden = captured[name].hidden
             rms = hidden[keep].pow(2).mean().sqrt()
@@ -334,6 +360,7 @@ def instability_scan(
     runs: int = 5,
     seed: int = 0,
     allow_partial: bool = False,
+    exclude: Sequence[str] = (),
 ) -> None:
     """Spread of each decoder layer's output across ``runs`` quantized runs with different seeds
     (each run re-quantizes from scratch): > 0 only for stochastic formats."""
@@ -346,7 +373,7 @@ def instability_scan(
     for r in range(runs):
         sink: dict[str, torch.Tensor] = {}
         with (
-            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), allow_partial=allow_partial),
+            QuantInjector(model, fmt, point, seed=seed + 1000 * (r + 1), exclude=exclude, allow_partial=allow_partial),
             _capture_layer_outputs(layers, sink),
         ):
             view.body(input_ids=input_ids, attention_mask=mask, use_cache=False)

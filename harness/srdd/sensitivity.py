@@ -24,8 +24,8 @@ quantized pass of each layer on its recorded input, and ``samples`` + 1 backward
 SmolLM2 (30 layers) 3.8 full loss passes with 1 draw, 4.5-5.0 with 2, 6.7 with 4 (CPU-time
 ratios, ``suites/bench/test_scan_speed.py``).  Agreement with the exact per-layer KL there (mxfp4
 weights, 32 items): Spearman 0.79-0.83 with 1 draw, 0.90 with 2 (top-5 overlap 4/5), 0.92 with 4;
-hence ``SAMPLES`` = 2, and the exact attribution stays the default (``DEFAULT_MODE``): the
-screen agrees well only at ~5 passes, not the ~3 hoped for.
+hence ``SAMPLES`` = 2.  The scan's default (``DEFAULT_MODE``) is the two-stage ``screen``: the
+screen only picks which layers get exact rows, and every verdict rests on those.
 
 The screen only ranks: the two-stage attribution (``screened_attribution``) runs the exact suffix
 attribution (``harness.srdd.attribution.loss_attribution``) on the ``top_k`` screened layers and
@@ -58,12 +58,12 @@ from harness.srdd.attribution import (
 )
 from harness.srdd.scan import record_layers
 
-ATTRIBUTION_MODES = ("exact", "screen")  # screen: Fisher screen + exact top-k; exact: every layer exactly
+# screen: Fisher screen + exact rows for its top-k and the layers a detector points at; exact: every
+# layer exactly; none: no attribution (no verdict from direct evidence; floor rules only)
+ATTRIBUTION_MODES = ("screen", "exact", "none")
 TOP_K = 5
-# sketch draws per item, and the default mode: the screen ranks layers like the exact attribution only
-# with several draws (docs/measurements/2026-11-26-attribution-cost.md)
-SAMPLES = 2
-DEFAULT_MODE = "exact"
+SAMPLES = 2  # sketch draws per item: Spearman vs exact KL 0.79 with 1, 0.90 with 2 (SmolLM2)
+DEFAULT_MODE = "screen"
 
 
 @dataclass
@@ -187,7 +187,9 @@ def screened_attribution(
     KL, of the ``flagged`` layers (those the detectors flagged) and of any with a non-finite
     estimate (so a NaN is reported from exact numbers)."""
     kw = dict(batch_size=batch_size, seed=seed, progress=progress, **select)
-    if check_mode(mode) == "exact":
+    if check_mode(mode) == "none":
+        return [], []
+    if mode == "exact":
         return loss_attribution(model, tokenizer, items, fmt, point, **kw), []
     screen = fisher_screen(model, tokenizer, items, fmt, point, samples=samples, **kw)
     nonfinite = {r.layer for r in screen if not np.isfinite([*r.kl_items, *r.first_order_items]).all()}

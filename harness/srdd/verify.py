@@ -1,13 +1,18 @@
-"""Verification of a recommendation against a control of seeded random proposals of the same size.
+"""Verification of a recommendation on held-out items against chance, with the draw as the unit.
 
-The proposal (its layers kept in BF16, or the milder format everywhere) is evaluated on the same
-items as the format as is, and so are ``draws`` seeded random proposals of the same size: the
-same number of random layers in BF16, or, for a format change, a random half of the layers in the
-milder format (a whole-model change has no same-size random twin; the half-model draws ask whether
-the change is needed everywhere).  Recovery = (loss_fmt − loss_proposed) / (loss_fmt − loss_ref),
-token-weighted; its 95 % CI and the CI of the proposal's per-item advantage over the control
-(control loss − proposed loss, averaged over draws) are bootstrapped over items.  The proposal is
-``confirmed`` only when its recovery is > 0 and the advantage CI lies above 0.
+The proposal (its layers kept in BF16, or the milder format everywhere) is measured on GSM8K items
+that did not choose it (the attribution's items choose, later test items verify), and so are
+``draws`` seeded random proposals of the same size: the same number of random layers in BF16, or,
+for a format change, a random half of the layers in the milder format (a whole-model change has no
+same-size random twin; the half-model draws ask whether the change is needed everywhere).
+Recovery = (loss_fmt − loss_proposed) / (loss_fmt − loss_ref), token-weighted, with its 95 %
+bootstrap CI over items beside it.  The question "does the rule pick better layers than chance"
+has the draw as its unit, so the test is a Monte Carlo rank test (Davison & Hinkley 1997, §4.2):
+``control_p = (1 + #draws whose recovery is at least the proposal's) / (draws + 1)``, exact under
+the null that the proposal is one more random draw; the proposal is ``confirmed`` only when its
+recovery is > 0 and ``control_p ≤ ALPHA``, which needs at least 19 draws.  The draws may be
+measured on the first ``control_items`` held-out items only (cheaper); the rank statistic then
+compares the proposal's recovery on those same items.
 """
 
 from __future__ import annotations
@@ -21,19 +26,20 @@ import numpy as np
 from torch import nn
 
 from harness.eval.loss import LossResult, answer_logprobs, evaluate_loss
-from harness.eval.stats import bootstrap_ci
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.srdd.criteria import Recommendation
 
-CONTROL_DRAWS = 5
+CONTROL_DRAWS = 19  # the fewest draws with which control_p can reach 0.05
+ALPHA = 0.05
 BOOTSTRAP = 2000
 
 
 @dataclass
 class Verification:
     proposal: str
-    items: int
+    items: int  # held-out items the proposal was measured on
+    heldout_items: list[int]  # their indices in the GSM8K test split
     reference_loss: float
     format_loss: float
     proposed_loss: float
@@ -41,11 +47,16 @@ class Verification:
     proposed_kl: float
     recovery: float
     recovery_ci: list[float]
+    predicted_recovery: float | None
+    budget_bits: float | None
+    bits_per_weight: float | None
     control: str
-    control_recovery: float
-    control_recoveries: list[float]
-    advantage: float
-    advantage_ci: list[float]
+    control_items: int  # the first this many held-out items measured the draws
+    control_recoveries: list[float]  # one per draw
+    control_recovery: float  # their mean
+    proposal_control_recovery: float  # the proposal's recovery on the control items: the rank statistic
+    rank: int  # 1 + draws strictly better than the proposal
+    control_p: float
     confirmed: bool
     verdict: str
 
@@ -69,18 +80,26 @@ def recovery_ci(ref, fmt, proposed, tokens, *, seed: int = 0) -> tuple[float, fl
     return float(lo), float(hi)
 
 
-def judge(rec_value: float, advantage_ci: tuple[float, float], control_recovery: float) -> tuple[bool, str]:
-    """``confirmed`` and the sentence that says why (or why not)."""
+def control_p(value: float, draws: Sequence[float]) -> float:
+    """``(1 + #draws at least as good as value) / (len(draws) + 1)``; a NaN draw or value counts
+    against the proposal."""
+    better = sum(not (math.isfinite(d) and math.isfinite(value)) or d >= value for d in draws)
+    return (1 + better) / (len(draws) + 1)
+
+
+def judge(rec_value: float, value: float, draws: Sequence[float], alpha: float = ALPHA) -> tuple[float, bool, str]:
+    """``(control_p, confirmed, the sentence that says why)`` for a proposal recovering
+    ``rec_value`` on the held-out items and ``value`` on the control items, against ``draws``."""
+    p = control_p(value, draws)
+    rank = 1 + sum(math.isfinite(d) and d > value for d in draws)
+    where = f"rank {rank} of {len(draws) + 1} among {len(draws)} random draws of the same size, control_p {p:.3f}"
     if not math.isfinite(rec_value) or rec_value <= 0:
-        return False, f"not confirmed: the proposal recovers {rec_value:.1%} of the loss increase (≤ 0)"
-    lo, hi = advantage_ci
-    if not lo > 0:
-        verdict, where = ("worse than", "lies below 0") if hi < 0 else ("no better than", "includes 0")
-        return False, (
-            f"not confirmed: {verdict} random proposals of the same size "
-            f"(control recovery {control_recovery:.1%}; advantage CI [{lo:+.4f}, {hi:+.4f}] {where})"
-        )
-    return True, f"confirmed: beats random proposals of the same size (control recovery {control_recovery:.1%})"
+        return p, False, f"not confirmed: the proposal recovers {rec_value:.1%} of the loss increase (≤ 0); {where}"
+    if p > alpha:
+        floor = 1 / (len(draws) + 1)
+        extra = f" (the smallest possible with {len(draws)} draws is {floor:.3f})" if floor > alpha else ""
+        return p, False, f"not confirmed: no better than chance ({where} > {alpha:g}{extra})"
+    return p, True, f"confirmed: better than chance ({where} ≤ {alpha:g})"
 
 
 def verify(
@@ -92,19 +111,25 @@ def verify(
     rec: Recommendation,
     layers: list[str],
     *,
+    heldout_items: Sequence[int] | None = None,
     draws: int = CONTROL_DRAWS,
+    control_items: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     allow_partial: bool = False,
 ) -> Verification | None:
-    """Evaluate the proposal of ``rec`` and its control on ``items`` (module docstring)."""
-    if rec.action == "no_action" or (rec.action == "reconsider_format" and rec.alternative_format is None):
+    """Measure the proposal of ``rec`` and ``draws`` random proposals on the held-out ``items``
+    (module docstring); ``heldout_items``: their indices in the test split, for the report."""
+    if not rec.bf16_layers and rec.action != "reconsider_format":
         return None
+    if rec.action == "reconsider_format" and rec.alternative_format is None:
+        return None
+    m = len(items) if control_items is None else min(control_items, len(items))
     unquantized = answer_logprobs(model, tokenizer, items, batch_size=batch_size)
 
-    def loss(overrides: dict[str, str | None]) -> LossResult:
+    def loss(overrides: dict[str, str | None], n: int) -> LossResult:
         with QuantInjector(model, fmt, point, seed=seed, overrides=overrides, allow_partial=allow_partial) as inj:
-            return evaluate_loss(model, tokenizer, items, inj, against=unquantized, batch_size=batch_size)
+            return evaluate_loss(model, tokenizer, items[:n], inj, against=unquantized[:n], batch_size=batch_size)
 
     rng = random.Random(seed)
     if rec.action == "reconsider_format":
@@ -118,21 +143,18 @@ def verify(
         proposal, chosen = f"{fmt} with {k} layers in BF16", {f"{layer}.*": None for layer in rec.bf16_layers}
         control = f"{fmt} with {k} random layers in BF16 ({draws} seeded draws)"
         controls = [{f"{layer}.*": None for layer in rng.sample(layers, k)} for _ in range(draws)]
-    as_is, proposed = loss({}), loss(chosen)
-    control_runs = [loss(c) for c in controls]
+    as_is, proposed = loss({}, len(items)), loss(chosen, len(items))
     tokens = np.asarray(as_is.n_tokens, dtype=float)
     ref, fmt_nll, prop = (np.asarray(x, dtype=float) for x in (as_is.reference_nll, as_is.nll, proposed.nll))
-    ctrl = np.mean([np.asarray(c.nll, dtype=float) for c in control_runs], axis=0)
     rec_value = recovery(ref, fmt_nll, prop, tokens)
-    control_recoveries = [recovery(ref, fmt_nll, np.asarray(c.nll, dtype=float), tokens) for c in control_runs]
-    advantage_items = (ctrl - prop) / tokens  # per-item mean NLL: control − proposal
-    adv_ci = bootstrap_ci(advantage_items)
-    control_recovery = float(np.mean(control_recoveries))
-    confirmed, verdict = judge(rec_value, adv_ci, control_recovery)
+    on_control = recovery(ref[:m], fmt_nll[:m], prop[:m], tokens[:m])
+    draws_rec = [recovery(ref[:m], fmt_nll[:m], np.asarray(loss(c, m).nll, dtype=float), tokens[:m]) for c in controls]
+    p, confirmed, verdict = judge(rec_value, on_control, draws_rec)
     s_fmt, s_prop = as_is.summary(), proposed.summary()
     return Verification(
         proposal=proposal,
         items=as_is.n,
+        heldout_items=list(heldout_items) if heldout_items is not None else list(range(len(items))),
         reference_loss=s_fmt["reference_loss"],
         format_loss=s_fmt["loss"],
         proposed_loss=s_prop["loss"],
@@ -140,11 +162,16 @@ def verify(
         proposed_kl=s_prop["kl"],
         recovery=rec_value,
         recovery_ci=list(recovery_ci(ref, fmt_nll, prop, tokens, seed=seed)),
+        predicted_recovery=rec.predicted_recovery,
+        budget_bits=rec.budget_bits,
+        bits_per_weight=rec.bits_per_weight,
         control=control,
-        control_recovery=control_recovery,
-        control_recoveries=control_recoveries,
-        advantage=float(advantage_items.mean()),
-        advantage_ci=list(adv_ci),
+        control_items=m,
+        control_recoveries=draws_rec,
+        control_recovery=float(np.mean(draws_rec)) if draws_rec else math.nan,
+        proposal_control_recovery=on_control,
+        rank=1 + sum(math.isfinite(d) and d > on_control for d in draws_rec),
+        control_p=p,
         confirmed=confirmed,
         verdict=verdict,
     )

@@ -10,6 +10,7 @@ import pytest
 
 from harness.eval.loss import evaluate_loss
 from harness.inject import QuantInjector
+from harness.modelview import ModelView
 from harness.srdd import scan
 from harness.srdd.attribution import loss_attribution, ranked
 from harness.srdd.sensitivity import TOP_K, fisher_screen
@@ -122,3 +123,42 @@ def test_screened_attribution_of_all_layers_costs_about_5_passes(model_under_tes
     assert len(screen) == layers and len(exact) == TOP_K + 1
     assert ratio <= 5.5, f"the screen of {layers} layers cost {ratio:.1f} full passes"
     assert total <= 5.5 + 3 + TOP_K, f"the two-stage attribution cost {total:.1f} full passes"
+
+
+@pytest.mark.mxfp4
+@pytest.mark.slow  # ~40 loss passes of 8 items here; run with make bench / -m bench
+def test_default_scan_attribution_and_verification_cost(
+    model_under_test, loss_items, calibration_items, metrics
+) -> None:
+    """What ``harness scan`` adds by default, in full loss passes of the same items measured in the
+    same run: the activation scan with its local pass (each layer quantized alone on its recorded
+    reference input: about one more stack pass), the two-stage attribution with exact rows for the
+    screen's top 5 and every layer a local detector points at, and the verification against 19
+    draws (the reference's log-probs once, then one quantized pass each for the format as is, the
+    proposal and every draw: 1 + 2 + 19 = 22, asserted within 10 % of it)."""
+    from harness.srdd.criteria import Recommendation, layer_findings, pointed_at
+    from harness.srdd.sensitivity import screened_attribution
+    from harness.srdd.verify import CONTROL_DRAWS, verify
+
+    model, tok = model_under_test.model, model_under_test.tokenizer
+    items, layers = loss_items[:8], ModelView(model).layer_names
+    one_pass = one_quantized_pass_s(model, tok, items)
+    result = scan.ScanResult()
+    scan.weight_scan(model, "mxfp4", result)
+    _, activation_s = timed(scan.activation_scan, model, tok, items, "mxfp4", "weight", result)
+    flagged = pointed_at(layer_findings(result, layers))
+    (rows, screen), attribution_s = timed(
+        screened_attribution, model, tok, items, "mxfp4", "weight", mode="screen", flagged=flagged
+    )
+    top = [r.layer for r in sorted(rows[1:], key=lambda r: -r.delta_loss)[:3]]
+    rec = Recommendation("mixed_precision", 0.1, top, [], None, "bench")
+    ver, verify_s = timed(verify, model, tok, items, "mxfp4", "weight", rec, layers)
+    passes = {
+        "activation_scan": activation_s / one_pass,
+        "attribution": attribution_s / one_pass,
+        "verification": verify_s / one_pass,
+    }
+    metrics.record(full_pass_s=one_pass, exact_rows=len(rows) - 1, pointed_at=len(flagged), **passes)
+    assert len(ver.control_recoveries) == CONTROL_DRAWS
+    assert passes["verification"] <= 1.1 * (1 + 2 + CONTROL_DRAWS)
+    assert passes["attribution"] <= 5.5 + 3 + len(set(flagged) | set(r.layer for r in screen[:5]))
