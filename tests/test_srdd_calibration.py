@@ -11,6 +11,8 @@ from srdd_models import ITEMS, PLANTED, gaussian_model, plant_outliers, scan
 
 from harness.srdd.criteria import Rules, log_outliers, outliers
 
+# 20 seeds x 6 cases of whole scans: ~10 min on 2 cores, so `slow` until the scans are cheaper
+pytestmark = pytest.mark.slow
 SEEDS = 20
 FORMATS = ["mxfp4", "nvfp4", "mxfp8_e4m3"]
 SMALL = {"hidden": 32, "intermediate": 64, "heads": 2}
