@@ -6,6 +6,7 @@ import pytest
 
 from harness.cli import build_parser, main
 from harness.formats import list_formats
+from harness.gsm8k import CALIBRATION_ITEMS
 
 
 def test_formats_lists_every_registered_format(capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,15 +207,22 @@ def test_recipes_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
 def test_eval_loss_takes_a_weight_format_a_recipe_and_a_static_input(tmp_path, capsys) -> None:
     """--weight-format F --point weight is W-only; --recipe names both sides and the document
     carries them; a static input format calibrates on the train split's items first."""
-    base = ["eval", "loss", "--model", "tiny-llama", "--items", "4", "--gsm8k-dir", _gsm8k(tmp_path), "--json"]
+    data = _gsm8k(tmp_path)
+    train = (tmp_path / "train.jsonl").read_text()
+    (tmp_path / "train.jsonl").write_text(train * (CALIBRATION_ITEMS // 4))  # the calibration prompts
+    base = ["eval", "loss", "--model", "tiny-llama", "--items", "4", "--gsm8k-dir", data, "--json"]
     assert main([*base, "--weight-format", "int4_g128", "--point", "weight"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["format"] == "w4a16-int4-g128" and doc["point"] == "weight" and doc["input_format"] is None
+    recipe = json.loads(capsys.readouterr().out)["recipe"]
+    assert recipe["format"] == "w4a16-int4-g128" and recipe["point"] == "weight" and recipe["input_format"] is None
     assert main([*base, "--recipe", "w8a8-fp8-static", "--transform", "hadamard"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["format"] == "w8a8-fp8-static+hadamard" and doc["input_format"] == "fp8_e4m3_tensor"
-    assert doc["point"] == "both" and doc["kl"] > 0
-    with pytest.raises(SystemExit, match="--weight-format and --recipe exclude each other"):
-        main([*base, "--weight-format", "int4_g128", "--recipe", "w4a4-nvfp4"])
-    with pytest.raises(SystemExit, match="name the formats"):
-        main(base)
+    recipe = doc["recipe"]
+    assert recipe["format"] == "w8a8-fp8-static+hadamard" and recipe["input_format"] == "fp8_e4m3_tensor"
+    assert recipe["point"] == "both" and doc["aggregate"]["kl"] > 0
+    for argv, message in (
+        ([*base, "--weight-format", "int4_g128", "--recipe", "w4a4-nvfp4"], "--weight-format and --recipe exclude"),
+        (base, "name the formats"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
