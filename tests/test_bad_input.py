@@ -58,7 +58,7 @@ RANGE = "is out of range (valid: an integer >= {})"
         ([*AQN, "--train-items", "0"], "argument --train-items: 0 " + RANGE.format(1)),
         ([*AQN, "--output", "aqn.json"], "error: --output aqn.json: the markdown goes there and the JSON beside it"),
         ([*AQN, "--seeds", "1"], "argument --seeds: 1 " + RANGE.format(2)),
-        ([*AQN, "--attribution", "missing.json"], "error: missing.json: not a scan JSON with an 'attribution' list"),
+        ([*AQN, "--attribution", "missing.json"], "error: missing.json: not a readable scan JSON"),
         ([*LOSS, "--device", "bogus"], "argument --device: unknown device 'bogus'; valid devices: cpu"),
         ([*LOSS, "--device", "cuda:99"], "argument --device: device 'cuda:99' is not available; valid devices: cpu"),
         (
@@ -66,7 +66,10 @@ RANGE = "is out of range (valid: an integer >= {})"
             "error: --attribution needs evaluation items: --eval-items is 0",
         ),
         ([*SCAN, "--instability-runs", "1"], "error: --instability-runs 1 gives no spread (valid: 0 to skip"),
-        ([*SCAN, "--attribution", "fast"], "argument --attribution: invalid choice: 'fast' (choose from 'exact'"),
+        (
+            [*SCAN, "--attribution", "fast"],
+            "argument --attribution: invalid choice: 'fast' (choose from 'screen', 'exact', 'none')",
+        ),
     ],
 )
 def test_counts_sizes_and_devices_are_checked_first(argv, message, tmp_path, capsys, no_model_load) -> None:
