@@ -14,7 +14,7 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
 import pytest
 
 def test_device(device, pytestconfig):
-    print("DEVICE", device, "MODEL", pytestconfig.getoption("--model"), pytestconfig.getoption("--update-baselines"))
+    print("DEVICE", device, "MODEL", pytestconfig.getoption("--harness-model"), pytestconfig.getoption("--harness-update-baselines"))
 
 @pytest.mark.gpu
 def test_needs_gpu():
@@ -29,20 +29,20 @@ def test_metric(metrics):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_gpu_without_cuda_is_a_usage_error(project: pytest.Pytester) -> None:
-    result = project.runpytest_subprocess("--gpu")
+    result = project.runpytest_subprocess("--harness-gpu")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--gpu was given but no CUDA device is visible*"])
+    result.stderr.fnmatch_lines(["*--harness-gpu was given but no CUDA device is visible*"])
 
 
 def test_defaults_run_on_cpu_and_skip_gpu_cases(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("-s", "-rs")
     result.assert_outcomes(passed=2, skipped=1)
-    result.stdout.fnmatch_lines(["*DEVICE cpu MODEL smollm2-135m False*", "*needs CUDA: run with --gpu*"])
+    result.stdout.fnmatch_lines(["*DEVICE cpu MODEL smollm2-135m False*", "*needs CUDA: run with --harness-gpu*"])
 
 
 def test_model_and_update_baselines_are_accepted(project: pytest.Pytester) -> None:
-    result = project.runpytest_subprocess("-s", "--model", "/models/qwen", "--update-baselines")
-    result.stdout.fnmatch_lines(["*MODEL /models/qwen True*"])
+    result = project.runpytest_subprocess("-s", "--harness-model", "tiny-llama", "--harness-update-baselines")
+    result.stdout.fnmatch_lines(["*MODEL tiny-llama True*"])
 
 
 def test_recorded_metrics_are_printed_as_a_table(project: pytest.Pytester) -> None:
