@@ -219,7 +219,13 @@ def test_outputs_that_are_not_harness_documents_are_refused_without_force(tmp_pa
     monkeypatch.setattr(harness.models, "load_model", load)
     assert main([*_with(_with(scan, "--output", config), "--report-dir", other_tool), "--force"]) == 0
     assert json.loads(config.read_text())["format"] == "mxfp8_e4m3"
-    assert sorted(p.name for p in other_tool.iterdir()) == ["deadzone.png", "results.json", "sqnr.png", "summary.md"]
+    assert sorted(p.name for p in other_tool.iterdir()) == [
+        "deadzone.png",
+        "output_sqnr.png",
+        "results.json",
+        "sqnr.png",
+        "summary.md",
+    ]
 
 
 def _with(argv: list[str], option: str, value: Path) -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 
 import harness.pytest_plugin
 from harness.baselines import cpu_fallback, read_baseline_file, write_baselines
+from harness.models import EMBEDDED, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 INI = "[pytest]\naddopts = -p no:cacheprovider -p harness.pytest_plugin\n"  # -p: a no-op where installed
@@ -79,7 +80,7 @@ def test_a_model_that_does_not_exist_is_one_usage_error_before_collection(pytest
     errors = [line for line in result.stderr.lines if line.startswith("ERROR")]
     assert errors == [
         "ERROR: --harness-model: model '/no/such/dir': no such directory; pass a local HF model directory or one "
-        "of: smollm2-135m, tiny-llama, tiny-qwen2"
+        f"of: {', '.join([*EMBEDDED, *TINY])}"
     ]
     assert "collected" not in result.stdout.str() and "Traceback" not in result.stderr.str()
 
