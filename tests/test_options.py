@@ -14,7 +14,8 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
 import pytest
 
 def test_device(device, pytestconfig):
-    print("DEVICE", device, "MODEL", pytestconfig.getoption("--harness-model"), pytestconfig.getoption("--harness-update-baselines"))
+    opt = pytestconfig.getoption
+    print("DEVICE", device, "MODEL", opt("--harness-model"), opt("--harness-update-baselines"))
 
 @pytest.mark.gpu
 def test_needs_gpu():
