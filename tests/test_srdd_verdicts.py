@@ -114,6 +114,25 @@ def test_recommend_is_order_invariant_and_keeps_the_top_k_by_exact_delta_loss() 
     assert wide.bf16_layers == ["model.layers.7", "model.layers.3", "model.layers.11", "model.layers.29"]
 
 
+def test_spread_harm_without_an_outlier_still_proposes_the_top_tenth_by_exact_delta_loss() -> None:
+    """No layer problematic, many harmful (CIs above the band; 7, 3, 11 cost most): the proposal is
+    the top 3 of 30 by exact Δloss, never the layer that lowers the loss, with no targeted AQN; all
+    layers inside the band (or no attribution) is ``no_action``."""
+    rows = findings()
+    for f in rows:
+        f.reasons = []
+    harmful = sum(f.label == Label.HARMFUL.value for f in rows)
+    rec = recommend(rows, "mxfp4", all_delta_loss=0.3)
+    assert rec.action == "spread_harm" and rec.problematic_share == 0.0 and rec.aqn_layers == []
+    assert rec.bf16_layers == ["model.layers.7", "model.layers.3", "model.layers.11"]
+    assert rec.predicted_recovery == pytest.approx((0.05 + 0.04 + 0.03) / 0.3)
+    assert f"{harmful} cost loss" in rec.reason and "mxfp6_e2m3 everywhere" in rec.reason
+    assert recommend(rows, "mxfp4", budget_bits=5.1).bf16_layers == ["model.layers.7", "model.layers.3"]
+    calm = [finding(i, 0.001, (-0.002, 0.004), 0.01) for i in range(30)]
+    assert recommend(calm, "mxfp4").action == "no_action"
+    assert recommend([LayerFinding(f.name, {}, []) for f in rows], "mxfp4").action == "no_action"
+
+
 def test_control_p_equals_its_definition() -> None:
     draws = [0.1, 0.3, 0.2, 0.25, 0.05]
     assert control_p(0.25, draws) == (1 + 2) / 6  # 0.3 and 0.25 are at least as good

@@ -32,10 +32,11 @@ show how error grows with depth and are reported as plots only.  Every problemat
 
 Decision framework (by the share of problematic layers): < 10 % of layers problematic -> ``mixed_precision``;
 10-30 % -> ``mixed_precision_and_aqn``; > 30 % -> ``reconsider_format`` (a milder format; AQN, if
-used, global); none -> ``no_action``.  Which layers stay in BF16 is decided by the exact attributed
-harm (``recommend``): the harmful layers in decreasing exact Δloss, greedily, as many as the
-framework says or as fit a bits-per-weight budget; a layer that is not ``harmful`` is never kept
-in BF16 nor targeted by AQN.
+used, global); none -> ``spread_harm`` when some layers are ``harmful`` (the cost is spread: the
+most harmful in BF16 is still proposed, and verified against chance), else ``no_action``.
+Which layers stay in BF16 is decided by the exact attributed harm (``recommend``): the harmful
+layers in decreasing exact Δloss, greedily, as many as the framework says or as fit a
+bits-per-weight budget; a layer that is not ``harmful`` is never kept in BF16 nor targeted by AQN.
 """
 
 from __future__ import annotations
@@ -492,6 +493,61 @@ def bits_per_weight(findings: Sequence[LayerFinding], fmt: str, bf16: Sequence[s
     return (kept * BF16_BITS + (total - kept) * get_format(fmt).bits_per_element) / total
 
 
+def _greedy(
+    findings: Sequence[LayerFinding], ranked: Sequence[LayerFinding], fmt: str, count: int, budget_bits: float | None
+) -> list[str]:
+    """The first ``count`` of ``ranked``, or with ``budget_bits`` as many (in rank order) as keep
+    the average bits per weight within it."""
+    if budget_bits is None:
+        return [f.name for f in ranked[:count]]
+    chosen: list[str] = []
+    for f in ranked:
+        fits = bits_per_weight(findings, fmt, [*chosen, f.name])
+        if fits is not None and fits <= budget_bits:
+            chosen.append(f.name)
+    return chosen
+
+
+def _predicted(findings: Sequence[LayerFinding], chosen: Sequence[str], all_delta_loss: float | None) -> float | None:
+    """Σ exact Δloss of the ``chosen`` layers / Δloss of all layers quantized (harms do not add
+    exactly: the verification measures it)."""
+    if not all_delta_loss or all_delta_loss <= 0:
+        return None
+    by_name = {f.name: f for f in findings}
+    return sum(by_name[c].metrics["attribution_delta_loss"] for c in chosen) / all_delta_loss
+
+
+def _spread_harm(
+    findings: Sequence[LayerFinding],
+    harmful: Sequence[LayerFinding],
+    fmt: str,
+    budget_bits: float | None,
+    all_delta_loss: float | None,
+) -> Recommendation:
+    """No layer stands out, yet some cost loss by direct evidence: the format's cost is spread.
+    The cheapest mitigation is still the top 10 % of layers (or the budget) by exact Δloss in
+    BF16; whether that beats keeping *random* layers in BF16 is the verification's question."""
+    n = len(findings)
+    chosen = _greedy(findings, harmful, fmt, max(1, math.ceil(0.1 * n)), budget_bits)
+    milder = milder_format(fmt)
+    reason = f"0/{n} layers problematic, but {len(harmful)} cost loss by exact Δloss (spread, none stands out): "
+    reason += f"BF16 for the {len(chosen)} most harmful" if chosen else "no harmful layer fits the budget"
+    if budget_bits is not None:
+        reason += f" within {budget_bits:g} bits per weight"
+    reason += f", if the gap matters ({milder or 'BF16'} everywhere is the other option)"
+    return Recommendation(
+        "spread_harm",
+        0.0,
+        chosen,
+        [],
+        None,
+        reason,
+        predicted_recovery=_predicted(findings, chosen, all_delta_loss),
+        bits_per_weight=bits_per_weight(findings, fmt, chosen),
+        budget_bits=budget_bits,
+    )
+
+
 def recommend(
     findings: Sequence[LayerFinding],
     fmt: str,
@@ -506,9 +562,12 @@ def recommend(
     bad = [f for f in findings if f.problematic]
     share = len(bad) / len(findings) if findings else 0.0
     attributed = any(f.label is not None for f in findings)
-    if not bad:
-        return Recommendation("no_action", 0.0, [], [], None, f"no layer is worse than expected under {fmt}")
     n = len(findings)
+    if not bad:
+        spread = _ranked(findings, True) if attributed else []
+        if not spread:
+            return Recommendation("no_action", 0.0, [], [], None, f"no layer is worse than expected under {fmt}")
+        return _spread_harm(findings, spread, fmt, budget_bits, all_delta_loss)
     if share > 0.30:
         alternative = milder_format(fmt)
         return Recommendation(
@@ -522,23 +581,13 @@ def recommend(
     ranked = _ranked(findings, attributed)
     action = "mixed_precision" if share < 0.10 else "mixed_precision_and_aqn"
     count = len(bad) if action == "mixed_precision" else max(1, math.ceil(0.1 * n))
-    if budget_bits is None:
-        chosen = [f.name for f in ranked[:count]]
-    else:
-        chosen = []
-        for f in ranked:
-            fits = bits_per_weight(findings, fmt, [*chosen, f.name])
-            if fits is not None and fits <= budget_bits:
-                chosen.append(f.name)
+    chosen = _greedy(findings, ranked, fmt, count, budget_bits)
     if attributed:  # targeted AQN only where the direct evidence says harmful
         aqn = [f.name for f in ranked if f.problematic and f.name not in chosen]
     else:
         aqn = [f.name for f in ranked if f.name not in chosen]
     aqn = aqn if action == "mixed_precision_and_aqn" else []
-    predicted = None
-    if attributed and all_delta_loss and all_delta_loss > 0:
-        by_name = {f.name: f for f in findings}
-        predicted = sum(by_name[c].metrics["attribution_delta_loss"] for c in chosen) / all_delta_loss
+    predicted = _predicted(findings, chosen, all_delta_loss) if attributed else None
     what = "harmful by exact Δloss" if attributed else "most reasons (no attribution)"
     reason = f"{len(bad)}/{n} layers problematic ({'< 10 %' if action == 'mixed_precision' else '10-30 %'}): "
     reason += (
