@@ -455,3 +455,167 @@ void fake_quantize_tiles(const void *x, void *out, const params_t *p) { run_tile
 void quantize_tiles(const void *x, uint8_t *codes, uint8_t *scale_codes, const params_t *p) {
     run_tiles(x, NULL, codes, scale_codes, p);
 }
+
+/* ---- real-valued (amax) scales: harness/formats/affine.py, on the same build. Two passes.
+ * affine_stats: per group (a tile_rows x tile_cols tile of the row-major (n_mats, n_rows, row_len)
+ * tensor) min x and max x, exact in fp32, from integer min/max of an order-preserving key of the
+ * bits (vectorizes; NaN sorts beyond +-Inf, so a group holding NaN or Inf has a non-finite min or
+ * max). fast_affine.py computes the scales from these two values with affine.qparams itself (the
+ * reference's own ops), then affine_tiles applies them, per element, with the group's operand m,
+ * zero point z (0 without one) and scale s, as affine.quantize_groups / dequantize_groups:
+ *   v = round_v(x / m) or round_v(x * m) (fp32, rounded to torch's promoted dtype: v_dtype);
+ *       NaN -> 0 (nan_to_zero: vLLM's nan_to_num); v = round_v(v + z) (add_zero)
+ *   integer: q = rint(clamp(v, qmin, qmax)) + 0 (ties to even, no -0); E4M3: clamp(v, -max, max)
+ *            rounded onto the grid to nearest even
+ *   out = round_x(clamp(round_s((q - z) * s), -out_max, out_max)); groups not finite: NaN ---- */
+typedef struct {
+    int64_t n_mats, n_rows, row_len, tile_rows, tile_cols;
+    int32_t dtype, n_threads;
+    int32_t divide, v_dtype, add_zero, nan_to_zero, integer, s_dtype; /* affine_tiles only */
+    float qmin, qmax; /* integer: the code range; E4M3: -max, max */
+    int32_t emin, mbits;
+    float out_max; /* the largest finite value of dtype */
+} affine_params_t;
+
+static inline float round_to(float v, int dtype) {
+    if (dtype == 1) return bf16_to_float(float_to_bf16(v));
+    if (dtype == 2) return fp16_to_float(float_to_fp16(v));
+    return v;
+}
+static inline int32_t order_key(float v) { /* signed-integer order of the floats, -0 < +0 */
+    int32_t b = (int32_t)bits_of(v);
+    return b ^ ((b >> 31) & 0x7FFFFFFF);
+}
+static inline float key_float(int32_t k) { return float_of((uint32_t)(k ^ ((k >> 31) & 0x7FFFFFFF))); }
+
+typedef struct {
+    const void *x;
+    void *out;
+    float *stats;
+    const float *mult, *zero, *scale;
+    const uint8_t *finite;
+    const affine_params_t *p;
+    int64_t begin, end; /* strips (stats) or rows (tiles) */
+} affine_range_t;
+
+static inline __attribute__((always_inline)) void stats_range(const affine_range_t *r, const int DTYPE) {
+    const affine_params_t *p = r->p;
+    const int64_t TR = p->tile_rows, TC = p->tile_cols, rl = p->row_len;
+    const int64_t tiles_c = (rl + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
+    for (int64_t strip = r->begin; strip < r->end; ++strip) {
+        const int64_t r0 = (strip % tiles_r) * TR, rows = p->n_rows - r0 < TR ? p->n_rows - r0 : TR;
+        const int64_t base = ((strip / tiles_r) * p->n_rows + r0) * rl;
+        float *st = r->stats + 2 * strip * tiles_c;
+        for (int64_t tc = 0; tc < tiles_c; ++tc) {
+            const int64_t c0 = tc * TC, cols = rl - c0 < TC ? rl - c0 : TC;
+            int32_t lo = INT32_MAX, hi = INT32_MIN;
+            for (int64_t i = 0; i < rows; ++i) {
+                const int64_t at = base + i * rl + c0;
+                for (int64_t c = 0; c < cols; ++c) {
+                    const int32_t k = order_key(load(r->x, DTYPE, at + c));
+                    lo = k < lo ? k : lo;
+                    hi = k > hi ? k : hi;
+                }
+            }
+            st[2 * tc] = key_float(lo);
+            st[2 * tc + 1] = key_float(hi);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) float affine_value(float x, float m, float z, float s,
+                                                               const affine_params_t *p, const int INTEGER,
+                                                               const int DIVIDE) {
+    float v = round_to(DIVIDE ? x / m : x * m, p->v_dtype);
+    if (p->nan_to_zero) v = v != v ? 0.0f : v;
+    if (p->add_zero) v = round_to(v + z, p->v_dtype);
+    v = v < p->qmin ? p->qmin : (v > p->qmax ? p->qmax : v);
+    float q;
+    if (INTEGER) { /* |v| <= 128: (|v| + 2^23) - 2^23 is rint, ties to even */
+        const float a = float_of(bits_of(v) & 0x7FFFFFFFu);
+        q = float_of(bits_of((a + 8388608.0f) - 8388608.0f) | (bits_of(v) & 0x80000000u)) + 0.0f;
+    } else {
+        float step, t = grid_t(v, p->emin, p->mbits, &step);
+        q = finish((t + 8388608.0f) - 8388608.0f, step, p->qmax, v, 1.0f);
+    }
+    const float d = round_to((q - z) * s, p->s_dtype);
+    return d < -p->out_max ? -p->out_max : (d > p->out_max ? p->out_max : d);
+}
+
+static inline __attribute__((always_inline)) void tiles_range(const affine_range_t *r, const int DTYPE,
+                                                             const int INTEGER, const int DIVIDE) {
+    const affine_params_t *p = r->p;
+    const int64_t TR = p->tile_rows, TC = p->tile_cols, rl = p->row_len;
+    const int64_t tiles_c = (rl + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
+    for (int64_t row = r->begin; row < r->end; ++row) {
+        const int64_t g0 = ((row / p->n_rows) * tiles_r + (row % p->n_rows) / TR) * tiles_c;
+        for (int64_t tc = 0; tc < tiles_c; ++tc) {
+            const int64_t g = g0 + tc, at = row * rl + tc * TC, cols = rl - tc * TC < TC ? rl - tc * TC : TC;
+            if (!r->finite[g]) {
+                for (int64_t c = 0; c < cols; ++c) store_nan(r->out, DTYPE, at + c);
+                continue;
+            }
+            const float m = r->mult[g], z = r->zero[g], s = r->scale[g];
+            for (int64_t c = 0; c < cols; ++c)
+                store(r->out, DTYPE, at + c, affine_value(load(r->x, DTYPE, at + c), m, z, s, p, INTEGER, DIVIDE));
+        }
+    }
+}
+
+#define AFFINE_BY_DTYPE(CALL, ...)                                                                 \
+    switch (r->p->dtype) {                                                                         \
+    case 0: CALL(r, 0, ##__VA_ARGS__); break;                                                      \
+    case 1: CALL(r, 1, ##__VA_ARGS__); break;                                                      \
+    default: CALL(r, 2, ##__VA_ARGS__); break;                                                     \
+    }
+
+static void *affine_stats_main(void *arg) {
+    const affine_range_t *r = (const affine_range_t *)arg;
+    AFFINE_BY_DTYPE(stats_range)
+    return NULL;
+}
+static void *affine_tiles_main(void *arg) {
+    const affine_range_t *r = (const affine_range_t *)arg;
+    const int integer = r->p->integer, divide = r->p->divide;
+    if (integer && divide) { AFFINE_BY_DTYPE(tiles_range, 1, 1) }
+    else if (integer) { AFFINE_BY_DTYPE(tiles_range, 1, 0) }
+    else if (divide) { AFFINE_BY_DTYPE(tiles_range, 0, 1) }
+    else { AFFINE_BY_DTYPE(tiles_range, 0, 0) }
+    return NULL;
+}
+
+/* `n_items` (strips or rows) of `per_item` elements each, split over up to n_threads threads */
+static void affine_run(affine_range_t proto, int64_t n_items, int64_t per_item, void *(*main_fn)(void *)) {
+    int64_t n = n_items * per_item / MIN_ELEMENTS_PER_THREAD;
+    n = n < proto.p->n_threads ? n : proto.p->n_threads;
+    n = n < n_items ? n : n_items;
+    n = n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+    affine_range_t ranges[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 0; i < n; ++i) {
+        ranges[i] = proto;
+        ranges[i].begin = n_items * i / n;
+        ranges[i].end = n_items * (i + 1) / n;
+    }
+    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, main_fn, &ranges[i]) == 0;
+    main_fn(&ranges[0]);
+    for (int64_t i = 1; i < n; ++i) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else main_fn(&ranges[i]);
+    }
+}
+
+/* stats: (min, max) of every group, group after group (strip after strip, tiles along the row) */
+void affine_stats(const void *x, float *stats, const affine_params_t *p) {
+    affine_range_t proto = {x, NULL, stats, NULL, NULL, NULL, NULL, p, 0, 0};
+    const int64_t strips = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows);
+    affine_run(proto, strips, p->tile_rows * p->row_len, affine_stats_main);
+}
+
+/* fake quantization with the groups' operands, zero points, scales and finiteness */
+void affine_tiles(const void *x, void *out, const float *mult, const float *zero, const float *scale,
+                  const uint8_t *finite, const affine_params_t *p) {
+    affine_range_t proto = {x, out, NULL, mult, zero, scale, finite, p, 0, 0};
+    affine_run(proto, p->n_mats * p->n_rows, p->row_len, affine_tiles_main);
+}

@@ -1,0 +1,124 @@
+"""The C fast path of the real-valued-scale formats (:mod:`harness.formats.affine`: FP8 E4M3 and
+INT8 / INT4, per tensor, row, 1x128 group or 128x128 tile, UE8M0 or real scales, symmetric or
+with a zero point), bit-identical to the reference path, on CPU tensors (fp32, bf16, fp16).
+
+Two passes over ``x`` in the C kernel's build (``fast_kernel.c``, :mod:`harness.formats.fast`):
+``affine_stats`` writes each group's min and max (exact), from which the scales are computed
+by :func:`harness.formats.affine.qparams` itself, on a ``(groups, 2)`` tensor holding those two
+values in the input dtype (its ``amax`` of ``|.|``, ``amin`` and ``amax`` are the group's), so
+the scales are the reference's by construction; then ``affine_tiles`` quantizes and dequantizes
+every element with its group's operand, zero point and scale in the dtypes the reference
+computes in (``fast_kernel.c`` says how), writing NaN for groups holding NaN or Inf.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from harness.formats import affine
+from harness.formats.registry import Format
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class AffineParams(ctypes.Structure):
+    _fields_ = [
+        ("n_mats", ctypes.c_int64), ("n_rows", ctypes.c_int64), ("row_len", ctypes.c_int64),
+        ("tile_rows", ctypes.c_int64), ("tile_cols", ctypes.c_int64),
+        ("dtype", ctypes.c_int32), ("n_threads", ctypes.c_int32),
+        ("divide", ctypes.c_int32), ("v_dtype", ctypes.c_int32), ("add_zero", ctypes.c_int32),
+        ("nan_to_zero", ctypes.c_int32), ("integer", ctypes.c_int32), ("s_dtype", ctypes.c_int32),
+        ("qmin", ctypes.c_float), ("qmax", ctypes.c_float), ("emin", ctypes.c_int32), ("mbits", ctypes.c_int32),
+        ("out_max", ctypes.c_float),
+    ]  # fmt: skip
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Type the affine entry points of a loaded kernel build."""
+    lib.affine_stats.restype = None
+    lib.affine_stats.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(AffineParams)]
+    lib.affine_tiles.restype = None
+    lib.affine_tiles.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(AffineParams)]
+
+
+def supports(fmt: Format, x: torch.Tensor) -> str:
+    """Empty when the affine C kernel takes ``fmt`` on ``x``, else why not."""
+    if x.device.type != "cpu":
+        return f"{fmt.name}: real-valued ({fmt.grouping}) scales have a fast kernel on CPU only"
+    if x.dtype not in DTYPE_CODES:
+        return f"{fmt.name}: no fast kernel for {x.dtype}"
+    return ""
+
+
+def _layout(x: torch.Tensor, fmt: Format, axis: int) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, int]]:
+    """``x`` as the kernel reads it (contiguous, groups along the last dim; tiles: the last two
+    dims; the tensor: its rows), ``(n_mats, n_rows, row_len)`` and the quantization tile."""
+    if fmt.grouping == "tile":
+        src = x.detach().contiguous()
+        n_rows, row_len = src.shape[-2:]
+        return src, (src.numel() // (n_rows * row_len), n_rows, row_len), fmt.block_shape
+    src = x.detach()
+    if x.dim() == 1:
+        src = src.reshape(1, -1)
+    elif fmt.grouping != "tensor":
+        src = src.movedim(axis, -1)
+    src = src.contiguous()
+    row_len = src.shape[-1]
+    n_rows = src.numel() // row_len
+    if fmt.grouping == "tensor":
+        return src, (1, n_rows, row_len), (n_rows, row_len)
+    return src, (1, n_rows, row_len), (1, row_len if fmt.grouping == "row" else fmt.block_shape[0])
+
+
+def _params(x: torch.Tensor, fmt: Format, dims: tuple[int, ...], tile: tuple[int, int], **codes) -> AffineParams:
+    elem = fmt.element
+    integer = isinstance(elem, affine.IntElement)
+    qmin, qmax = (elem.qmin, elem.qmax) if integer else (-elem.max_value, elem.max_value)
+    return AffineParams(
+        *dims, *tile, DTYPE_CODES[x.dtype], torch.get_num_threads(), codes.get("divide", 0),
+        codes.get("v_dtype", 0), codes.get("add_zero", 0), codes.get("nan_to_zero", 0), int(integer),
+        codes.get("s_dtype", 0), qmin, qmax, 0 if integer else elem.emin, 0 if integer else elem.mbits,
+        torch.finfo(x.dtype).max,
+    )  # fmt: skip
+
+
+def fake_quantize_affine(
+    x: torch.Tensor, fmt: Format, axis: int, amax: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """``fake_quantize`` of a validated non-empty CPU input in real-valued-scale format ``fmt``
+    (``amax``: a calibrated per-tensor range) on the C kernel ``lib`` (default this machine's
+    cached build; the caller checked :func:`supports` and :func:`harness.formats.fast.unavailable_reason`)."""
+    if lib is None:
+        from harness.formats.fast import _build
+
+        lib = _build()[0]
+    src, dims, tile = _layout(x, fmt, axis)
+    stats_tile = (1, dims[2]) if fmt.grouping == "tensor" else tile
+    n_groups = dims[0] * -(-dims[1] // stats_tile[0]) * -(-dims[2] // stats_tile[1])
+    stats = torch.empty((n_groups, 2), dtype=torch.float32)
+    lib.affine_stats(src.data_ptr(), stats.data_ptr(), ctypes.byref(_params(src, fmt, dims, stats_tile)))
+    if fmt.grouping == "tensor":
+        stats = torch.stack((stats[:, 0].amin(), stats[:, 1].amax())).reshape(1, 2)
+    finite = torch.isfinite(stats).all(-1)
+    s, zp, top = affine.qparams(stats.to(src.dtype), fmt.element, fmt.scale, amax)
+    operand, divide = affine.operand(s, top, fmt.scale)
+    v_dtype = torch.promote_types(src.dtype, operand.dtype)
+    zero = torch.zeros_like(s, dtype=torch.float32) if zp is None else zp.float()
+    codes = {
+        "divide": int(divide),
+        "v_dtype": DTYPE_CODES[v_dtype],
+        "add_zero": int(zp is not None or fmt.scale.adds_zero),
+        "nan_to_zero": int(fmt.scale.apply == "inverse_amax"),
+        "s_dtype": DTYPE_CODES[s.dtype],
+    }
+    out = torch.empty_like(src)
+    group_arrays = [t.float().contiguous() for t in (operand, zero, s)]
+    lib.affine_tiles(
+        src.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in group_arrays), finite.data_ptr(),
+        ctypes.byref(_params(src, fmt, dims, tile, **codes)),
+    )  # fmt: skip
+    if fmt.grouping in ("tile", "tensor"):
+        return out.reshape(x.shape)
+    return (out.reshape(x.shape) if x.dim() == 1 else out.movedim(-1, axis)).contiguous()
