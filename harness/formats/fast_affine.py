@@ -28,8 +28,8 @@ class AffineParams(ctypes.Structure):
         ("n_mats", ctypes.c_int64), ("n_rows", ctypes.c_int64), ("row_len", ctypes.c_int64),
         ("tile_rows", ctypes.c_int64), ("tile_cols", ctypes.c_int64),
         ("dtype", ctypes.c_int32), ("n_threads", ctypes.c_int32),
-        ("divide", ctypes.c_int32), ("v_dtype", ctypes.c_int32), ("add_zero", ctypes.c_int32),
-        ("nan_to_zero", ctypes.c_int32), ("integer", ctypes.c_int32), ("s_dtype", ctypes.c_int32),
+        ("divide", ctypes.c_int32), ("narrow", ctypes.c_int32), ("nan_to_zero", ctypes.c_int32),
+        ("integer", ctypes.c_int32),
         ("qmin", ctypes.c_float), ("qmax", ctypes.c_float), ("emin", ctypes.c_int32), ("mbits", ctypes.c_int32),
         ("out_max", ctypes.c_float),
     ]  # fmt: skip
@@ -49,7 +49,20 @@ def supports(fmt: Format, x: torch.Tensor) -> str:
         return f"{fmt.name}: real-valued ({fmt.grouping}) scales have a fast kernel on CPU only"
     if x.dtype not in DTYPE_CODES:
         return f"{fmt.name}: no fast kernel for {x.dtype}"
+    if _narrow(fmt, x.dtype) is None:
+        return f"{fmt.name}: the C kernel computes in fp32 or in the input dtype, not in mixed ones"
     return ""
+
+
+def _narrow(fmt: Format, dtype: torch.dtype) -> bool | None:
+    """True where ``x / scale`` (or ``x * operand``) and the dequantization are in ``dtype``,
+    False where both are fp32 (torch's type promotion of ``dtype`` and the scale's storage
+    dtype), None otherwise (no kernel)."""
+    store = dtype if fmt.scale.storage_dtype == "input" else torch.float32
+    operand = torch.float32 if fmt.scale.apply == "inverse_amax" else store
+    if torch.promote_types(dtype, operand) == dtype == store:
+        return True
+    return None if torch.float32 not in (operand, store) or store != torch.float32 else False
 
 
 def _layout(x: torch.Tensor, fmt: Format, axis: int) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, int]]:
@@ -78,8 +91,8 @@ def _params(x: torch.Tensor, fmt: Format, dims: tuple[int, ...], tile: tuple[int
     qmin, qmax = (elem.qmin, elem.qmax) if integer else (-elem.max_value, elem.max_value)
     return AffineParams(
         *dims, *tile, DTYPE_CODES[x.dtype], torch.get_num_threads(), codes.get("divide", 0),
-        codes.get("v_dtype", 0), codes.get("add_zero", 0), codes.get("nan_to_zero", 0), int(integer),
-        codes.get("s_dtype", 0), qmin, qmax, 0 if integer else elem.emin, 0 if integer else elem.mbits,
+        codes.get("narrow", 0), codes.get("nan_to_zero", 0), int(integer),
+        qmin, qmax, 0 if integer else elem.emin, 0 if integer else elem.mbits,
         torch.finfo(x.dtype).max,
     )  # fmt: skip
 
@@ -104,15 +117,12 @@ def fake_quantize_affine(
     finite = torch.isfinite(stats).all(-1)
     s, zp, top = affine.qparams(stats.to(src.dtype), fmt.element, fmt.scale, amax)
     operand, divide = affine.operand(s, top, fmt.scale)
-    v_dtype = torch.promote_types(src.dtype, operand.dtype)
-    zero = torch.zeros_like(s, dtype=torch.float32) if zp is None else zp.float()
-    codes = {
-        "divide": int(divide),
-        "v_dtype": DTYPE_CODES[v_dtype],
-        "add_zero": int(zp is not None or fmt.scale.adds_zero),
-        "nan_to_zero": int(fmt.scale.apply == "inverse_amax"),
-        "s_dtype": DTYPE_CODES[s.dtype],
-    }
+    narrow = _narrow(fmt, src.dtype)
+    if zp is not None:
+        zero = zp.float()
+    else:  # -0 is the identity of v + z; +0 turns a -0 quotient into +0, as the library's added zero point
+        zero = torch.full_like(s, 0.0 if fmt.scale.adds_zero else -0.0, dtype=torch.float32)
+    codes = {"divide": int(divide), "narrow": int(narrow), "nan_to_zero": int(fmt.scale.apply == "inverse_amax")}
     out = torch.empty_like(src)
     group_arrays = [t.float().contiguous() for t in (operand, zero, s)]
     lib.affine_tiles(

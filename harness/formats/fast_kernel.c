@@ -463,15 +463,16 @@ void quantize_tiles(const void *x, uint8_t *codes, uint8_t *scale_codes, const p
  * max). fast_affine.py computes the scales from these two values with affine.qparams itself (the
  * reference's own ops), then affine_tiles applies them, per element, with the group's operand m,
  * zero point z (0 without one) and scale s, as affine.quantize_groups / dequantize_groups:
- *   v = round_v(x / m) or round_v(x * m) (fp32, rounded to torch's promoted dtype: v_dtype);
- *       NaN -> 0 (nan_to_zero: vLLM's nan_to_num); v = round_v(v + z) (add_zero)
+ *   v = round_v(x / m) or round_v(x * m) (fp32, rounded to torch's promoted dtype: x's when
+ *       narrow, which is also the scale's, else fp32); NaN -> 0 (nan_to_zero: vLLM's nan_to_num);
+ *       v = round_v(v + z)
  *   integer: q = rint(clamp(v, qmin, qmax)) + 0 (ties to even, no -0); E4M3: clamp(v, -max, max)
  *            rounded onto the grid to nearest even
  *   out = round_x(clamp(round_s((q - z) * s), -out_max, out_max)); groups not finite: NaN ---- */
 typedef struct {
     int64_t n_mats, n_rows, row_len, tile_rows, tile_cols;
     int32_t dtype, n_threads;
-    int32_t divide, v_dtype, add_zero, nan_to_zero, integer, s_dtype; /* affine_tiles only */
+    int32_t divide, narrow, nan_to_zero, integer; /* affine_tiles only */
     float qmin, qmax; /* integer: the code range; E4M3: -max, max */
     int32_t emin, mbits;
     float out_max; /* the largest finite value of dtype */
@@ -523,28 +524,38 @@ static inline __attribute__((always_inline)) void stats_range(const affine_range
     }
 }
 
-static inline __attribute__((always_inline)) float affine_value(float x, float m, float z, float s,
-                                                               const affine_params_t *p, const int INTEGER,
-                                                               const int DIVIDE) {
-    float v = round_to(DIVIDE ? x / m : x * m, p->v_dtype);
-    if (p->nan_to_zero) v = v != v ? 0.0f : v;
-    if (p->add_zero) v = round_to(v + z, p->v_dtype);
-    v = v < p->qmin ? p->qmin : (v > p->qmax ? p->qmax : v);
+/* NARROW: x / m, v + z and (q - z) * s are rounded to x's dtype (else all fp32); z is -0 for
+ * formats without a zero point (v + -0 is v), +0 where they add one of 0 (-0 + +0 = +0) */
+static inline __attribute__((always_inline)) float affine_value(float x, float m, float z, float zd, float s,
+                                                               int nan_to_zero, float qmin, float qmax,
+                                                               float out_max, const affine_params_t *p,
+                                                               const int DTYPE, const int INTEGER,
+                                                               const int DIVIDE, const int NARROW) {
+    const int vd = NARROW ? DTYPE : 0;
+    float v = round_to(DIVIDE ? x / m : x * m, vd);
+    { /* NaN -> +0 by masking its bits (a select on a float compare does not vectorize here) */
+        const uint32_t b = bits_of(v), nan = (uint32_t)nan_to_zero & ((b & 0x7FFFFFFFu) > 0x7F800000u);
+        v = float_of(b & (nan - 1u));
+    }
+    v = round_to(v + z, vd);
+    v = v < qmin ? qmin : (v > qmax ? qmax : v);
     float q;
     if (INTEGER) { /* |v| <= 128: (|v| + 2^23) - 2^23 is rint, ties to even */
         const float a = float_of(bits_of(v) & 0x7FFFFFFFu);
         q = float_of(bits_of((a + 8388608.0f) - 8388608.0f) | (bits_of(v) & 0x80000000u)) + 0.0f;
     } else {
         float step, t = grid_t(v, p->emin, p->mbits, &step);
-        q = finish((t + 8388608.0f) - 8388608.0f, step, p->qmax, v, 1.0f);
+        q = finish((t + 8388608.0f) - 8388608.0f, step, qmax, v, 1.0f);
     }
-    const float d = round_to((q - z) * s, p->s_dtype);
-    return d < -p->out_max ? -p->out_max : (d > p->out_max ? p->out_max : d);
+    const float d = round_to((q - zd) * s, vd);
+    return d < -out_max ? -out_max : (d > out_max ? out_max : d);
 }
 
 static inline __attribute__((always_inline)) void tiles_range(const affine_range_t *r, const int DTYPE,
-                                                             const int INTEGER, const int DIVIDE) {
+                                                             const int INTEGER, const int DIVIDE, const int NARROW) {
     const affine_params_t *p = r->p;
+    const int nan_to_zero = p->nan_to_zero;
+    const float qmin = p->qmin, qmax = p->qmax, out_max = p->out_max;
     const int64_t TR = p->tile_rows, TC = p->tile_cols, rl = p->row_len;
     const int64_t tiles_c = (rl + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
     for (int64_t row = r->begin; row < r->end; ++row) {
@@ -555,9 +566,11 @@ static inline __attribute__((always_inline)) void tiles_range(const affine_range
                 for (int64_t c = 0; c < cols; ++c) store_nan(r->out, DTYPE, at + c);
                 continue;
             }
-            const float m = r->mult[g], z = r->zero[g], s = r->scale[g];
+            const float m = r->mult[g], z = r->zero[g], zd = z + 0.0f, s = r->scale[g];
             for (int64_t c = 0; c < cols; ++c)
-                store(r->out, DTYPE, at + c, affine_value(load(r->x, DTYPE, at + c), m, z, s, p, INTEGER, DIVIDE));
+                store(r->out, DTYPE, at + c,
+                      affine_value(load(r->x, DTYPE, at + c), m, z, zd, s, nan_to_zero, qmin, qmax, out_max, p,
+                                   DTYPE, INTEGER, DIVIDE, NARROW));
         }
     }
 }
@@ -576,11 +589,16 @@ static void *affine_stats_main(void *arg) {
 }
 static void *affine_tiles_main(void *arg) {
     const affine_range_t *r = (const affine_range_t *)arg;
-    const int integer = r->p->integer, divide = r->p->divide;
-    if (integer && divide) { AFFINE_BY_DTYPE(tiles_range, 1, 1) }
-    else if (integer) { AFFINE_BY_DTYPE(tiles_range, 1, 0) }
-    else if (divide) { AFFINE_BY_DTYPE(tiles_range, 0, 1) }
-    else { AFFINE_BY_DTYPE(tiles_range, 0, 0) }
+    switch (r->p->integer * 4 + r->p->divide * 2 + r->p->narrow) {
+    case 0: AFFINE_BY_DTYPE(tiles_range, 0, 0, 0) break;
+    case 1: AFFINE_BY_DTYPE(tiles_range, 0, 0, 1) break;
+    case 2: AFFINE_BY_DTYPE(tiles_range, 0, 1, 0) break;
+    case 3: AFFINE_BY_DTYPE(tiles_range, 0, 1, 1) break;
+    case 4: AFFINE_BY_DTYPE(tiles_range, 1, 0, 0) break;
+    case 5: AFFINE_BY_DTYPE(tiles_range, 1, 0, 1) break;
+    case 6: AFFINE_BY_DTYPE(tiles_range, 1, 1, 0) break;
+    default: AFFINE_BY_DTYPE(tiles_range, 1, 1, 1) break;
+    }
     return NULL;
 }
 
