@@ -13,7 +13,9 @@ computes in (``fast_kernel.c`` says how), writing NaN for groups holding NaN or 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 
 import torch
 
@@ -97,6 +99,37 @@ def _params(x: torch.Tensor, fmt: Format, dims: tuple[int, ...], tile: tuple[int
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread: the per-group tensors are small (numel / 128 at most), where a
+    parallel region's start-up on a loaded machine costs 30-70x the work (measured: 72 ms vs 1 ms
+    for ``qparams`` of 131072 groups on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _group_scales(
+    stats: torch.Tensor, dtype: torch.dtype, fmt: Format, amax: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+    """Per group: finite (bool), the fp32 ``[operand, zero point, scale]`` arrays and whether
+    the operand divides ``x``, from the groups' ``(min, max)`` (fp32, exact), by the reference's
+    :func:`harness.formats.affine.qparams` and :func:`harness.formats.affine.operand`."""
+    if fmt.grouping == "tensor":
+        stats = torch.stack((stats[:, 0].amin(), stats[:, 1].amax())).reshape(1, 2)
+    s, zp, top = affine.qparams(stats.to(dtype), fmt.element, fmt.scale, amax)
+    operand, divide = affine.operand(s, top, fmt.scale)
+    if zp is not None:
+        zero = zp.float()
+    else:  # -0 is the identity of v + z; +0 turns a -0 quotient into +0, as the library's added zero point
+        zero = torch.full_like(s, 0.0 if fmt.scale.adds_zero else -0.0, dtype=torch.float32)
+    finite = torch.isfinite(stats).all(-1)
+    return finite, [t.float().contiguous() for t in (operand, zero, s)], divide
+
+
 def fake_quantize_affine(
     x: torch.Tensor, fmt: Format, axis: int, amax: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None
 ) -> torch.Tensor:
@@ -112,19 +145,14 @@ def fake_quantize_affine(
     n_groups = dims[0] * -(-dims[1] // stats_tile[0]) * -(-dims[2] // stats_tile[1])
     stats = torch.empty((n_groups, 2), dtype=torch.float32)
     lib.affine_stats(src.data_ptr(), stats.data_ptr(), ctypes.byref(_params(src, fmt, dims, stats_tile)))
-    if fmt.grouping == "tensor":
-        stats = torch.stack((stats[:, 0].amin(), stats[:, 1].amax())).reshape(1, 2)
-    finite = torch.isfinite(stats).all(-1)
-    s, zp, top = affine.qparams(stats.to(src.dtype), fmt.element, fmt.scale, amax)
-    operand, divide = affine.operand(s, top, fmt.scale)
-    narrow = _narrow(fmt, src.dtype)
-    if zp is not None:
-        zero = zp.float()
-    else:  # -0 is the identity of v + z; +0 turns a -0 quotient into +0, as the library's added zero point
-        zero = torch.full_like(s, 0.0 if fmt.scale.adds_zero else -0.0, dtype=torch.float32)
-    codes = {"divide": int(divide), "narrow": int(narrow), "nan_to_zero": int(fmt.scale.apply == "inverse_amax")}
+    with _one_thread():
+        finite, group_arrays, divide = _group_scales(stats, src.dtype, fmt, amax)
+    codes = {
+        "divide": int(divide),
+        "narrow": int(_narrow(fmt, src.dtype)),
+        "nan_to_zero": int(fmt.scale.apply == "inverse_amax"),
+    }
     out = torch.empty_like(src)
-    group_arrays = [t.float().contiguous() for t in (operand, zero, s)]
     lib.affine_tiles(
         src.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in group_arrays), finite.data_ptr(),
         ctypes.byref(_params(src, fmt, dims, tile, **codes)),
