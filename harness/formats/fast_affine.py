@@ -13,14 +13,13 @@ computes in (``fast_kernel.c`` says how), writing NaN for groups holding NaN or 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-from collections.abc import Iterator
 
 import torch
 
 from harness.formats import affine
 from harness.formats.registry import Format
+from harness.threads import one_thread
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -99,19 +98,6 @@ def _params(x: torch.Tensor, fmt: Format, dims: tuple[int, ...], tile: tuple[int
     )  # fmt: skip
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on one thread: the per-group tensors are small (numel / 128 at most), where a
-    parallel region's start-up on a loaded machine costs 30-70x the work (measured: 72 ms vs 1 ms
-    for ``qparams`` of 131072 groups on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _group_scales(
     stats: torch.Tensor, dtype: torch.dtype, fmt: Format, amax: torch.Tensor | None
 ) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
@@ -145,7 +131,8 @@ def fake_quantize_affine(
     n_groups = dims[0] * -(-dims[1] // stats_tile[0]) * -(-dims[2] // stats_tile[1])
     stats = torch.empty((n_groups, 2), dtype=torch.float32)
     lib.affine_stats(src.data_ptr(), stats.data_ptr(), ctypes.byref(_params(src, fmt, dims, stats_tile)))
-    with _one_thread():
+    with one_thread():  # the per-group tensors are small (numel / 128 at most): on 2 loaded cores
+        # a parallel region there cost 72-320 ms, one thread 1-11 ms (131072 groups)
         finite, group_arrays, divide = _group_scales(stats, src.dtype, fmt, amax)
     codes = {
         "divide": int(divide),

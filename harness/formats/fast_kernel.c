@@ -426,26 +426,39 @@ static void *thread_main(void *arg) {
 #define MAX_THREADS 64
 #define MIN_ELEMENTS_PER_THREAD 65536 /* below this a thread costs more than it saves */
 
+/* how many threads share n_items items of per_item elements: at most n_threads, MAX_THREADS, n_items */
+static int64_t thread_count(int64_t n_items, int64_t per_item, int64_t n_threads) {
+    int64_t n = n_items * per_item / MIN_ELEMENTS_PER_THREAD;
+    n = n < n_threads ? n : n_threads;
+    n = n < n_items ? n : n_items;
+    return n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+}
+
+/* main_fn on each of the n ranges (`size` bytes apart from `ranges`): the first here, the others
+ * on their own threads (or here, after it, where no thread can be had) */
+static void run_threads(void *ranges, size_t size, int64_t n, void *(*main_fn)(void *)) {
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    char *at = (char *)ranges;
+    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, main_fn, at + i * size) == 0;
+    main_fn(at);
+    for (int64_t i = 1; i < n; ++i) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else main_fn(at + i * size);
+    }
+}
+
 static void run_tiles(const void *x, void *out, uint8_t *codes, uint8_t *scale_codes, const params_t *p) {
     const int64_t per_tile = (int64_t)p->tile_rows * p->tile_cols;
     const int64_t n_tiles = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows) *
                             ((p->row_len + p->tile_cols - 1) / p->tile_cols);
-    int64_t n = n_tiles * per_tile / MIN_ELEMENTS_PER_THREAD;
-    n = n < p->n_threads ? n : p->n_threads;
-    n = n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+    const int64_t n = thread_count(n_tiles, per_tile, p->n_threads);
     range_t ranges[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t i = 0; i < n; ++i) {
         range_t rg = {x, out, codes, scale_codes, p, n_tiles * i / n, n_tiles * (i + 1) / n};
         ranges[i] = rg;
     }
-    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, thread_main, &ranges[i]) == 0;
-    run_range(&ranges[0]);
-    for (int64_t i = 1; i < n; ++i) {
-        if (started[i]) pthread_join(threads[i], NULL);
-        else run_range(&ranges[i]); /* no thread to be had: do its share here */
-    }
+    run_threads(ranges, sizeof(range_t), n, thread_main);
 }
 
 /* fake quantization: out (x's shape and dtype) = the dequantized grid values */
@@ -604,24 +617,14 @@ static void *affine_tiles_main(void *arg) {
 
 /* `n_items` (strips or rows) of `per_item` elements each, split over up to n_threads threads */
 static void affine_run(affine_range_t proto, int64_t n_items, int64_t per_item, void *(*main_fn)(void *)) {
-    int64_t n = n_items * per_item / MIN_ELEMENTS_PER_THREAD;
-    n = n < proto.p->n_threads ? n : proto.p->n_threads;
-    n = n < n_items ? n : n_items;
-    n = n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+    const int64_t n = thread_count(n_items, per_item, proto.p->n_threads);
     affine_range_t ranges[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t i = 0; i < n; ++i) {
         ranges[i] = proto;
         ranges[i].begin = n_items * i / n;
         ranges[i].end = n_items * (i + 1) / n;
     }
-    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, main_fn, &ranges[i]) == 0;
-    main_fn(&ranges[0]);
-    for (int64_t i = 1; i < n; ++i) {
-        if (started[i]) pthread_join(threads[i], NULL);
-        else main_fn(&ranges[i]);
-    }
+    run_threads(ranges, sizeof(affine_range_t), n, main_fn);
 }
 
 /* stats: (min, max) of every group, group after group (strip after strip, tiles along the row) */

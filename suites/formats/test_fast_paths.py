@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from harness.formats import SCALE_MODES, fake_quantize, get_format, nvfp4_per_tensor_scale, quantize
-from harness.formats.fast_affine import fake_quantize_affine
 from harness.formats.fast import (
     CFLAGS,
     LIBRARY,
@@ -40,6 +39,7 @@ from harness.formats.fast import (
     supports,
     unavailable_reason,
 )
+from harness.formats.fast_affine import fake_quantize_affine
 from harness.formats.philox import philox4x32
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
