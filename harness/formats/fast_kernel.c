@@ -512,27 +512,31 @@ typedef struct {
     int64_t begin, end; /* strips (stats) or rows (tiles) */
 } affine_range_t;
 
+#define STATS_CHUNK 2048 /* tiles of a strip whose (min, max) keys are kept at once, on the stack */
 static inline __attribute__((always_inline)) void stats_range(const affine_range_t *r, const int DTYPE) {
     const affine_params_t *p = r->p;
     const int64_t TR = p->tile_rows, TC = p->tile_cols, rl = p->row_len;
     const int64_t tiles_c = (rl + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
+    int32_t keys[2 * STATS_CHUNK];
     for (int64_t strip = r->begin; strip < r->end; ++strip) {
         const int64_t r0 = (strip % tiles_r) * TR, rows = p->n_rows - r0 < TR ? p->n_rows - r0 : TR;
         const int64_t base = ((strip / tiles_r) * p->n_rows + r0) * rl;
-        float *st = r->stats + 2 * strip * tiles_c;
-        for (int64_t tc = 0; tc < tiles_c; ++tc) {
-            const int64_t c0 = tc * TC, cols = rl - c0 < TC ? rl - c0 : TC;
-            int32_t lo = INT32_MAX, hi = INT32_MIN;
-            for (int64_t i = 0; i < rows; ++i) {
-                const int64_t at = base + i * rl + c0;
-                for (int64_t c = 0; c < cols; ++c) {
-                    const int32_t k = order_key(load(r->x, DTYPE, at + c));
-                    lo = k < lo ? k : lo;
-                    hi = k > hi ? k : hi;
+        for (int64_t t0 = 0; t0 < tiles_c; t0 += STATS_CHUNK) {
+            const int64_t nt = tiles_c - t0 < STATS_CHUNK ? tiles_c - t0 : STATS_CHUNK;
+            for (int64_t j = 0; j < nt; ++j) keys[2 * j] = INT32_MAX, keys[2 * j + 1] = INT32_MIN;
+            for (int64_t i = 0; i < rows; ++i) /* in memory order: row after row, its tiles' segments */
+                for (int64_t j = 0; j < nt; ++j) {
+                    const int64_t c0 = (t0 + j) * TC, at = base + i * rl + c0, cols = rl - c0 < TC ? rl - c0 : TC;
+                    int32_t lo = keys[2 * j], hi = keys[2 * j + 1];
+                    for (int64_t c = 0; c < cols; ++c) {
+                        const int32_t k = order_key(load(r->x, DTYPE, at + c));
+                        lo = k < lo ? k : lo;
+                        hi = k > hi ? k : hi;
+                    }
+                    keys[2 * j] = lo, keys[2 * j + 1] = hi;
                 }
-            }
-            st[2 * tc] = key_float(lo);
-            st[2 * tc + 1] = key_float(hi);
+            float *st = r->stats + 2 * (strip * tiles_c + t0);
+            for (int64_t j = 0; j < 2 * nt; ++j) st[j] = key_float(keys[j]);
         }
     }
 }

@@ -282,7 +282,8 @@ def test_affine_kernel_matches_reference(backend, name: str, dtype: torch.dtype)
         amax = torch.tensor(2.5).reshape(1, 1)
         want = fake_quantize(x, name, calibrated_amax=2.5, backend="reference")
         assert_same_bits(fake_quantize_affine(x, fmt, 0, amax, lib=lib), want, f"{name}/calibrated")
-    vector = data.normal((300,), seed=11).to(dtype)  # a 1-D tensor: one row
+    # a 1-D tensor, one row, of more 128-groups than the kernel keeps at once (2048, STATS_CHUNK)
+    vector = data.normal((2048 * 128 + 300,), seed=11).to(dtype)
     want = fake_quantize(vector, name, backend="reference") if fmt.grouping != "tile" else None
     if want is not None:
         assert_same_bits(fake_quantize_affine(vector, fmt, 0, None, lib=lib), want, f"{name}/1-D")
