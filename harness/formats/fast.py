@@ -13,7 +13,8 @@ build, the reference path is used and :func:`unavailable_reason` says why. CUDA 
 Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic). Both kernels are
 parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile shape, the scale
 kind (E8M0 / E4M3 and its grid) and the E8M0 shared-exponent rule (``fmt.scale.mode``, passed as
-its index in :data:`harness.formats.scales.SCALE_MODES`).
+its index in :data:`harness.formats.scales.SCALE_MODES`). The real-valued-scale formats (FP8,
+INT8, INT4) take the same build's affine entry points on CPU (:mod:`harness.formats.fast_affine`).
 """
 
 from __future__ import annotations
