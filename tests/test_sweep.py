@@ -8,7 +8,6 @@ the unsharded per-item values; ``gate --sweep`` exits 1 on a planted regression,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from harness.sweep.plan import PlanError, load_plan
 from harness.sweep.run import main as sweep_main
 from harness.sweep.run import run_sweep
 from harness.sweep.store import Store
+from harness.threads import one_thread
 
 PLAN = """
 formats = ["mxfp4", "nvfp4"]
@@ -66,16 +66,10 @@ def _documents(out: Path) -> dict[str, dict]:
     return docs
 
 
-@contextlib.contextmanager
 def _one_thread():
     """torch on one thread, as in a Ray task of num_cpus 1 (Ray sets OMP_NUM_THREADS to it): CPU
     reductions, hence the last bits of a loss, depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return one_thread()
 
 
 def _compare_with_commands(jobs, got: dict, tmp_path: Path, capsys) -> None:

@@ -159,20 +159,28 @@ def qparams(
     return s, zp, top
 
 
+def operand(s: torch.Tensor, top: torch.Tensor, scale: AmaxScale) -> tuple[torch.Tensor, bool]:
+    """What ``x`` meets (:func:`qparams`' scale ``s`` and range ``top``) and whether it divides
+    ``x`` (else multiplies it; the product's dtype is torch's promotion of the two): the scale,
+    ``1 / scale`` (torchao ``quantize_affine``) or vLLM's ``divisor / amax``, an IEEE fp32 division
+    (torch's ``scalar / tensor`` is a reciprocal times the scalar, not a division)."""
+    if scale.apply == "divide":
+        return s, True
+    if scale.apply == "reciprocal":
+        return 1.0 / s, False
+    return torch.full_like(top, scale.divisor, dtype=torch.float32) / top.float(), False
+
+
 def quantize_groups(
     groups: torch.Tensor, elem: Element, scale: AmaxScale, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Element values (fp32: integers, or E4M3 grid values), scales (storage dtype) and zero
     points (fp32 integers or None) of ``groups`` (input dtype, groups along the last dim)."""
     s, zp, top = qparams(groups, elem, scale, amax)
-    if scale.apply == "divide":
-        v = groups / s
-    elif scale.apply == "reciprocal":
-        v = groups * (1.0 / s)
-    else:  # vLLM: x * (divisor / amax), an IEEE fp32 division (torch's `scalar / tensor` is a
-        # reciprocal times the scalar, not a division); 0 * inf = NaN, which PTX cvt.rni.sat makes 0
-        multiplier = torch.full_like(top, scale.divisor, dtype=torch.float32) / top.float()
-        v = torch.nan_to_num(groups.float() * multiplier, nan=0.0)
+    m, divide = operand(s, top, scale)
+    v = groups / m if divide else groups * m
+    if scale.apply == "inverse_amax":  # 0 * inf = NaN, which PTX cvt.rni.sat makes 0
+        v = torch.nan_to_num(v, nan=0.0)
     if zp is not None:
         v = v + zp.to(v.dtype)
     elif scale.adds_zero:

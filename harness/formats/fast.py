@@ -13,7 +13,8 @@ build, the reference path is used and :func:`unavailable_reason` says why. CUDA 
 Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic). Both kernels are
 parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile shape, the scale
 kind (E8M0 / E4M3 and its grid) and the E8M0 shared-exponent rule (``fmt.scale.mode``, passed as
-its index in :data:`harness.formats.scales.SCALE_MODES`).
+its index in :data:`harness.formats.scales.SCALE_MODES`). The real-valued-scale formats (FP8,
+INT8, INT4) take the same build's affine entry points on CPU (:mod:`harness.formats.fast_affine`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from harness.cache import cached_dir, notice
-from harness.formats import philox
+from harness.formats import fast_affine, philox
 from harness.formats.elements import E4M3
 from harness.formats.registry import Format
 from harness.formats.scales import SCALE_MODES, E8M0Scale
@@ -129,6 +130,7 @@ def load_kernel(path: Path) -> ctypes.CDLL:
     lib.fake_quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
     lib.quantize_tiles.restype = None
     lib.quantize_tiles.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_CParams)]
+    fast_affine.declare(lib)
     return lib
 
 
@@ -173,7 +175,7 @@ def supports(fmt: Format, x: torch.Tensor) -> str:
     """Empty when ``fmt`` (under its own ``scale.mode``: the kernels have every rule) on ``x``
     can take a fast path (C on CPU, Triton on CUDA), else why not."""
     if not fmt.microscaling:
-        return f"{fmt.name}: real-valued ({fmt.grouping}) scales have no fast kernel"
+        return fast_affine.supports(fmt, x) or unavailable_reason()
     if fmt.block_size > MAX_TILE or (fmt.stochastic and fmt.block_size % 4):
         return f"{fmt.name}: blocks of {fmt.block_size} elements have no fast kernel"
     if x.device.type == "cuda":
@@ -227,10 +229,15 @@ def fake_quantize_fast(
     generator: torch.Generator | None = None,
     *,
     kernel=None,
+    calibrated_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fake_quantize`` of a validated input on a fast kernel (caller checked :func:`supports`).
     ``kernel(x, out, job)`` fills ``out`` in ``x``'s dtype; it defaults to the device's: Triton
-    for CUDA tensors, C for CPU tensors. See :func:`_tile_job` for the layout and the scale rule."""
+    for CUDA tensors, C for CPU tensors. See :func:`_tile_job` for the layout and the scale rule.
+    Real-valued-scale formats take :func:`harness.formats.fast_affine.fake_quantize_affine`
+    (``calibrated_amax``: a static per-tensor range)."""
+    if not fmt.microscaling:
+        return fast_affine.fake_quantize_affine(x, fmt, axis, calibrated_amax)
     kernel = kernel or _device_kernel(x, "fake_quantize")
     src, job = _tile_job(x, fmt, axis, per_tensor_scale, generator)
     out = torch.empty_like(src)

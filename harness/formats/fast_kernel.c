@@ -426,26 +426,39 @@ static void *thread_main(void *arg) {
 #define MAX_THREADS 64
 #define MIN_ELEMENTS_PER_THREAD 65536 /* below this a thread costs more than it saves */
 
+/* how many threads share n_items items of per_item elements: at most n_threads, MAX_THREADS, n_items */
+static int64_t thread_count(int64_t n_items, int64_t per_item, int64_t n_threads) {
+    int64_t n = n_items * per_item / MIN_ELEMENTS_PER_THREAD;
+    n = n < n_threads ? n : n_threads;
+    n = n < n_items ? n : n_items;
+    return n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+}
+
+/* main_fn on each of the n ranges (`size` bytes apart from `ranges`): the first here, the others
+ * on their own threads (or here, after it, where no thread can be had) */
+static void run_threads(void *ranges, size_t size, int64_t n, void *(*main_fn)(void *)) {
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    char *at = (char *)ranges;
+    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, main_fn, at + i * size) == 0;
+    main_fn(at);
+    for (int64_t i = 1; i < n; ++i) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else main_fn(at + i * size);
+    }
+}
+
 static void run_tiles(const void *x, void *out, uint8_t *codes, uint8_t *scale_codes, const params_t *p) {
     const int64_t per_tile = (int64_t)p->tile_rows * p->tile_cols;
     const int64_t n_tiles = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows) *
                             ((p->row_len + p->tile_cols - 1) / p->tile_cols);
-    int64_t n = n_tiles * per_tile / MIN_ELEMENTS_PER_THREAD;
-    n = n < p->n_threads ? n : p->n_threads;
-    n = n < MAX_THREADS ? (n < 1 ? 1 : n) : MAX_THREADS;
+    const int64_t n = thread_count(n_tiles, per_tile, p->n_threads);
     range_t ranges[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t i = 0; i < n; ++i) {
         range_t rg = {x, out, codes, scale_codes, p, n_tiles * i / n, n_tiles * (i + 1) / n};
         ranges[i] = rg;
     }
-    for (int64_t i = 1; i < n; ++i) started[i] = pthread_create(&threads[i], NULL, thread_main, &ranges[i]) == 0;
-    run_range(&ranges[0]);
-    for (int64_t i = 1; i < n; ++i) {
-        if (started[i]) pthread_join(threads[i], NULL);
-        else run_range(&ranges[i]); /* no thread to be had: do its share here */
-    }
+    run_threads(ranges, sizeof(range_t), n, thread_main);
 }
 
 /* fake quantization: out (x's shape and dtype) = the dequantized grid values */
@@ -454,4 +467,180 @@ void fake_quantize_tiles(const void *x, void *out, const params_t *p) { run_tile
 /* real quantization: codes (tile after tile, bytes per tile: TR * TC, half for FP4), one scale code per tile */
 void quantize_tiles(const void *x, uint8_t *codes, uint8_t *scale_codes, const params_t *p) {
     run_tiles(x, NULL, codes, scale_codes, p);
+}
+
+/* ---- real-valued (amax) scales: harness/formats/affine.py, on the same build. Two passes.
+ * affine_stats: per group (a tile_rows x tile_cols tile of the row-major (n_mats, n_rows, row_len)
+ * tensor) min x and max x, exact in fp32, from integer min/max of an order-preserving key of the
+ * bits (vectorizes; NaN sorts beyond +-Inf, so a group holding NaN or Inf has a non-finite min or
+ * max). fast_affine.py computes the scales from these two values with affine.qparams itself (the
+ * reference's own ops), then affine_tiles applies them, per element, with the group's operand m,
+ * zero point z (0 without one) and scale s, as affine.quantize_groups / dequantize_groups:
+ *   v = round_v(x / m) or round_v(x * m) (fp32, rounded to torch's promoted dtype: x's when
+ *       narrow, which is also the scale's, else fp32); NaN -> 0 (nan_to_zero: vLLM's nan_to_num);
+ *       v = round_v(v + z)
+ *   integer: q = rint(clamp(v, qmin, qmax)) + 0 (ties to even, no -0); E4M3: clamp(v, -max, max)
+ *            rounded onto the grid to nearest even
+ *   out = round_x(clamp(round_s((q - z) * s), -out_max, out_max)); groups not finite: NaN ---- */
+typedef struct {
+    int64_t n_mats, n_rows, row_len, tile_rows, tile_cols;
+    int32_t dtype, n_threads;
+    int32_t divide, narrow, nan_to_zero, integer; /* affine_tiles only */
+    float qmin, qmax; /* integer: the code range; E4M3: -max, max */
+    int32_t emin, mbits;
+    float out_max; /* the largest finite value of dtype */
+} affine_params_t;
+
+static inline float round_to(float v, int dtype) {
+    if (dtype == 1) return bf16_to_float(float_to_bf16(v));
+    if (dtype == 2) return fp16_to_float(float_to_fp16(v));
+    return v;
+}
+static inline int32_t order_key(float v) { /* signed-integer order of the floats, -0 < +0 */
+    int32_t b = (int32_t)bits_of(v);
+    return b ^ ((b >> 31) & 0x7FFFFFFF);
+}
+static inline float key_float(int32_t k) { return float_of((uint32_t)(k ^ ((k >> 31) & 0x7FFFFFFF))); }
+
+typedef struct {
+    const void *x;
+    void *out;
+    float *stats;
+    const float *mult, *zero, *scale;
+    const uint8_t *finite;
+    const affine_params_t *p;
+    int64_t begin, end; /* strips (stats) or rows (tiles) */
+} affine_range_t;
+
+#define STATS_CHUNK 2048 /* tiles of a strip whose (min, max) keys are kept at once, on the stack */
+static inline __attribute__((always_inline)) void stats_range(const affine_range_t *r, const int DTYPE) {
+    const affine_params_t *p = r->p;
+    const int64_t TR = p->tile_rows, TC = p->tile_cols, rl = p->row_len;
+    const int64_t tiles_c = (rl + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
+    int32_t keys[2 * STATS_CHUNK];
+    for (int64_t strip = r->begin; strip < r->end; ++strip) {
+        const int64_t r0 = (strip % tiles_r) * TR, rows = p->n_rows - r0 < TR ? p->n_rows - r0 : TR;
+        const int64_t base = ((strip / tiles_r) * p->n_rows + r0) * rl;
+        for (int64_t t0 = 0; t0 < tiles_c; t0 += STATS_CHUNK) {
+            const int64_t nt = tiles_c - t0 < STATS_CHUNK ? tiles_c - t0 : STATS_CHUNK;
+            for (int64_t j = 0; j < nt; ++j) keys[2 * j] = INT32_MAX, keys[2 * j + 1] = INT32_MIN;
+            for (int64_t i = 0; i < rows; ++i) /* in memory order: row after row, its tiles' segments */
+                for (int64_t j = 0; j < nt; ++j) {
+                    const int64_t c0 = (t0 + j) * TC, at = base + i * rl + c0, cols = rl - c0 < TC ? rl - c0 : TC;
+                    int32_t lo = keys[2 * j], hi = keys[2 * j + 1];
+                    for (int64_t c = 0; c < cols; ++c) {
+                        const int32_t k = order_key(load(r->x, DTYPE, at + c));
+                        lo = k < lo ? k : lo;
+                        hi = k > hi ? k : hi;
+                    }
+                    keys[2 * j] = lo, keys[2 * j + 1] = hi;
+                }
+            float *st = r->stats + 2 * (strip * tiles_c + t0);
+            for (int64_t j = 0; j < 2 * nt; ++j) st[j] = key_float(keys[j]);
+        }
+    }
+}
+
+/* NARROW: x / m, v + z and (q - z) * s are rounded to x's dtype (else all fp32); z is -0 for
+ * formats without a zero point (v + -0 is v), +0 where they add one of 0 (-0 + +0 = +0) */
+static inline __attribute__((always_inline)) float affine_value(float x, float m, float z, float zd, float s,
+                                                               int nan_to_zero, float qmin, float qmax,
+                                                               float out_max, const affine_params_t *p,
+                                                               const int DTYPE, const int INTEGER,
+                                                               const int DIVIDE, const int NARROW) {
+    const int vd = NARROW ? DTYPE : 0;
+    float v = round_to(DIVIDE ? x / m : x * m, vd);
+    { /* NaN -> +0 by masking its bits (a select on a float compare does not vectorize here) */
+        const uint32_t b = bits_of(v), nan = (uint32_t)nan_to_zero & ((b & 0x7FFFFFFFu) > 0x7F800000u);
+        v = float_of(b & (nan - 1u));
+    }
+    v = round_to(v + z, vd);
+    v = v < qmin ? qmin : (v > qmax ? qmax : v);
+    float q;
+    if (INTEGER) { /* |v| <= 128: (|v| + 2^23) - 2^23 is rint, ties to even */
+        const float a = float_of(bits_of(v) & 0x7FFFFFFFu);
+        q = float_of(bits_of((a + 8388608.0f) - 8388608.0f) | (bits_of(v) & 0x80000000u)) + 0.0f;
+    } else {
+        float step, t = grid_t(v, p->emin, p->mbits, &step);
+        q = finish((t + 8388608.0f) - 8388608.0f, step, qmax, v, 1.0f);
+    }
+    const float d = round_to((q - zd) * s, vd);
+    return d < -out_max ? -out_max : (d > out_max ? out_max : d);
+}
+
+static inline __attribute__((always_inline)) void tiles_range(const affine_range_t *r, const int DTYPE,
+                                                             const int INTEGER, const int DIVIDE, const int NARROW) {
+    const affine_params_t *p = r->p;
+    const int nan_to_zero = p->nan_to_zero;
+    const float qmin = p->qmin, qmax = p->qmax, out_max = p->out_max;
+    const int64_t TR = p->tile_rows, TC = p->tile_cols, rl = p->row_len;
+    const int64_t tiles_c = (rl + TC - 1) / TC, tiles_r = (p->n_rows + TR - 1) / TR;
+    for (int64_t row = r->begin; row < r->end; ++row) {
+        const int64_t g0 = ((row / p->n_rows) * tiles_r + (row % p->n_rows) / TR) * tiles_c;
+        for (int64_t tc = 0; tc < tiles_c; ++tc) {
+            const int64_t g = g0 + tc, at = row * rl + tc * TC, cols = rl - tc * TC < TC ? rl - tc * TC : TC;
+            if (!r->finite[g]) {
+                for (int64_t c = 0; c < cols; ++c) store_nan(r->out, DTYPE, at + c);
+                continue;
+            }
+            const float m = r->mult[g], z = r->zero[g], zd = z + 0.0f, s = r->scale[g];
+            for (int64_t c = 0; c < cols; ++c)
+                store(r->out, DTYPE, at + c,
+                      affine_value(load(r->x, DTYPE, at + c), m, z, zd, s, nan_to_zero, qmin, qmax, out_max, p,
+                                   DTYPE, INTEGER, DIVIDE, NARROW));
+        }
+    }
+}
+
+#define AFFINE_BY_DTYPE(CALL, ...)                                                                 \
+    switch (r->p->dtype) {                                                                         \
+    case 0: CALL(r, 0, ##__VA_ARGS__); break;                                                      \
+    case 1: CALL(r, 1, ##__VA_ARGS__); break;                                                      \
+    default: CALL(r, 2, ##__VA_ARGS__); break;                                                     \
+    }
+
+static void *affine_stats_main(void *arg) {
+    const affine_range_t *r = (const affine_range_t *)arg;
+    AFFINE_BY_DTYPE(stats_range)
+    return NULL;
+}
+static void *affine_tiles_main(void *arg) {
+    const affine_range_t *r = (const affine_range_t *)arg;
+    switch (r->p->integer * 4 + r->p->divide * 2 + r->p->narrow) {
+    case 0: AFFINE_BY_DTYPE(tiles_range, 0, 0, 0) break;
+    case 1: AFFINE_BY_DTYPE(tiles_range, 0, 0, 1) break;
+    case 2: AFFINE_BY_DTYPE(tiles_range, 0, 1, 0) break;
+    case 3: AFFINE_BY_DTYPE(tiles_range, 0, 1, 1) break;
+    case 4: AFFINE_BY_DTYPE(tiles_range, 1, 0, 0) break;
+    case 5: AFFINE_BY_DTYPE(tiles_range, 1, 0, 1) break;
+    case 6: AFFINE_BY_DTYPE(tiles_range, 1, 1, 0) break;
+    default: AFFINE_BY_DTYPE(tiles_range, 1, 1, 1) break;
+    }
+    return NULL;
+}
+
+/* `n_items` (strips or rows) of `per_item` elements each, split over up to n_threads threads */
+static void affine_run(affine_range_t proto, int64_t n_items, int64_t per_item, void *(*main_fn)(void *)) {
+    const int64_t n = thread_count(n_items, per_item, proto.p->n_threads);
+    affine_range_t ranges[MAX_THREADS];
+    for (int64_t i = 0; i < n; ++i) {
+        ranges[i] = proto;
+        ranges[i].begin = n_items * i / n;
+        ranges[i].end = n_items * (i + 1) / n;
+    }
+    run_threads(ranges, sizeof(affine_range_t), n, main_fn);
+}
+
+/* stats: (min, max) of every group, group after group (strip after strip, tiles along the row) */
+void affine_stats(const void *x, float *stats, const affine_params_t *p) {
+    affine_range_t proto = {x, NULL, stats, NULL, NULL, NULL, NULL, p, 0, 0};
+    const int64_t strips = p->n_mats * ((p->n_rows + p->tile_rows - 1) / p->tile_rows);
+    affine_run(proto, strips, p->tile_rows * p->row_len, affine_stats_main);
+}
+
+/* fake quantization with the groups' operands, zero points, scales and finiteness */
+void affine_tiles(const void *x, void *out, const float *mult, const float *zero, const float *scale,
+                  const uint8_t *finite, const affine_params_t *p) {
+    affine_range_t proto = {x, out, NULL, mult, zero, scale, finite, p, 0, 0};
+    affine_run(proto, p->n_mats * p->n_rows, p->row_len, affine_tiles_main);
 }

@@ -252,7 +252,7 @@ def fake_quantize(
     fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
     amax = _check_calibrated(fmt, calibrated_amax, x)
     if on_kernel:
-        return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator)
+        return fast.fake_quantize_fast(x, fmt, layout.axis, pts, generator, calibrated_amax=amax)
     if not fmt.microscaling:
         groups = layout.split(x.detach().reshape(layout.shape))
         if groups.numel() == 0:

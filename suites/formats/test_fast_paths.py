@@ -12,6 +12,10 @@ otherwise, see conftest.py).
 - The E8M0 scale modes (torchao's ``ScaleCalculationMode``) against torchao itself.
 - Real quantization (``quantize``'s element and scale codes) from each kernel, byte for byte
   the reference path's, for every format and dtype.
+- The real-valued-scale formats (FP8 / INT8 / INT4 per tensor, row, group, tile;
+  :mod:`harness.formats.fast_affine`) on the C kernel, both builds, bit for bit the reference
+  path's in fp32, bf16 and fp16, along both axes, on the parity cases plus all-zero and
+  signed-zero groups and subnormal groups, and a calibrated per-tensor range.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from harness.formats.fast import (
     load_kernel,
     quantize_c,
     quantize_fast,
+    supports,
     unavailable_reason,
 )
+from harness.formats.fast_affine import fake_quantize_affine
 from harness.formats.philox import philox4x32
 from harness.testing import assert_same_bits, format_params
 from suites.formats import data
@@ -221,3 +227,63 @@ def test_stochastic_rounding_seeds(backend) -> None:
     g = torch.Generator().manual_seed(3)
     first, second = (fake_quantize_fast(x.to(device), get_format("mxfp4_sr"), -1, None, g, kernel=kernel) for _ in "ab")
     assert not torch.equal(first, second)
+
+
+def _zero_groups(fmt) -> torch.Tensor:
+    """All-zero groups and tiles (some of -0.0, some mixed +-0), a zero row, and a row of one
+    nonzero value among zeros, on a shape with full and partial 128-groups and 128x128 tiles."""
+    x = data.normal((130, 300), seed=7)
+    x[:, 128:256] = 0.0
+    x[:, 128:256:3] = -0.0
+    x[5] = -0.0
+    x[6] = 0.0
+    x[6, 299] = 1.5
+    return x
+
+
+def _subnormal_groups(fmt) -> torch.Tensor:
+    """Groups entirely of fp32 subnormals (or of values whose scale underflows), with ties of the
+    subnormal grid, beside normal groups."""
+    x = data.normal((16, 256), seed=8)
+    x[:8] *= 1e-39
+    x[8:12] = torch.randint(-3, 4, (4, 256), generator=torch.Generator().manual_seed(9)).float() * 2.0**-149
+    return x
+
+
+AFFINE_CASES = {**PARITY_CASES, "zero_groups": _zero_groups, "subnormal_groups": _subnormal_groups}
+
+
+def _affine_params() -> list:
+    """(C build, format, dtype) for every real-valued-scale format."""
+    return [
+        pytest.param(kernel, p.values[0], dtype, marks=p.marks, id=f"{kernel}-{p.id}-{str(dtype)[6:]}")
+        for p in format_params(where=lambda f: not f.microscaling)
+        for dtype in DTYPES
+        for kernel in ("c", "c-portable")
+    ]
+
+
+@pytest.mark.parametrize(("backend", "name", "dtype"), _affine_params(), indirect=["backend"])
+def test_affine_kernel_matches_reference(backend, name: str, dtype: torch.dtype) -> None:
+    """The C kernel's FP8 / INT8 / INT4 fake quantization has the reference path's bits on every
+    case, along the last and the first axis for row and group formats (tiles: the last two dims;
+    per tensor: a calibrated range too), and the default backend takes it on CPU."""
+    lib = backend[0].keywords["lib"]
+    fmt = get_format(name)
+    assert supports(fmt, torch.zeros(2, 2, dtype=dtype)) == ""
+    for case, make in AFFINE_CASES.items():
+        x = make(fmt).to(dtype)
+        for axis in (-1, 0) if fmt.grouping in ("row", "block") else (-1,):
+            want = fake_quantize(x, name, axis=axis, backend="reference")
+            got = fake_quantize_affine(x, fmt, axis % x.dim(), None, lib=lib)
+            assert_same_bits(got, want, f"{name}/{case}/axis={axis}")
+    if fmt.grouping == "tensor":
+        x = data.normal((64, 64), seed=10).to(dtype)
+        amax = torch.tensor(2.5).reshape(1, 1)
+        want = fake_quantize(x, name, calibrated_amax=2.5, backend="reference")
+        assert_same_bits(fake_quantize_affine(x, fmt, 0, amax, lib=lib), want, f"{name}/calibrated")
+    # a 1-D tensor, one row, of more 128-groups than the kernel keeps at once (2048, STATS_CHUNK)
+    vector = data.normal((2048 * 128 + 300,), seed=11).to(dtype)
+    want = fake_quantize(vector, name, backend="reference") if fmt.grouping != "tile" else None
+    if want is not None:
+        assert_same_bits(fake_quantize_affine(vector, fmt, 0, None, lib=lib), want, f"{name}/1-D")
