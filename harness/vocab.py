@@ -50,10 +50,11 @@ class Vocab(enum.StrEnum):
             raise UnknownName(cls._kind, value, cls.choices(), cls._plural) from None
 
     @classmethod
-    def choices(cls) -> list[str]:
-        """The members' plain strings, in definition order (argparse ``choices``: its error
-        quotes them with ``repr``, which a member would spell ``<Point.WEIGHT: 'weight'>``)."""
-        return [m.value for m in cls]
+    def choices(cls) -> tuple[str, ...]:
+        """The members' plain strings, in definition order: argparse ``choices`` and the modules'
+        tuples (``POINTS``, ``SCALE_MODES``, ...), for callers that need a plain ``str`` (PyYAML's
+        ``safe_dump`` refuses a ``str`` subclass)."""
+        return tuple(m.value for m in cls)
 
 
 class Registry(dict[str, T], Generic[T]):

@@ -139,7 +139,7 @@ def test_relative_noise_on_one_plus_w_norms_is_sized_by_the_effective_gain() -> 
 
 def test_bad_arguments() -> None:
     model, _ = load_model("tiny-llama")
-    with pytest.raises(ValueError, match=r"unknown layer_types \['norm'\]; valid: rmsnorm, linear"):
+    with pytest.raises(ValueError, match=r"unknown layer type 'norm'; valid layer types: rmsnorm, linear$"):
         NoiseInjector(model, ("norm",))
     with pytest.raises(ValueError, match="unknown noise scale 'percent'"):
         NoiseInjector(model, scale="percent")
