@@ -9,7 +9,7 @@ import torch
 
 from harness.formats.affine import INT4, INT8_CODES, AmaxScale, Element
 from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, INT8
-from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat
+from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat, ScaleMode
 from harness.vocab import Registry
 
 GROUPINGS = ("block", "tile", "row", "tensor")
@@ -66,7 +66,8 @@ class Format:
         return self.element.bits + (self.scale.bits + zero_point) / self.block_size
 
     def with_scale_mode(self, mode: str) -> Format:
-        """This format under scale rule ``mode`` (``harness.formats.scales.SCALE_MODES``)."""
+        """This format under scale rule ``mode`` (:class:`harness.formats.scales.ScaleMode`)."""
+        mode = ScaleMode.parse(mode)
         return self if mode == self.scale.mode else replace(self, scale=self.scale.with_mode(mode))
 
 
