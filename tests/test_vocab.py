@@ -32,6 +32,7 @@ from harness.formats import (
 from harness.gsm8k import SPLITS as GSM8K_SPLITS
 from harness.gsm8k import Split, gsm8k_file
 from harness.inject import POINTS, Point
+from harness.policy import Tolerance
 from harness.recipes import RECIPES, get_recipe, list_recipes
 from harness.transforms import Transform, check_transform
 from harness.vocab import Registry, UnknownName, Vocab
@@ -73,6 +74,7 @@ LOOKUPS: dict[str, tuple[Callable[[str], object], str, str, list[str]]] = {
     "transforms": (check_transform, "transform", "transforms", ["hadamard"]),
     "layer types": (noise.LayerType.parse, "layer type", "layer types", ["rmsnorm", "linear"]),
     "noise scales": (noise.NoiseScale.parse, "noise scale", "noise scales", ["absolute", "relative"]),
+    "tolerance kinds": (lambda k: Tolerance(k, 0.1), "tolerance kind", "tolerance kinds", ["abs", "rel"]),
 }
 
 
