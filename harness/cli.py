@@ -16,19 +16,19 @@ from harness.aqn import train as aqn_train
 from harness.baselines import BaselineError
 from harness.eval import REFERENCE
 from harness.eval.gsm8k import NO_FORMAT
-from harness.eval.gsm8k import TASKS as GSM8K_TASKS
+from harness.eval.gsm8k import Task as Gsm8kTask
 from harness.eval.loss import EVAL_BATCH_SIZE
-from harness.formats import FORMATS, SCALE_MODES, list_formats
+from harness.formats import FORMATS, ScaleMode, list_formats
 from harness.gate import ALPHA
 from harness.gsm8k import CALIBRATION_ITEMS, LOSS_ITEMS
-from harness.inject import POINTS, Coverage, QuantInjector
+from harness.inject import Coverage, Point, QuantInjector
 from harness.models import DEFAULT_MODEL, DTYPES, parse_max_memory
 from harness.srdd import criteria as srdd_criteria
 from harness.srdd import run as srdd_run
 from harness.srdd.sensitivity import ATTRIBUTION_MODES
 from harness.srdd.verify import CONTROL_DRAWS
 from harness.testing import format_marker
-from harness.transforms import TRANSFORMS
+from harness.transforms import Transform
 from harness.validate import (
     check_compare_to,
     check_scan_options,
@@ -513,11 +513,11 @@ def _force_option(p: argparse.ArgumentParser) -> None:
 def _recipe_options_add(p: argparse.ArgumentParser) -> None:
     """--format/--point (one format), or --weight-format/--input-format, or --recipe."""
     p.add_argument("--format", choices=list_formats(), help="one format at --point (or use the options below)")
-    p.add_argument("--point", default=None, choices=POINTS, help="with --format or one side's format: where")
+    p.add_argument("--point", default=None, choices=Point.choices(), help="with --format or one side's format: where")
     p.add_argument("--weight-format", choices=list_formats(), help="the weights' format (a recipe's W side)")
     p.add_argument("--input-format", choices=list_formats(), help="the Linear inputs' format (a recipe's A side)")
     p.add_argument("--recipe", choices=recipes.list_recipes(), help="a named pair (python -m harness recipes)")
-    p.add_argument("--transform", choices=list(TRANSFORMS), help="rotate weights and inputs first (block Hadamard)")
+    p.add_argument("--transform", choices=Transform.choices(), help="rotate weights and inputs first (block Hadamard)")
 
 
 def _recipe_options(args: argparse.Namespace) -> dict:
@@ -560,8 +560,8 @@ def _recipes(args: argparse.Namespace) -> int:
 def _scale_mode_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale-mode",
-        default=SCALE_MODES[0],
-        choices=SCALE_MODES,
+        default=ScaleMode.FLOOR.value,
+        choices=ScaleMode.choices(),
         help="E8M0 shared-exponent rule (default: %(default)s, OCP)",
     )
 
@@ -593,8 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument(
         "--format", default=NO_FORMAT, choices=[NO_FORMAT, *list_formats()], help=f"{NO_FORMAT}: the model as it is"
     )
-    gs.add_argument("--point", default="weight", choices=POINTS)
-    gs.add_argument("--task", default="gsm8k", choices=list(GSM8K_TASKS), help="gsm8k (exact match) or gsm8k_bpb")
+    gs.add_argument("--point", default=Point.WEIGHT.value, choices=Point.choices())
+    gs.add_argument(
+        "--task", default=Gsm8kTask.GSM8K.value, choices=Gsm8kTask.choices(), help="gsm8k (exact match) or gsm8k_bpb"
+    )
     gs.add_argument("--limit", type=count_arg(1), default=None, help="first N test items (default: all 1319)")
     gs.add_argument(
         "--num-fewshot", type=count_arg(0), default=None, help="default: the task's (5 for gsm8k, 0 for bpb)"
@@ -613,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = commands.add_parser("scan", help="SRDD scan: per-layer detectors, findings, recommendation, report")
     _model_options(sc)
     sc.add_argument("--format", required=True, choices=list_formats())
-    sc.add_argument("--point", default="weight", choices=POINTS)
+    sc.add_argument("--point", default=Point.WEIGHT.value, choices=Point.choices())
     sc.add_argument(
         "--prompts",
         type=count_arg(1),
@@ -693,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default="qerl-default", help="a named configuration or a JSON file")
         p.set_defaults(run=run)
         if name == "preflight":
-            p.add_argument("--point", default="weight", choices=POINTS)
+            p.add_argument("--point", default=Point.WEIGHT.value, choices=Point.choices())
             p.add_argument(
                 "--items",
                 type=count_arg(1),
@@ -718,7 +720,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", type=output_file_arg, help="write the pre-flight JSON here")
             _allow_partial_option(p)
         else:
-            p.add_argument("--strategies", default=",".join(aqn_train.STRATEGIES))
+            p.add_argument(
+                "--strategies",
+                default=",".join(aqn_train.STRATEGIES),
+                help=f"comma-separated, of {', '.join(aqn_train.Strategy.choices())} (default: all)",
+            )
             p.add_argument(
                 "--seeds",
                 type=count_arg(2),

@@ -10,9 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import paths
+from harness.vocab import Vocab
 
 GSM8K_ENV = "HARNESS_GSM8K_DIR"
-SPLITS = ("test", "train")
+
+
+class Split(Vocab, kind="GSM8K split"):
+    """The GSM8K files (``<split>.jsonl`` or ``<split>.jsonl.gz`` in :func:`gsm8k_dir`)."""
+
+    TEST = "test"  # the 1319 test items: every evaluation reads these
+    TRAIN = "train"  # the 7473 train items: calibration, AQN training batches and lm-eval's few-shot examples
+
+
+SPLITS = Split.choices()
 LOSS_ITEMS = 32  # the first N test items of a loss/KL evaluation (n >= 32 for paired statistics)
 CALIBRATION_ITEMS = 32  # the first N train items a scan calibrates on
 
@@ -47,8 +57,7 @@ def gsm8k_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 def gsm8k_file(split: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The file of one split in :func:`gsm8k_dir`: ``<split>.jsonl`` or ``<split>.jsonl.gz``."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown GSM8K split {split!r}; valid splits: {', '.join(SPLITS)}")
+    split = Split.parse(split)
     folder = gsm8k_dir(data_dir)
     for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
         if (folder / name).is_file():

@@ -20,8 +20,18 @@ from harness.formats.quant import NVFP4_RANGE, PER_TENSOR_SCALE_MAX, PER_TENSOR_
 from harness.modelview import ModelView, QuantWeight, WeightKind, experts_forward
 from harness.recipes import check_formats, get_recipe
 from harness.transforms import BlockRotation, check_transform
+from harness.vocab import Vocab
 
-POINTS = ("weight", "input", "both")
+
+class Point(Vocab, kind="injection point"):
+    """Where :class:`QuantInjector` quantizes a target."""
+
+    WEIGHT = "weight"  # its weight, along the input dim (W4A16, QeRL style)
+    INPUT = "input"  # its input activation, along the hidden dim, per token (W16A4)
+    BOTH = "both"  # weight and input (W4A4, or a recipe's two formats)
+
+
+POINTS = Point.choices()
 
 # Per Linear, the injectors active on it, innermost last: only the innermost one quantizes it.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[QuantInjector]] = weakref.WeakKeyDictionary()
@@ -300,8 +310,7 @@ class QuantInjector:
     ) -> None:
         if generator is not None and seed is not None:
             raise ValueError("pass a generator or a seed, not both")
-        if point not in POINTS:
-            raise ValueError(f"unknown injection point {point!r}; valid points: {', '.join(POINTS)}")
+        point = Point.parse(point)
         sides = resolve_sides(fmt, point, weight, input, recipe, per_tensor_scale)
         fmt, point, weight, input, per_tensor_scale = sides
         check_transform(transform)

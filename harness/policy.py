@@ -15,12 +15,14 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from harness.vocab import Vocab
 
-class Scale(str, Enum):
-    """How an allowance is sized: ``abs`` in the metric's unit, ``rel`` as a fraction of a reference."""
 
-    ABS = "abs"
-    REL = "rel"
+class Scale(Vocab, kind="tolerance kind"):
+    """How an allowance is sized."""
+
+    ABS = "abs"  # in the metric's unit
+    REL = "rel"  # as a fraction of a reference value (the baseline)
 
 
 class Direction(str, Enum):
@@ -37,8 +39,7 @@ class Tolerance:
     value: float
 
     def __post_init__(self) -> None:
-        if self.kind not in {s.value for s in Scale}:
-            raise ValueError(f"unknown tolerance kind {self.kind!r}; valid: {', '.join(s.value for s in Scale)}")
+        Scale.parse(self.kind)
         if not self.value >= 0:
             raise ValueError(f"a tolerance must be >= 0, got {self.value}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.formats import get_format
+from harness.vocab import Registry
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class Recipe:
         return "both" if self.weight and self.input else ("weight" if self.weight else "input")
 
 
-RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
+RECIPES: Registry[Recipe] = Registry(
+    "recipe",
+    (
         Recipe("w4a16-mxfp4", "mxfp4", None, "MXFP4 weight-only (OCP MX; QeRL's W4A16)"),
         Recipe("w4a16-nvfp4", "nvfp4", None, "NVFP4 weight-only (ModelOpt NVFP4_AWQ-style, two-level)", True),
         Recipe("w4a16-int4-g128", "int4_g128", None, "INT4 group-128 symmetric (llm-compressor W4A16, GPTQ)"),
@@ -52,21 +53,18 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a8-mxfp4-mxfp8", "mxfp4", "mxfp8_e4m3", "MXFP4 weights, MXFP8 inputs (W4A8)"),
         Recipe("w4a4-nvfp4", "nvfp4", "nvfp4", "NVFP4 weights and activations (ModelOpt NVFP4)", True),
         Recipe("w4a4-mxfp4", "mxfp4", "mxfp4", "MXFP4 weights and activations"),
-    )
-}
+    ),
+)
 
 
 def list_recipes() -> list[str]:
     """Names of every recipe, in registry order."""
-    return list(RECIPES)
+    return RECIPES.names()
 
 
 def get_recipe(name: str) -> Recipe:
-    """The recipe ``name``; ValueError naming the valid recipes otherwise."""
-    try:
-        return RECIPES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}") from None
+    """The recipe ``name``; :class:`harness.vocab.UnknownName` naming the valid recipes otherwise."""
+    return RECIPES.get(name)
 
 
 def recipe_id(weight: str | None, input: str | None) -> str:

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-TRANSFORMS = ("hadamard",)
+from harness.vocab import Vocab
+
+
+class Transform(Vocab, kind="transform"):
+    """A rotation applied to weights and inputs before quantizing (``transform=``; None: none)."""
+
+    HADAMARD = "hadamard"  # block Hadamard along the input dim (:class:`BlockRotation`)
+
+
+TRANSFORMS = Transform.choices()
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,7 +76,7 @@ class BlockRotation:
         return (y.float().unflatten(-1, (-1, self.size)) @ h.T).flatten(-2)
 
 
-def check_transform(transform: str | None) -> None:
-    """ValueError naming the valid transforms."""
-    if transform is not None and transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r}; valid transforms: {', '.join(TRANSFORMS)} (or none)")
+def check_transform(transform: str | None) -> Transform | None:
+    """The :class:`Transform` ``transform`` (None: none); :class:`harness.vocab.UnknownName` naming
+    the valid transforms otherwise."""
+    return None if transform is None else Transform.parse(transform)

@@ -64,7 +64,7 @@ def test_invalid_schedules_raise_with_the_reason(args, message: str) -> None:
 def test_the_broken_configuration_raises_before_any_noise() -> None:
     with pytest.raises(ScheduleError, match="sigma_end must be > 0"):
         get_config("broken-sigma-end-0").schedule(58)
-    with pytest.raises(ValueError, match="unknown AQN configuration 'qerl'; valid: qerl-default"):
+    with pytest.raises(ValueError, match="unknown AQN configuration 'qerl'; valid AQN configurations: qerl-default"):
         get_config("qerl")
 
 
@@ -139,7 +139,7 @@ def test_relative_noise_on_one_plus_w_norms_is_sized_by_the_effective_gain() -> 
 
 def test_bad_arguments() -> None:
     model, _ = load_model("tiny-llama")
-    with pytest.raises(ValueError, match=r"unknown layer_types \['norm'\]; valid: rmsnorm, linear"):
+    with pytest.raises(ValueError, match=r"unknown layer type 'norm'; valid layer types: rmsnorm, linear$"):
         NoiseInjector(model, ("norm",))
     with pytest.raises(ValueError, match="unknown noise scale 'percent'"):
         NoiseInjector(model, scale="percent")
@@ -155,7 +155,7 @@ def test_a_configuration_by_name_or_from_a_json_file(tmp_path) -> None:
     assert (mine.name, mine.sigma_start, mine.sigma_end, mine.num_stages) == ("mine", 0.01, 0.0001, 3)
     assert (mine.layer_types, mine.scale, mine.source) == (("rmsnorm",), "relative", str(path))
     assert load_config("1C") is CONFIGS["1C"]
-    with pytest.raises(ValueError, match="unknown AQN configuration 'nope'; valid: qerl-default"):
+    with pytest.raises(ValueError, match="unknown AQN configuration 'nope'; valid AQN configurations: qerl-default"):
         load_config("nope")
     bad = tmp_path / "bad.json"
     for text, why in (

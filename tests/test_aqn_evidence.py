@@ -149,7 +149,9 @@ def test_problematic_layers_come_from_a_scan_json_or_targeted_is_refused(tmp_pat
     assert problematic_layers(["none", "global"], None, model="m", fmt="nvfp4") == ([], "no attribution given")
     with pytest.raises(ValueError, match=r"targeted/healthy need --attribution SCAN.json.*--model m --format nvfp4"):
         problematic_layers(["none", "healthy"], None, model="m", fmt="nvfp4")
-    with pytest.raises(ValueError, match="unknown AQN strategy 'random'; valid: none, global, targeted, healthy"):
+    with pytest.raises(
+        ValueError, match="unknown AQN strategy 'random'; valid AQN strategies: none, global, targeted, healthy"
+    ):
         problematic_layers(["none", "random"], str(SCAN), model="m", fmt="nvfp4")
     scan = tmp_path / "scan.json"
     scan.write_text(json.dumps({"layers": []}))

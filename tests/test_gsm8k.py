@@ -101,7 +101,7 @@ def test_max_gen_toks_override_and_unknown_task(gsm8k_dir: Path) -> None:
     run_task(lm, "gsm8k", limit=1, num_fewshot=0, max_gen_toks=16, data_dir=gsm8k_dir)
     context, gen_kwargs = lm.requests[0].args
     assert gen_kwargs["max_gen_toks"] == 16 and context.count("Question:") == 1
-    with pytest.raises(ValueError, match="unknown GSM8K task 'gsm8k_cot'; valid tasks: gsm8k, gsm8k_bpb"):
+    with pytest.raises(ValueError, match="unknown GSM8K task 'gsm8k_cot'; valid GSM8K tasks: gsm8k, gsm8k_bpb"):
         run_task(lm, "gsm8k_cot", limit=1, data_dir=gsm8k_dir)
 
 

@@ -47,7 +47,7 @@ def test_gzip_compressed_splits_are_read(tmp_path: Path) -> None:
 
 
 def test_bad_split_and_missing_dir(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown GSM8K split 'dev'; valid splits: test, train"):
+    with pytest.raises(ValueError, match="unknown GSM8K split 'dev'; valid GSM8K splits: test, train"):
         load_gsm8k("dev", data_dir=tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         load_gsm8k("test", data_dir=tmp_path / "nope")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.aqn.schedule import SigmaSchedule
+from harness.vocab import Registry
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,9 @@ class AQNConfig:
         return SigmaSchedule(self.sigma_start, self.sigma_end, self.num_stages, total_steps)
 
 
-CONFIGS: dict[str, AQNConfig] = {
-    c.name: c
-    for c in (
+CONFIGS: Registry[AQNConfig] = Registry(
+    "AQN configuration",
+    (
         AQNConfig("qerl-default", 0.05, 0.0005, 10, ("rmsnorm",), "QeRL's default (noise_scheduler.py)"),
         AQNConfig("qerl-nvfp4", 0.01, 0.0001, 10, ("rmsnorm",), "QeRL's shipped NVFP4 training scripts"),
         AQNConfig("1A", 0.05, 0.0005, 10, ("linear",), "Qwen2.5-1.5B run 1A: Linear noise, collapsed at step 19"),
@@ -37,15 +38,13 @@ CONFIGS: dict[str, AQNConfig] = {
         AQNConfig("1D", 0.001, 0.00001, 10, ("linear",), "Qwen2.5-1.5B run 1D: 1A with sigma / 50"),
         AQNConfig("1E", 0.05, 0.0005, 10, ("rmsnorm",), "Qwen2.5-1.5B run 1E: QeRL's sigma back on RMSNorm"),
         AQNConfig("broken-sigma-end-0", 0.05, 0.0, 10, ("rmsnorm",), "broken AQN: sigma_end 0 gives [sigma, 0, ...]"),
-    )
-}
+    ),
+)
 
 
 def get_config(name: str) -> AQNConfig:
-    try:
-        return CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown AQN configuration {name!r}; valid: {', '.join(CONFIGS)}") from None
+    """The configuration ``name``; :class:`harness.vocab.UnknownName` naming the valid ones otherwise."""
+    return CONFIGS.get(name)
 
 
 def load_config(spec: str) -> AQNConfig:

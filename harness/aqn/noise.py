@@ -13,9 +13,25 @@ from torch import nn
 
 from harness.modelview import ModelView, WeightKind
 from harness.rng import DeviceGenerators
+from harness.vocab import UnknownName, Vocab
 
-LAYER_TYPES = ("rmsnorm", "linear")
-SCALES = ("absolute", "relative")
+
+class LayerType(Vocab, kind="layer type"):
+    """Which weights :class:`NoiseInjector` perturbs (``layer_types``: one or both)."""
+
+    RMSNORM = "rmsnorm"  # the norms' weights (QeRL; the LayerNorms of OPT and GPT-2)
+    LINEAR = "linear"  # Linear, Conv1D and fused expert weights (not the MoE router)
+
+
+class NoiseScale(Vocab, kind="noise scale"):
+    """What sigma is measured in."""
+
+    ABSOLUTE = "absolute"  # sigma itself (QeRL)
+    RELATIVE = "relative"  # sigma times the RMS of what the weight does (a norm's effective gain)
+
+
+LAYER_TYPES = LayerType.choices()
+SCALES = NoiseScale.choices()
 MOE_DEFAULT_TARGET = "*post_attention_layernorm"
 NOISED_WEIGHTS = (WeightKind.LINEAR, WeightKind.CONV1D, WeightKind.EXPERTS)  # "linear": not the router
 
@@ -52,11 +68,10 @@ class NoiseInjector:
         scale: str = "absolute",
         seed: int = 0,
     ) -> None:
-        bad = [t for t in layer_types if t not in LAYER_TYPES]
-        if bad or not layer_types:
-            raise ValueError(f"unknown layer_types {list(layer_types)}; valid: {', '.join(LAYER_TYPES)} (one or both)")
-        if scale not in SCALES:
-            raise ValueError(f"unknown noise scale {scale!r}; valid: {', '.join(SCALES)}")
+        if not layer_types:
+            raise UnknownName("layer type", [], LayerType.choices())
+        layer_types = [LayerType.parse(t) for t in layer_types]
+        scale = NoiseScale.parse(scale)
         self.view = ModelView(model)
         if include is None and self.view.is_moe:
             include = [MOE_DEFAULT_TARGET]

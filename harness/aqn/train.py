@@ -31,8 +31,19 @@ from harness.inject import QuantInjector
 from harness.modelview import ModelView
 from harness.srdd.attribution import NEGLIGIBLE_DELTA, Label
 from harness.srdd.document import AttributionEntry, ScanDocument
+from harness.vocab import Vocab
 
-STRATEGIES = ("none", "global", "targeted", "healthy")
+
+class Strategy(Vocab, kind="AQN strategy", plural="AQN strategies"):
+    """Which decoder layers get AQN noise while training (:func:`strategy_targets`)."""
+
+    NONE = "none"  # no noise: fake quantization alone, the baseline every strategy is compared to
+    GLOBAL = "global"  # every decoder layer (QeRL)
+    TARGETED = "targeted"  # only the layers a scan's attribution found harmful (needs --attribution)
+    HEALTHY = "healthy"  # every layer but the harmful ones (the targeted choice's control)
+
+
+STRATEGIES = Strategy.choices()
 SEEDS = 5  # training runs per strategy: the unit of every comparison
 TRAIN_ITEMS = 256  # GSM8K train items the batches are drawn from
 
@@ -50,8 +61,7 @@ class TrainSettings:
 
 def strategy_targets(strategy: str, layers: Sequence[str], problematic: Sequence[str]) -> list[str] | None:
     """Module globs that get noise: None for no noise; global = every decoder layer."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown AQN strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    strategy = Strategy.parse(strategy)
     chosen = {
         "none": None,
         "global": list(layers),
@@ -151,8 +161,7 @@ def problematic_layers(
     (any other choice would be a guess).  Unknown strategies are refused too; ``model`` and ``fmt``
     only name the scan command in the error."""
     for strategy in strategies:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown AQN strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+        Strategy.parse(strategy)
     if scan_json is None:
         if {"targeted", "healthy"} & set(strategies):
             raise ValueError(

@@ -27,10 +27,20 @@ from harness.eval.stats import PairedComparison, compare_paired
 from harness.gsm8k import SPLITS, gsm8k_dir, gsm8k_file
 from harness.inject import QuantInjector
 from harness.peritem import Dataset, PerItemDocument, provenance
+from harness.vocab import Vocab
 
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
+
+
+class Task(Vocab, kind="GSM8K task"):
+    """The GSM8K evaluations ``harness eval gsm8k --task`` runs (lm-eval tasks of the package's YAML)."""
+
+    GSM8K = "gsm8k"  # generation, exact match of the final answer (lm-eval's strict and flexible extraction)
+    GSM8K_BPB = "gsm8k_bpb"  # bits per byte of "Question: ...\nAnswer: ..." (loglikelihood_rolling, zero-shot)
+
+
 # What users ask for -> the task name of the package's YAML.
-TASKS = {"gsm8k": "harness_gsm8k", "gsm8k_bpb": "harness_gsm8k_bpb"}
+TASKS = {Task.GSM8K.value: "harness_gsm8k", Task.GSM8K_BPB.value: "harness_gsm8k_bpb"}
 NO_FORMAT = "none"  # the ``fmt`` of a run of the model as it is
 # The per-item metrics each task keeps (lm-eval's "metric,filter" keys).
 ITEM_METRICS = {
@@ -41,10 +51,9 @@ STOCK_PREFIX = "lm_eval:"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown GSM8K task {task!r}; valid tasks: {', '.join(TASKS)}")
-    return task
+def check_task(task: str) -> Task:
+    """The :class:`Task` ``task``; :class:`harness.vocab.UnknownName` naming the valid tasks otherwise."""
+    return Task.parse(task)
 
 
 def stock_task_file(relative: str) -> Path:

@@ -13,7 +13,7 @@ from harness.formats.quant import (
     representable_max,
 )
 from harness.formats.registry import FORMATS, Format, get_format, list_formats
-from harness.formats.scales import SCALE_MODES
+from harness.formats.scales import SCALE_MODES, ScaleCode, ScaleMode
 
 __all__ = [
     "E2M1",
@@ -28,6 +28,8 @@ __all__ = [
     "ElementFormat",
     "Format",
     "QuantizedTensor",
+    "ScaleCode",
+    "ScaleMode",
     "default_backend",
     "dequantize",
     "fake_quantize",

@@ -13,8 +13,8 @@ build, the reference path is used and :func:`unavailable_reason` says why. CUDA 
 Triton kernel (:mod:`harness.formats.triton_kernel`, same arithmetic). Both kernels are
 parametric in the element grid (``emin``, ``mbits``, ``emax``, max), the tile shape, the scale
 kind (E8M0 / E4M3 and its grid) and the E8M0 shared-exponent rule (``fmt.scale.mode``, passed as
-its index in :data:`harness.formats.scales.SCALE_MODES`). The real-valued-scale formats (FP8,
-INT8, INT4) take the same build's affine entry points on CPU (:mod:`harness.formats.fast_affine`).
+its :class:`harness.formats.scales.ScaleCode`). The real-valued-scale formats (FP8, INT8, INT4)
+take the same build's affine entry points on CPU (:mod:`harness.formats.fast_affine`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from harness.cache import cached_dir, notice
 from harness.formats import fast_affine, philox
 from harness.formats.elements import E4M3
 from harness.formats.registry import Format
-from harness.formats.scales import SCALE_MODES, E8M0Scale
+from harness.formats.scales import E8M0Scale, ScaleCode, ScaleMode
 from harness.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("fast_kernel.c")
@@ -60,7 +60,7 @@ class TileJob:
     """What both kernels are told: a row-major ``(n_mats, n_rows, row_len)`` tensor cut into
     ``tile_rows x tile_cols`` tiles (``1 x block`` for 1-D formats), the element grid (and
     whether its codes are two's complement, which have no -0), the scale (``scale_mode``: the
-    E8M0 rule's index in :data:`harness.formats.scales.SCALE_MODES`; E4M3 scales round onto
+    E8M0 rule's :class:`harness.formats.scales.ScaleCode`; E4M3 scales round onto
     the E4M3 grid) and, for stochastic rounding, the Philox key (None: round to nearest even)."""
 
     n_mats: int
@@ -75,7 +75,7 @@ class TileJob:
     ebits: int
     twos_complement: bool
     e4m3_scale: bool
-    scale_mode: int
+    scale_mode: ScaleCode
     scale_nan_code: int
     per_tensor_scale: float | None
     seed: int | None
@@ -297,7 +297,7 @@ def _tile_job(
         ebits=elem.ebits,
         twos_complement=elem.twos_complement,
         e4m3_scale=not isinstance(fmt.scale, E8M0Scale),
-        scale_mode=SCALE_MODES.index(fmt.scale.mode),
+        scale_mode=ScaleMode.parse(fmt.scale.mode).code,
         scale_nan_code=fmt.scale.nan_code,
         per_tensor_scale=float(per_tensor_scale) if per_tensor_scale is not None else None,
         seed=philox.draw_seed(generator, x.device) if fmt.stochastic else None,

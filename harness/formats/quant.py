@@ -19,6 +19,7 @@ from harness.formats.blocks import BlockLayout
 from harness.formats.elements import E4M3, decode, encode, round_to_grid
 from harness.formats.registry import FORMATS, Format, get_format
 from harness.formats.scales import E8M0Scale
+from harness.vocab import Vocab
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -175,7 +176,7 @@ def _prepare(
 ) -> tuple[Format, BlockLayout, torch.Tensor | None, bool]:
     """The format under ``scale_mode``, the block layout, the per-tensor scale (validated) and
     whether ``backend`` (None: the current default, :func:`default_backend`) takes a fast kernel."""
-    backend = _check_backend(backend) if backend is not None else _default_backend[-1]
+    backend = Backend.parse(backend) if backend is not None else _default_backend[-1]
     fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
     return fmt, layout, pts, _takes_fast_path(x, fmt, backend)
@@ -186,14 +187,16 @@ def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return layout.split(x.detach().reshape(layout.shape).to(torch.float32))
 
 
-BACKENDS = ("auto", "reference", "fast")
-_default_backend = ["auto"]
+class Backend(Vocab, kind="backend"):
+    """Which implementation of a format :func:`fake_quantize` and :func:`quantize` run."""
+
+    AUTO = "auto"  # a fast kernel where one takes the format and tensor, else the reference
+    REFERENCE = "reference"  # the plain-PyTorch reference path (the oracle the kernels match bit for bit)
+    FAST = "fast"  # a fast kernel (C on CPU, Triton on CUDA); ValueError where none takes the case
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    return backend
+BACKENDS = Backend.choices()
+_default_backend = [Backend.AUTO]
 
 
 def _takes_fast_path(x: torch.Tensor, fmt: Format, backend: str) -> bool:
@@ -211,7 +214,7 @@ def _takes_fast_path(x: torch.Tensor, fmt: Format, backend: str) -> bool:
 def default_backend(backend: str) -> Iterator[None]:
     """Within the block, ``fake_quantize`` and ``quantize`` calls without ``backend=`` use
     ``backend`` (the formats suite runs every case under ``"fast"`` and under ``"reference"``)."""
-    _default_backend.append(_check_backend(backend))
+    _default_backend.append(Backend.parse(backend))
     try:
         yield
     finally:

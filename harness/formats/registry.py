@@ -9,7 +9,8 @@ import torch
 
 from harness.formats.affine import INT4, INT8_CODES, AmaxScale, Element
 from harness.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, INT8
-from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat
+from harness.formats.scales import E4M3Scale, E8M0Scale, ScaleFormat, ScaleMode
+from harness.vocab import Registry
 
 GROUPINGS = ("block", "tile", "row", "tensor")
 """How a format shares its scales: 1-D ``block`` along an axis, 2-D ``tile`` of the last two
@@ -65,7 +66,8 @@ class Format:
         return self.element.bits + (self.scale.bits + zero_point) / self.block_size
 
     def with_scale_mode(self, mode: str) -> Format:
-        """This format under scale rule ``mode`` (``harness.formats.scales.SCALE_MODES``)."""
+        """This format under scale rule ``mode`` (:class:`harness.formats.scales.ScaleMode`)."""
+        mode = ScaleMode.parse(mode)
         return self if mode == self.scale.mode else replace(self, scale=self.scale.with_mode(mode))
 
 
@@ -84,9 +86,9 @@ _INT8_DIFFERS = (
     "compressed-tensors also uses amax/127.5 but divides in the input dtype; vLLM's kernels and ModelOpt "
     "use amax/127 (int8_row_vllm)"
 )
-FORMATS: dict[str, Format] = {
-    f.name: f
-    for f in (
+FORMATS: Registry[Format] = Registry(
+    "format",
+    (
         Format(
             "mxfp4", E2M1, (32,), _MX, "OCP MXFP4: E2M1 elements, 32-element blocks, E8M0 scale", library=_TORCHAO_MX
         ),
@@ -242,18 +244,16 @@ FORMATS: dict[str, Format] = {
             library=_CT,
             differs="AutoAWQ does not round the zero point into the code range the same way (zero kept real)",
         ),
-    )
-}
+    ),
+)
 
 
 def list_formats() -> list[str]:
     """Names of every registered format, in registry order."""
-    return list(FORMATS)
+    return FORMATS.names()
 
 
 def get_format(name: str) -> Format:
-    """The registry entry for ``name``; ValueError naming the valid formats otherwise."""
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown format {name!r}; valid formats: {', '.join(FORMATS)}") from None
+    """The registry entry for ``name``; :class:`harness.vocab.UnknownName` (a ValueError) naming
+    the valid formats otherwise."""
+    return FORMATS.get(name)

@@ -8,6 +8,7 @@ scale (what the codes hold) and the multiplier applied to ``x`` before rounding.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,22 +24,40 @@ from harness.formats.elements import (
     floor_log2,
     round_to_grid,
 )
+from harness.vocab import Vocab
 
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 E4M3_NAN = 0x7F  # S.1111.111 in OCP FP8 E4M3 ("fn": no Inf)
 FP32_MANTISSA_MASK = (1 << FP32_MANTISSA_BITS) - 1
 
-SCALE_MODES = ("floor", "ceil", "even", "rceil")
-"""E8M0 shared-exponent rules, torchao 0.18's ``ScaleCalculationMode`` (``mx_tensor.to_mx``):
 
-- ``floor`` (OCP MX v1.0 §6.3, the default): ``floor(log2(amax)) - emax_elem``.  Clips the block
-  max when ``amax / 2**floor(log2 amax)`` exceeds the element max's significand.
-- ``ceil``: ``ceil(log2(amax)) - emax_elem`` (never clips; up to one binade coarser).
-- ``even``: ``floor(log2(amax rounded to mbits_elem mantissa bits, half up)) - emax_elem``: moves
-  to the next binade exactly when the max would round past the element's top binade.
-- ``rceil`` (cuBLAS/Blackwell ``cvt.rp.satfinite.ue8m0``): ``ceil(log2(fp32(amax / max_elem)))``.
-"""
+class ScaleMode(Vocab, kind="scale_mode", plural="scale modes"):
+    """E8M0 shared-exponent rules, torchao 0.18's ``ScaleCalculationMode`` (``mx_tensor.to_mx``)."""
+
+    FLOOR = "floor"
+    """OCP MX v1.0 §6.3, the default: ``floor(log2(amax)) - emax_elem``.  Clips the block max
+    when ``amax / 2**floor(log2 amax)`` exceeds the element max's significand."""
+    CEIL = "ceil"
+    """``ceil(log2(amax)) - emax_elem`` (never clips; up to one binade coarser)."""
+    EVEN = "even"
+    """``floor(log2(amax rounded to mbits_elem mantissa bits, half up)) - emax_elem``: moves to
+    the next binade exactly when the max would round past the element's top binade."""
+    RCEIL = "rceil"
+    """cuBLAS/Blackwell ``cvt.rp.satfinite.ue8m0``: ``ceil(log2(fp32(amax / max_elem)))``."""
+
+    @property
+    def code(self) -> ScaleCode:
+        """The rule's code in the kernels' parameters (:class:`ScaleCode`)."""
+        return ScaleCode[self.name]
+
+
+SCALE_MODES = ScaleMode.choices()
+"""Every :class:`ScaleMode` as its plain string, in order (the index is the kernels' :class:`ScaleCode`)."""
+
+ScaleCode = enum.IntEnum("ScaleCode", {m.name: i for i, m in enumerate(ScaleMode)})
+ScaleCode.__doc__ = """The E8M0 rule as the fast kernels take it (``scale_mode`` of ``fast_kernel.c``'s
+``params_t``, ``SCALE_MODE`` of the Triton kernel): a rule's index in :data:`SCALE_MODES`."""
 
 
 def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
@@ -78,9 +97,7 @@ class E8M0Scale:
 
     def with_mode(self, mode: str) -> E8M0Scale:
         """This scale under shared-exponent rule ``mode``; ValueError naming the valid modes."""
-        if mode not in SCALE_MODES:
-            raise ValueError(f"unknown scale_mode {mode!r}; valid scale modes: {', '.join(SCALE_MODES)}")
-        return replace(self, mode=mode)
+        return replace(self, mode=ScaleMode.parse(mode))
 
     def block_scale(
         self, amax: torch.Tensor, elem: ElementFormat, per_tensor_scale: torch.Tensor | None

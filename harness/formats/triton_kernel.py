@@ -23,10 +23,16 @@ import triton.language as tl
 
 from harness.formats.elements import E4M3
 from harness.formats.fast import TileJob
+from harness.formats.scales import ScaleCode
 
 BYTES_1D = 4096  # input bytes per program, 1-D formats: 1024 fp32 or 2048 bf16/fp16 elements
 BYTES_2D = 8192  # input bytes per program, 2-D tiles: two 32x32 fp32 tiles or four bf16/fp16 ones
 # (the best of the launch shapes swept on an H200 at 8192x8192; docs/measurements/2026-11-26-h200.md)
+# The E8M0 rules' codes (``SCALE_MODE``), as the constexpr globals a jitted function may read.
+FLOOR = tl.constexpr(int(ScaleCode.FLOOR))
+CEIL = tl.constexpr(int(ScaleCode.CEIL))
+EVEN = tl.constexpr(int(ScaleCode.EVEN))
+RCEIL = tl.constexpr(int(ScaleCode.RCEIL))
 
 
 @triton.jit
@@ -90,15 +96,15 @@ def _scales(
         code = _magnitude_code(stored.to(tl.int32, bitcast=True), SCALE_EMIN, SCALE_MBITS)
     else:
         ab = amax.to(tl.int32, bitcast=True)
-        if SCALE_MODE == 1:  # ceil
+        if SCALE_MODE == CEIL:
             e = ((ab >> 23) & 0xFF) - 127 + tl.where((ab & 0x7FFFFF) != 0, 1, 0) - EMAX
-        elif SCALE_MODE == 2:  # even
+        elif SCALE_MODE == EVEN:
             e = (((ab + (1 << (22 - MBITS))) >> 23) & 0xFF) - 127 - EMAX
-        elif SCALE_MODE == 3:  # rceil
+        elif SCALE_MODE == RCEIL:
             db = tl.math.div_rn(amax, MAX_VALUE).to(tl.int32, bitcast=True)
             inexact = tl.where((db & 0x7FFFFF) != 0, 1, 0)
             e = tl.where((db & 0x7F800000) == 0, -127, ((db >> 23) & 0xFF) - 127 + inexact)
-        else:  # floor
+        else:  # FLOOR
             e = ((ab >> 23) & 0xFF) - 127 - EMAX
         e = tl.minimum(tl.maximum(e, -127), 127)
         multiplier = _exp2_int(-e)
@@ -228,7 +234,7 @@ def _fake_quantize_kernel(
     if STOCHASTIC:
         noise = tl.reshape(_uniform(seed, counter), x.shape)
     q = _round_to_grid(x * multiplier, noise, EMIN, MBITS, MAX_VALUE, STOCHASTIC)
-    if not E4M3_SCALE and SCALE_MODE != 0:  # saturate codes whose value would overflow (fast_kernel.c grid_limit)
+    if not E4M3_SCALE and SCALE_MODE != FLOOR:  # saturate codes whose value would overflow (fast_kernel.c grid_limit)
         limit = _round_to_grid(tl.minimum(OUT_MAX * multiplier, MAX_VALUE), 1.0, EMIN, MBITS, MAX_VALUE, True)
         q = tl.where(q > limit, limit, tl.where(q < -limit, -limit, q))
     if CODES:
@@ -313,7 +319,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, scale_codes: torch.Tensor, job: 
         MAX_VALUE=job.max_value,
         E4M3_SCALE=job.e4m3_scale,
         HAS_PTS=job.per_tensor_scale is not None,
-        SCALE_MODE=job.scale_mode,
+        SCALE_MODE=int(job.scale_mode),
         SCALE_EMIN=E4M3.emin,
         SCALE_MBITS=E4M3.mbits,
         SCALE_MAX=E4M3.max_value,

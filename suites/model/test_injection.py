@@ -155,7 +155,9 @@ def test_straight_through_gradients_reach_the_original_weights() -> None:
 
 def test_bad_arguments_name_the_valid_choices() -> None:
     model, _ = load_model("tiny-llama")
-    with pytest.raises(ValueError, match=r"unknown injection point 'weights'; valid points: weight, input, both"):
+    with pytest.raises(
+        ValueError, match=r"unknown injection point 'weights'; valid injection points: weight, input, both"
+    ):
         QuantInjector(model, "mxfp4", "weights")
     with pytest.raises(ValueError, match=r"unknown format 'fp4'"):
         QuantInjector(model, "fp4")
