@@ -291,6 +291,11 @@ def quantize(
     fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
     amax = _check_calibrated(fmt, calibrated_amax, x)
     if not fmt.microscaling:
+        if on_kernel and (backend if backend is not None else _default_backend[-1]) == Backend.FAST:
+            raise ValueError(
+                f"backend='fast' cannot run quantize({fmt.name!r}): the real-valued-scale formats' codes come "
+                "from the reference path only (fake_quantize has the fast path)"
+            )
         groups = layout.split(x.detach().reshape(layout.shape))
         q, s, zp = affine.quantize_groups(groups, fmt.element, fmt.scale, amax)
         finite = _finite_groups(groups)

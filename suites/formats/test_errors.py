@@ -67,6 +67,17 @@ def test_backend_names_and_where_the_fast_path_does_not_apply() -> None:
         fake_quantize(x.to("meta"), "mxfp4", backend="fast")
 
 
+@pytest.mark.int8
+def test_fast_real_quantization_of_a_real_valued_scale_format_is_refused_not_run_on_the_reference() -> None:
+    """fake_quantize of INT8/FP8/INT4 has a C kernel; their quantize (codes + scales) has none, so
+    backend='fast' says so instead of silently taking the reference path."""
+    x = torch.randn(4, 64)
+    assert torch.equal(fake_quantize(x, "int8_row", backend="fast"), fake_quantize(x, "int8_row", backend="reference"))
+    with pytest.raises(ValueError, match=r"backend='fast' cannot run quantize\('int8_row'\)"):
+        quantize(x, "int8_row", backend="fast")
+    assert quantize(x, "int8_row").format == "int8_row"  # auto: the reference path, as documented
+
+
 @pytest.mark.mxfp4
 @pytest.mark.nvfp4
 @pytest.mark.parametrize("fn", [fake_quantize, quantize], ids=["fake_quantize", "quantize"])
