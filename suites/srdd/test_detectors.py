@@ -33,8 +33,7 @@ def cases() -> list:
         for point, pid in POINT_IDS.items():
             if not causal_at(fmt, point):
                 continue
-            # the deployed (FP8/INT8/INT4) formats: -m slow until their smollm2 baselines are stored
-            slow = (point == "input" and fmt not in INPUT_IN_CI) or not get_format(fmt).microscaling
+            slow = point == "input" and fmt not in INPUT_IN_CI
             for det in DETECTORS:
                 marks = format_marks(fmt) + ([pytest.mark.slow] if slow else [])
                 params.append(pytest.param(fmt, point, det, id=f"{fmt}-{pid}-{det}", marks=marks))
