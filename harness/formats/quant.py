@@ -173,13 +173,15 @@ def _prepare(
     per_tensor_scale: float | torch.Tensor | None,
     scale_mode: str,
     backend: str | None = "reference",
+    codes: bool = False,
 ) -> tuple[Format, BlockLayout, torch.Tensor | None, bool]:
     """The format under ``scale_mode``, the block layout, the per-tensor scale (validated) and
-    whether ``backend`` (None: the current default, :func:`default_backend`) takes a fast kernel."""
+    whether ``backend`` (None: the current default, :func:`default_backend`) takes a fast kernel
+    (``codes``: for :func:`quantize`'s codes and scales, not ``fake_quantize``'s values)."""
     backend = Backend.parse(backend) if backend is not None else _default_backend[-1]
     fmt = _format(name, scale_mode)
     layout, pts = _check_input(x, fmt, axis, per_tensor_scale)
-    return fmt, layout, pts, _takes_fast_path(x, fmt, backend)
+    return fmt, layout, pts, _takes_fast_path(x, fmt, backend, codes)
 
 
 def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -199,12 +201,15 @@ BACKENDS = Backend.choices()
 _default_backend = [Backend.AUTO]
 
 
-def _takes_fast_path(x: torch.Tensor, fmt: Format, backend: str) -> bool:
-    """Whether ``backend`` (resolved) runs ``fmt`` on validated ``x`` on a fast kernel; ValueError
-    when ``backend="fast"`` and no kernel can."""
+def _takes_fast_path(x: torch.Tensor, fmt: Format, backend: str, codes: bool = False) -> bool:
+    """Whether ``backend`` (resolved) runs ``fmt`` on validated ``x`` on a fast kernel (``codes``:
+    real quantization, which the real-valued-scale formats have no kernel for); ValueError when
+    ``backend="fast"`` and no kernel can."""
     if backend == "reference" or x.dim() == 0 or x.numel() == 0:
         return False
     why_not = fast.supports(fmt, x)
+    if codes and not fmt.microscaling:
+        why_not = why_not or "its real quantization (codes + scales) has no kernel, only fake_quantize has"
     if why_not and backend == "fast":
         raise ValueError(f"backend='fast' cannot run {fmt.name} here: {why_not}")
     return not why_not
@@ -288,14 +293,9 @@ def quantize(
     mode only chooses the stored scales, so dequantization needs no mode).  ``backend`` as in
     :func:`fake_quantize`: the fast kernels write the same codes and scales as the reference path.
     """
-    fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend)
+    fmt, layout, pts, on_kernel = _prepare(x, name, axis, per_tensor_scale, scale_mode, backend, codes=True)
     amax = _check_calibrated(fmt, calibrated_amax, x)
     if not fmt.microscaling:
-        if on_kernel and (backend if backend is not None else _default_backend[-1]) == Backend.FAST:
-            raise ValueError(
-                f"backend='fast' cannot run quantize({fmt.name!r}): the real-valued-scale formats' codes come "
-                "from the reference path only (fake_quantize has the fast path)"
-            )
         groups = layout.split(x.detach().reshape(layout.shape))
         q, s, zp = affine.quantize_groups(groups, fmt.element, fmt.scale, amax)
         finite = _finite_groups(groups)
