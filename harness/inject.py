@@ -181,6 +181,8 @@ class _Quantizer:
         return bool(stack) and stack[-1] is self.injector and self.injector.active_for(self.name)
 
     def _quantize(self, x: torch.Tensor, kind: str, axis: int = -1) -> torch.Tensor:
+        if kind == "weight" and x.dim() == 3:  # fused experts (experts, out, in): each expert its own matrix,
+            return torch.stack([self._quantize(w, kind, axis) for w in x])  # with its own per-tensor scale
         injector = self.injector
         fmt = get_format(self.fmt)
         v = self.rotation.rotate(x) if self.rotation is not None else x

@@ -20,7 +20,7 @@ from torch import nn
 from harness import cli
 from harness.aqn.configs import load_config
 from harness.aqn.preflight import preflight
-from harness.formats import fake_quantize
+from harness.formats import fake_quantize, nvfp4_per_tensor_scale
 from harness.gsm8k import Gsm8kItem
 from harness.inject import QuantInjector
 from harness.models import TINY_FAMILIES, load_model, model_identity, tiny_model
@@ -298,6 +298,26 @@ def test_a_model_stored_in_bf16_loads_in_bf16_unless_dtype_is_given(tmp_path: Pa
     assert next(cli._load(args)[0].parameters()).dtype == torch.float32
     assert next(load_model(str(tmp_path))[0].parameters()).dtype == torch.bfloat16
     assert next(load_model(str(tmp_path), dtype=torch.float32)[0].parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8_e4m3_tensor", "int8_tensor"])
+def test_per_tensor_scales_of_fused_experts_are_per_expert(fmt: str) -> None:
+    """A deployment stores each expert as its own weight with its own per-tensor scale (NVFP4's
+    fp32 second level ``amax/(448*6)``, FP8/INT8 ``amax/448``, ``amax/127.5``): expert ``e`` is
+    quantized as the 2-D matrix it is, not with an amax over all experts.  The tiny model's experts
+    are given different ranges so that a shared scale would differ."""
+    model, _ = tiny_model("tiny-mixtral")
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(torch.arange(1, len(experts.gate_up_proj) + 1).view(-1, 1, 1) ** 2)
+    gate_up = experts.gate_up_proj.detach().clone()
+    pts = (lambda w: {"per_tensor_scale": nvfp4_per_tensor_scale(w)}) if fmt == "nvfp4" else (lambda w: {})
+    per_expert = torch.stack([fake_quantize(w, fmt, **pts(w)) for w in gate_up])
+    shared = fake_quantize(gate_up, fmt, **pts(gate_up))
+    assert not torch.equal(per_expert, shared)
+    with QuantInjector(model, fmt, "weight", per_tensor_scale="amax" if fmt == "nvfp4" else None):
+        assert torch.equal(experts.gate_up_proj, per_expert)
+    assert torch.equal(experts.gate_up_proj, gate_up)
 
 
 def test_2d_tiles_quantize_conv1d_and_experts_as_their_input_dim_matrices() -> None:
