@@ -38,9 +38,14 @@ def gaussian_model(seed: int = 0, layers: int = LAYERS, hidden: int = 64, interm
     return model, tok
 
 
-def plant_outliers(model, layer: str = PLANTED, per_row: int = 2, sigma: float = 25.0, seed: int = 7) -> None:
-    """``per_row`` entries per row of each of the layer's Linear weights at ±``sigma`` σ: a
-    block holding one is scaled to it, which crushes its other values towards zero."""
+def plant_outliers(
+    model, layer: str = PLANTED, per_row: int = 2, sigma: float = 25.0, seed: int = 7, spread: float = 0.0
+) -> None:
+    """``per_row`` entries per row of each of the layer's Linear weights at ±``sigma`` σ (times a
+    factor uniform in [1, 1 + ``spread``]): a block holding one is scaled to it, which crushes its
+    other values towards zero.  With ``spread = 0`` every outlier has one magnitude, so where that
+    magnitude falls on the format's grid (exactly on a scale, just past a rounding boundary)
+    decides much of the error at a few σ."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -48,7 +53,8 @@ def plant_outliers(model, layer: str = PLANTED, per_row: int = 2, sigma: float =
                 w = module.weight
                 cols = torch.randint(0, w.shape[1], (w.shape[0], per_row), generator=g)
                 signs = torch.sign(torch.randn(w.shape[0], per_row, generator=g))
-                w.scatter_(1, cols, sigma * w.std() * signs)
+                size = 1 + spread * torch.rand(w.shape[0], per_row, generator=g) if spread else 1.0
+                w.scatter_(1, cols, sigma * w.std() * signs * size)
 
 
 def scan(model, tok, fmt: str, **kw):
