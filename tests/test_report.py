@@ -61,13 +61,21 @@ def test_scan_document_has_the_documented_keys_and_round_trips(doc: ScanDocument
     assert ScanDocument.from_json(data) == doc
 
 
+SAMPLES = Path(__file__).parents[1] / "reports/sample"
+
+
 @pytest.mark.parametrize(
-    "sample", sorted((Path(__file__).parents[1] / "reports/sample").glob("*/results.json")), ids=lambda p: p.parent.name
+    "sample",
+    [*sorted(SAMPLES.glob("*/results.json")), SAMPLES / "aqn-smollm2-135m-mxfp4-attribution.json"],
+    ids=lambda p: p.parent.name if p.name == "results.json" else p.stem,
 )
 def test_the_committed_samples_are_read(sample: Path) -> None:
-    """Version 2 files (before the screen was the default) are read with an empty screen."""
+    """Version 2 files (before the screen was the default; the AQN sample's scan is one) are read
+    with an empty screen, and their verification re-judged by the rank test."""
     doc = ScanDocument.read(sample)
     assert len(doc.layers) == 30 and (doc.screen == []) == (doc.schema_version == 2)
+    if doc.schema_version == 2 and doc.recommendation.verification:
+        assert "re-judged" in doc.recommendation.verification.verdict
 
 
 def test_an_old_document_is_refused_with_its_version() -> None:
