@@ -19,6 +19,7 @@ from harness.srdd.attribution import loss_attribution, ranked
 from harness.srdd.criteria import Rules, Thresholds, floor_failure, outliers, robust_z
 from harness.srdd.floors import FLOOR_METRICS, excess, gaussian_floor
 from harness.srdd.metrics import QuantErrorStats, clip_threshold
+from harness.srdd.scan import ScanResult
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxfp8_e4m3"])
@@ -44,10 +45,12 @@ def test_a_heavy_tailed_student_t_weight_is_not_below_its_floor(fmt: str) -> Non
     zero than its Gaussian floor (its blocks' maxima sit further out) but is a smooth distribution,
     not a defect, so no floor rule flags it (the specificity side of the planted-outlier curve in
     tests/test_srdd_calibration.py)."""
-    torch.manual_seed(0)
-    w = torch.distributions.StudentT(4.0).sample((512, 32)) * 0.02
-    stats = QuantErrorStats().update(w, fake_quantize(w, fmt), clip_threshold(w, fmt))
-    floor = gaussian_floor(fmt, tuple(w.shape), stats.rms)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        w = torch.distributions.StudentT(4.0).sample((512, 32)) * 0.02
+    result = ScanResult()
+    result.add("w", "weight", w, fake_quantize(w, fmt), fmt, w.shape)  # as weight_scan records a weight
+    stats, floor = result.modules["w"]["weight"], result.floors["w"]["weight"]
     assert [m for m in FLOOR_METRICS if floor_failure(m, stats, floor, Rules())] == []
     if fmt != "mxfp8_e4m3":  # FP8 keeps small values; FP4 loses more of them than on Gaussian data
         assert excess("deadzone_ratio", stats.deadzone_ratio, floor.deadzone_ratio) > 1.2
